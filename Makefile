@@ -1,0 +1,40 @@
+# The README's commands.  Every target installs what it needs itself, so each works on a fresh
+# Debian 12 machine run as root: system packages through apt-get, Python packages into .venv,
+# and the Cython engine built in place.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint system-deps build clean
+
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=65,<81" wheel "Cython>=3.1,<3.4"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+demo: system-deps build
+	$(VENV)/bin/ztunnel-fast demo
+
+test: system-deps build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: system-deps build
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so

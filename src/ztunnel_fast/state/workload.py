@@ -1,0 +1,66 @@
+"""Workloads as ztunnel models them (istio.workload.Workload, local-config camelCase names).
+
+Invariants: a Workload is immutable; `workload_ips` holds ip_address objects (never strings);
+`services` maps "namespace/hostname" to {service port: target port}.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from types import MappingProxyType
+from typing import Mapping
+
+from ..identity.spiffe import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, Identity
+
+IpAddress = IPv4Address | IPv6Address
+
+
+class TunnelProtocol(enum.Enum):
+    TCP = "TCP"  # not in the mesh: plain TCP (wire name NONE)
+    HBONE = "HBONE"
+
+
+class WorkloadStatus(enum.Enum):
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    subzone: str = ""
+
+
+def _frozen(mapping: Mapping | None) -> Mapping:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    uid: str
+    name: str
+    namespace: str
+    workload_ips: tuple[IpAddress, ...] = ()
+    protocol: TunnelProtocol = TunnelProtocol.TCP
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    network: str = ""
+    node: str = ""
+    cluster_id: str = "Kubernetes"
+    workload_name: str = ""
+    workload_type: str = "deployment"
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    status: WorkloadStatus = WorkloadStatus.HEALTHY
+    locality: Locality = field(default_factory=Locality)
+    # "namespace/hostname" -> {service port: target port}
+    services: Mapping[str, Mapping[int, int]] = field(default_factory=lambda: _frozen({}))
+    authorization_policies: tuple[str, ...] = ()
+    capacity: int = 1
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.trust_domain, self.namespace, self.service_account)
