@@ -1,0 +1,5 @@
+"""`python -m ztunnel_fast` is the `ztunnel-fast` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""The `ztunnel-fast` command: run, ca, demo, version.
+
+`run` flags mirror ztunnel's environment variables one to one (`--local-xds-path` is
+LOCAL_XDS_PATH, ...): a flag given on the command line overrides the variable, and both go through
+Config.from_env, so there is one validation path and one set of error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ConfigError, IdentityError
+
+# (flag, environment variable, help) for `run`; every flag takes a string, validated by Config.
+RUN_FLAGS = [
+    ("--proxy-mode", "PROXY_MODE", "shared (node proxy) or dedicated (one workload)"),
+    ("--proxy-workload-info", "PROXY_WORKLOAD_INFO", "dedicated mode: the workload as ns/name/sa"),
+    ("--local-xds-path", "LOCAL_XDS_PATH", "ztunnel local config YAML (workloads, services, policies)"),
+    ("--local-ca-dir", "LOCAL_CA_DIR", "issue workload certificates from this local root (see `ca init`)"),
+    ("--node-name", "NODE_NAME", "the node this instance serves (shared mode)"),
+    ("--cluster-id", "CLUSTER_ID", "cluster name for telemetry and baggage"),
+    ("--trust-domain", "TRUST_DOMAIN", "SPIFFE trust domain"),
+    ("--network", "NETWORK", "network of this node"),
+    ("--secret-ttl", "SECRET_TTL", "workload certificate lifetime, e.g. 24h"),
+    ("--pool-max-streams-per-connection", "POOL_MAX_STREAMS_PER_CONNECTION", "streams per pooled HBONE connection"),
+    ("--pool-unused-release-timeout", "POOL_UNUSED_RELEASE_TIMEOUT", "idle pooled connection lifetime, e.g. 5m"),
+    ("--http2-stream-window-size", "HTTP2_STREAM_WINDOW_SIZE", "bytes"),
+    ("--http2-connection-window-size", "HTTP2_CONNECTION_WINDOW_SIZE", "bytes"),
+    ("--http2-frame-size", "HTTP2_FRAME_SIZE", "bytes"),
+    ("--worker-threads", "ZTUNNEL_WORKER_THREADS", "native engine worker threads"),
+    ("--engine", "ZTUNNEL_ENGINE", "auto, native or pure"),
+    ("--node-local-fast-path", "NODE_LOCAL_FAST_PATH", "true: same-node traffic skips TLS (shared mode)"),
+    ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
+    ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
+    ("--log-format", "LOG_FORMAT", "text or json"),
+]
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"ztunnel-fast: error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ztunnel-fast")
+def main() -> None:
+    """A per-node zero-trust tunnel for Istio ambient mesh."""
+
+
+def _run_command():
+    @click.command("run", help="Run the proxy (settings from ztunnel's environment variables or these flags).")
+    def run(**flags):
+        env = dict(os.environ)
+        for flag, var, _ in RUN_FLAGS:
+            value = flags.get(flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                env[var] = value
+        from .config import Config
+        from .telemetry.logs import setup_logging
+
+        try:
+            config = Config.from_env(env)
+            setup_logging(config.log_level, config.log_format)
+        except (ConfigError, ValueError) as exc:
+            _fail(exc)
+        from .app import App
+
+        import uvloop
+
+        async def go():
+            await App(config).run()
+
+        try:
+            uvloop.run(go())
+        except (ConfigError, IdentityError) as exc:
+            _fail(exc)
+
+    for flag, var, text in reversed(RUN_FLAGS):
+        run = click.option(flag, default=None, metavar=var, help=f"{text} [env {var}]")(run)
+    return run
+
+
+main.add_command(_run_command())
+
+
+@main.group()
+def ca() -> None:
+    """The built-in local CA, for running without istiod."""
+
+
+@ca.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--force", is_flag=True, help="replace an existing root")
+def ca_init(directory: Path, trust_domain: str, force: bool) -> None:
+    """Write a root key and certificate to DIRECTORY (use it as LOCAL_CA_DIR)."""
+    from .identity.ca import init_ca
+
+    try:
+        init_ca(directory, trust_domain=trust_domain, force=force)
+    except (IdentityError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {directory / 'root-cert.pem'} and {directory / 'root-key.pem'} (trust domain {trust_domain})")
+
+
+@main.command()
+@click.option("--engine", type=click.Choice(["auto", "native", "pure"]), default="auto", show_default=True)
+@click.option("--keep", is_flag=True, help="leave the topology up for exploring")
+def demo(engine: str, keep: bool) -> None:
+    """Two pods in network namespaces, one ztunnel-fast each, an HBONE tunnel between them."""
+    from .demo.tunnel import run_demo
+
+    sys.exit(run_demo(engine=engine, keep=keep))
+
+
+@main.command()
+def version() -> None:
+    """Print the version and which engine is available."""
+    from .engine import native_available
+
+    ok, why = native_available()
+    click.echo(f"ztunnel-fast {__version__}; native engine: {'built' if ok else 'not built (' + why + ')'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""One HBONE connection: HTTP/2 (hyper-h2) over a handshaken pyOpenSSL connection, on asyncio.
+
+This is the pure-Python HBONE leg that both engines use until the native engine takes HBONE over.
+The h2 state machine is the sans-IO core; this module is its thin driver: bytes from the TLS
+socket go into h2, events come out and are routed to streams, h2's output is written back.
+
+Invariants:
+- Payload memory is bounded by flow control: received DATA is credited back to the peer only
+  after the consumer took it (`HboneStream.consumed`), and writers wait for send window, and
+  for our outgoing buffer to drain below HIGH_WATER, before handing h2 more data.
+- A protocol error from the peer ends this connection with the GOAWAY code h2 chose, never the
+  process; other connections are untouched.
+- Once GOAWAY was sent or received, the connection accepts no new streams (the pool never reuses it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from OpenSSL import SSL
+
+from ..errors import HttpStatus, StreamReset
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024  # bytes per SSL_read attempt: a few TLS records, one syscall worth
+HIGH_WATER = 1024 * 1024  # outgoing bytes buffered before writers wait for the socket
+PING_INTERVAL = 10.0  # seconds between keepalive PINGs (ztunnel)
+PING_TIMEOUT = 20.0  # seconds without a PING ack before the connection is dropped (ztunnel)
+
+
+@dataclass(frozen=True, slots=True)
+class H2Settings:
+    """HTTP/2 parameters of HBONE (reference 3.1/3.2); sizes in bytes."""
+
+    stream_window: int = 4 * 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    max_frame_size: int = 1024 * 1024
+    max_concurrent_streams: int = 200  # what a server advertises
+    max_header_list_size: int = 64 * 1024
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+class HboneStream:
+    """One CONNECT stream: a byte pipe with flow control, half-close and reset."""
+
+    def __init__(self, conn: "HboneConnection", stream_id: int, request_headers=None):
+        self.conn = conn
+        self.id = stream_id
+        self.request_headers: list[tuple[str, str]] = request_headers or []
+        self.response: asyncio.Future = conn.loop.create_future()
+        self._chunks: collections.deque = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._unacked = 0
+        self.eof = False  # peer sent END_STREAM
+        self.ended = False  # we sent END_STREAM
+        self.reset_code: int | None = None  # set when the stream was reset (either side)
+        self.closed = False
+
+    # -- receiving --------------------------------------------------------------------------
+    async def read(self) -> bytes:
+        """Next chunk of payload; b"" at END_STREAM; raises StreamReset on RST_STREAM."""
+        while not self._chunks:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            if self.eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data, flow = self._chunks.popleft()
+        self._unacked += flow
+        return data
+
+    def consumed(self) -> None:
+        """The last chunks were delivered downstream: give the window back to the peer."""
+        if self._unacked and self.reset_code is None:
+            try:
+                self.conn.h2.acknowledge_received_data(self._unacked, self.id)
+            except (h2.exceptions.ProtocolError, KeyError):
+                pass
+            self._unacked = 0
+            self.conn.flush()
+
+    # -- sending ----------------------------------------------------------------------------
+    async def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        conn = self.conn
+        while view:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            if conn.lost is not None:
+                raise conn.lost
+            try:
+                window = conn.h2.local_flow_control_window(self.id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+                raise StreamReset(self.reset_code or ErrorCodes.STREAM_CLOSED)
+            if window <= 0:
+                self._writable.clear()
+                await self._writable.wait()
+                continue
+            n = min(len(view), window, conn.h2.max_outbound_frame_size)
+            conn.h2.send_data(self.id, bytes(view[:n]))
+            view = view[n:]
+            conn.flush()
+            await conn.drained()
+
+    def end(self) -> None:
+        """Half-close: an empty DATA frame with END_STREAM."""
+        if self.ended or self.reset_code is not None or self.conn.lost is not None:
+            return
+        self.ended = True
+        try:
+            self.conn.h2.end_stream(self.id)
+        except h2.exceptions.ProtocolError:
+            return
+        self.conn.flush()
+        self._maybe_done()
+
+    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        if self.reset_code is not None:
+            return
+        self.reset_code = code
+        if self.conn.lost is None:
+            try:
+                self.conn.h2.reset_stream(self.id, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.conn.flush()
+        self._wake()
+        self._done()
+
+    # -- server side ------------------------------------------------------------------------
+    def respond(self, status: int, headers: list[tuple[str, str]] | None = None, end: bool = False) -> None:
+        self.conn.h2.send_headers(self.id, [(":status", str(status))] + (headers or []), end_stream=end)
+        if end:
+            self.ended = True
+        self.conn.flush()
+        if end:
+            self._maybe_done()
+
+    # -- events from the connection ---------------------------------------------------------
+    def _on_data(self, data: bytes, flow: int) -> None:
+        if data:
+            self._chunks.append((data, flow))
+        elif flow:
+            self.conn.h2.acknowledge_received_data(flow, self.id)  # padding only
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self.eof = True
+        self._readable.set()
+        self._maybe_done()
+
+    def _on_reset(self, code: int) -> None:
+        if self.reset_code is None:
+            self.reset_code = code
+        if not self.response.done():
+            self.response.set_exception(StreamReset(code))
+        self._wake()
+        self._done()
+
+    def _wake(self) -> None:
+        self._readable.set()
+        self._writable.set()
+
+    def _maybe_done(self) -> None:
+        if self.eof and self.ended:
+            self._done()
+
+    def _done(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.conn._stream_done(self)
+
+
+RequestHandler = Callable[[HboneStream], Awaitable[None]]
+
+
+class HboneConnection:
+    """The HTTP/2 side of one mTLS connection, client or server."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: SSL.Connection,
+        *,
+        client: bool,
+        settings: H2Settings,
+        on_request: RequestHandler | None = None,
+        name: str = "hbone",
+        peer_identity=None,
+    ):
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.tls = tls
+        self.client = client
+        self.name = name
+        self.settings = settings
+        self.peer_identity = peer_identity
+        self.on_request = on_request
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=client, header_encoding="utf-8")
+        )
+        self.streams: dict[int, HboneStream] = {}
+        self.lost: Exception | None = None
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.closed: asyncio.Future = self.loop.create_future()
+        self.created = time.monotonic()
+        self.idle_since = time.monotonic()
+        self.streams_opened = 0
+        self._out = bytearray()
+        self._writer_active = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._ping_outstanding: float | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._fd = sock.fileno()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        local = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+        }
+        if self.client:
+            local[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        else:
+            local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
+        self.h2.local_settings = h2.settings.Settings(client=self.client, initial_values=local)
+        self.h2.initiate_connection()
+        extra = s.connection_window - 65_535  # the RFC's initial connection window
+        if extra > 0:
+            self.h2.increment_flow_control_window(extra)
+        self.loop.add_reader(self._fd, self._on_readable)
+        self.flush()
+        self._spawn(self._keepalive(), f"{self.name}-keepalive")
+        # TLS may already hold decrypted bytes read during the handshake.
+        self.loop.call_soon(self._on_readable)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def max_streams(self, pool_limit: int) -> int:
+        return min(pool_limit, self.h2.remote_settings.max_concurrent_streams)
+
+    def can_open(self, pool_limit: int) -> bool:
+        return (
+            self.lost is None
+            and not self.goaway_received
+            and not self.goaway_sent
+            and self.active_streams < self.max_streams(pool_limit)
+        )
+
+    def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Graceful: no new streams; open streams finish; the connection closes when idle."""
+        if self.goaway_sent or self.lost is not None:
+            return
+        self.goaway_sent = True
+        self.h2.close_connection(error_code=error_code)
+        self.flush()
+        if not self.streams:
+            self.close()
+
+    def close(self, error: Exception | None = None) -> None:
+        if self.lost is not None:
+            return
+        self.lost = error or ConnectionLost("connection closed")
+        try:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+        except (ValueError, OSError):
+            pass
+        for stream in list(self.streams.values()):
+            stream._on_reset(ErrorCodes.CANCEL)
+        self.streams.clear()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(self.lost)
+        self._drain_waiters.clear()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        try:
+            if error is None:
+                self.tls.shutdown()
+        except SSL.Error:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if not self.closed.done():
+            self.closed.set_result(error)
+
+    # -- client side ------------------------------------------------------------------------
+    def start_stream(self, headers: list[tuple[str, str]]) -> HboneStream:
+        """Send a CONNECT's HEADERS now (synchronously, so the pool can count the stream)."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, headers, end_stream=False)
+        stream = HboneStream(self, stream_id, headers)
+        self.streams[stream_id] = stream
+        self.streams_opened += 1
+        self.flush()
+        return stream
+
+    async def response(self, stream: HboneStream) -> None:
+        """Wait for the CONNECT response; raise HttpStatus unless it is 200."""
+        headers = await stream.response
+        status = int(dict(headers).get(":status", "0"))
+        if status != 200:
+            stream.reset(ErrorCodes.CANCEL)
+            raise HttpStatus(status, _reason(status))
+
+    # -- I/O --------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        if self.lost is not None:
+            return
+        events = []
+        try:
+            while True:
+                try:
+                    data = self.tls.recv(READ_SIZE)
+                except SSL.WantReadError:
+                    break
+                except SSL.WantWriteError:
+                    break
+                if not data:
+                    raise SSL.ZeroReturnError()
+                events.extend(self.h2.receive_data(data))
+                if len(events) > 4096:
+                    break  # let other work run; we are called again while data is pending
+        except h2.exceptions.ProtocolError as exc:
+            self._dispatch(events)
+            code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
+            log.warning("%s: closing connection, peer violated HTTP/2: %s (GOAWAY %s)", self.name, exc, _code_name(code))
+            self.goaway_sent = True
+            self.flush()
+            self.loop.call_later(0.1, self.close, exc)  # let the GOAWAY reach the peer
+            self.loop.remove_reader(self._fd)
+            return
+        except SSL.ZeroReturnError:
+            self._dispatch(events)
+            self.close(ConnectionLost("peer closed the connection"))
+            return
+        except (SSL.Error, OSError) as exc:
+            self._dispatch(events)
+            self.close(ConnectionLost(f"connection error: {_ssl_reason(exc)}"))
+            return
+        self._dispatch(events)
+        if self.tls.pending():
+            self.loop.call_soon(self._on_readable)
+        self.flush()
+
+    def _dispatch(self, events) -> None:
+        for event in events:
+            kind = type(event)
+            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+            if kind is h2.events.DataReceived:
+                if stream is not None:
+                    stream._on_data(event.data, event.flow_controlled_length)
+                else:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is h2.events.WindowUpdated:
+                if event.stream_id == 0:
+                    for s in self.streams.values():
+                        s._writable.set()
+                elif stream is not None:
+                    stream._writable.set()
+            elif kind is h2.events.RequestReceived:
+                self._on_request(event)
+            elif kind is h2.events.ResponseReceived:
+                if stream is not None and not stream.response.done():
+                    stream.response.set_result(event.headers)
+            elif kind is h2.events.StreamEnded:
+                if stream is not None:
+                    stream._on_end()
+            elif kind is h2.events.StreamReset:
+                if stream is not None:
+                    stream._on_reset(event.error_code)
+            elif kind is h2.events.RemoteSettingsChanged:
+                for s in self.streams.values():
+                    s._writable.set()
+            elif kind is h2.events.ConnectionTerminated:
+                self._on_goaway(event)
+            elif kind is h2.events.PingAckReceived:
+                self._ping_outstanding = None
+            elif kind is h2.events.TrailersReceived:
+                if stream is not None and event.stream_ended is None:
+                    pass
+
+    def _on_request(self, event) -> None:
+        stream = HboneStream(self, event.stream_id, event.headers)
+        self.streams[event.stream_id] = stream
+        self.streams_opened += 1
+        if self.on_request is None or self.goaway_sent:
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        self._spawn(self.on_request(stream), f"{self.name}-stream-{event.stream_id}")
+
+    def _on_goaway(self, event) -> None:
+        self.goaway_received = True
+        last = event.last_stream_id or 0
+        if event.error_code:
+            log.info("%s: peer sent GOAWAY %s: %s", self.name, _code_name(event.error_code), event.additional_data or b"")
+        for sid, stream in list(self.streams.items()):
+            if self.client and sid > last:
+                stream._on_reset(ErrorCodes.REFUSED_STREAM)
+        if event.error_code or not self.streams:
+            self.close(ConnectionLost(f"peer sent GOAWAY {_code_name(event.error_code)}"))
+
+    def flush(self) -> None:
+        if self.lost is not None:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self._out += data
+        if self._out and not self._writer_active:
+            self._write_some()
+
+    def _write_some(self) -> None:
+        try:
+            while self._out:
+                try:
+                    n = self.tls.send(self._out[: 16 * 16384])
+                except SSL.WantWriteError:
+                    break
+                except SSL.WantReadError:
+                    break
+                del self._out[:n]
+        except (SSL.Error, OSError) as exc:
+            self.close(ConnectionLost(f"write failed: {_ssl_reason(exc)}"))
+            return
+        if self._out:
+            if not self._writer_active:
+                self._writer_active = True
+                self.loop.add_writer(self._fd, self._on_writable)
+        else:
+            if self._writer_active:
+                self._writer_active = False
+                self.loop.remove_writer(self._fd)
+        if len(self._out) < HIGH_WATER and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _on_writable(self) -> None:
+        self._write_some()
+        if self.lost is None:
+            data = self.h2.data_to_send()
+            if data:
+                self._out += data
+                self._write_some()
+
+    async def drained(self) -> None:
+        if len(self._out) < HIGH_WATER or self.lost is not None:
+            if self.lost is not None:
+                raise self.lost
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _stream_done(self, stream: HboneStream) -> None:
+        self.streams.pop(stream.id, None)
+        if not self.streams:
+            self.idle_since = time.monotonic()
+            if self.goaway_sent or self.goaway_received:
+                self.loop.call_soon(self.close)
+
+    async def _keepalive(self) -> None:
+        while self.lost is None:
+            await asyncio.sleep(PING_INTERVAL)
+            if self._ping_outstanding is not None:
+                if time.monotonic() - self._ping_outstanding > PING_TIMEOUT:
+                    log.warning("%s: no PING ack for %.0fs, dropping connection", self.name, PING_TIMEOUT)
+                    self.close(ConnectionLost("keepalive timeout"))
+                    return
+                continue
+            self._ping_outstanding = time.monotonic()
+            self.h2.ping(b"ztunnelf")
+            self.flush()
+
+
+def _reason(status: int) -> str:
+    from .headers import REASONS
+
+    return REASONS.get(status, "")
+
+
+def _code_name(code) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    if isinstance(exc, SSL.SysCallError) and exc.args:
+        return exc.args[-1] if isinstance(exc.args[-1], str) else str(exc.args)
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,118 @@
+"""Client-side pool of HBONE connections.
+
+Invariants (reference 3.3):
+- Connections are keyed by (source identity, acceptable destination identities, next hop); a
+  stream only ever rides a connection whose key matches exactly, so a TLS session authenticated
+  for one identity set never carries traffic meant for another.
+- A connection carries at most min(POOL_MAX_STREAMS_PER_CONNECTION, peer's
+  SETTINGS_MAX_CONCURRENT_STREAMS) streams; when all are full a new connection is made for the key.
+- Only one connection per key is being dialled at a time (a per-key lock), so a burst of new
+  tunnels shares the new connection instead of storming the peer with handshakes.
+- A connection that saw or sent GOAWAY, or failed, is never handed out again.
+- A connection with no streams for POOL_UNUSED_RELEASE_TIMEOUT is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from ..identity.spiffe import Identity
+from ..state.workload import IpAddress
+from .connection import HboneConnection, HboneStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    src_identity: Identity
+    dst_identities: tuple[Identity, ...]  # sorted, so equal sets give equal keys
+    next_hop: tuple[IpAddress, int]
+
+    @classmethod
+    def of(cls, src: Identity, dst: tuple[Identity, ...] | list[Identity], next_hop: tuple[IpAddress, int]) -> "PoolKey":
+        return cls(src, tuple(sorted(set(dst), key=str)), next_hop)
+
+
+Connector = Callable[[PoolKey], Awaitable[HboneConnection]]
+
+
+class HbonePool:
+    def __init__(self, connect: Connector, *, max_streams: int = 100, idle_timeout: float = 300.0):
+        self._connect = connect
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self._conns: dict[PoolKey, list[HboneConnection]] = {}
+        self._locks: dict[PoolKey, asyncio.Lock] = {}
+        self._reaper: asyncio.Task | None = None
+        self.connections_created = 0
+
+    def _usable(self, key: PoolKey) -> HboneConnection | None:
+        conns = self._conns.get(key)
+        if not conns:
+            return None
+        conns[:] = [c for c in conns if c.lost is None]
+        for conn in conns:
+            if conn.can_open(self.max_streams):
+                return conn
+        return None
+
+    async def open_stream(self, key: PoolKey, headers: list[tuple[str, str]]) -> HboneStream:
+        """Send a CONNECT on a pooled connection for `key` and return the stream once it is
+        answered 200 (raises HttpStatus otherwise)."""
+        conn = self._usable(key)
+        if conn is None:
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                conn = self._usable(key)
+                if conn is None:
+                    conn = await self._connect(key)
+                    self.connections_created += 1
+                    self._conns.setdefault(key, []).append(conn)
+                    self._ensure_reaper()
+        stream = conn.start_stream(headers)
+        await conn.response(stream)
+        return stream
+
+    def connections(self) -> list[HboneConnection]:
+        return [c for conns in self._conns.values() for c in conns if c.lost is None]
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="hbone-pool-reaper")
+
+    async def _reap(self) -> None:
+        interval = max(0.05, min(self.idle_timeout / 2, 30.0))
+        while self._conns:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for key in list(self._conns):
+                keep = []
+                for conn in self._conns[key]:
+                    if conn.lost is not None:
+                        continue
+                    if not conn.streams and now - conn.idle_since >= self.idle_timeout:
+                        log.debug("closing idle HBONE connection to %s", key.next_hop)
+                        conn.close()
+                        continue
+                    keep.append(conn)
+                if keep:
+                    self._conns[key] = keep
+                else:
+                    del self._conns[key]
+                    self._locks.pop(key, None)
+
+    def goaway_all(self) -> None:
+        for conn in self.connections():
+            conn.goaway()
+
+    def close(self) -> None:
+        for conn in self.connections():
+            conn.close()
+        self._conns.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()

@@ -1,0 +1,79 @@
+"""What every listener shares: configuration, state, certificates, the engine, the pool.
+
+Invariant: `state` is replaced whole (a new immutable snapshot), never mutated, so a decision
+always sees one consistent view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from ..config import Config, ProxyMode
+from ..engine import Engine
+from ..hbone.connection import H2Settings
+from ..hbone.pool import HbonePool
+from ..identity.manager import CertificateManager
+from ..state.store import ProxyState, RoundRobin
+from ..state.workload import IpAddress, Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyContext:
+    config: Config
+    state: ProxyState
+    certs: CertificateManager
+    engine: Engine
+    h2: H2Settings
+    pool: HbonePool | None = None
+    lb: RoundRobin = field(default_factory=RoundRobin)
+    tunnels: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def dedicated(self) -> bool:
+        return self.config.proxy_mode is ProxyMode.DEDICATED
+
+    def own_workload(self) -> Workload | None:
+        """Dedicated mode: the workload this instance serves (PROXY_WORKLOAD_INFO)."""
+        info = self.config.workload_info
+        if info is None:
+            return None
+        for w in self.state.workloads():
+            if w.namespace == info.namespace and w.name == info.name:
+                return w
+        return None
+
+    def source_workload(self, client_ip: IpAddress) -> Workload | None:
+        """Who is connecting: our own workload in dedicated mode, else found by source IP among
+        the workloads of this node."""
+        if self.dedicated:
+            return self.own_workload()
+        w = self.state.workload_by_ip(client_ip, self.config.network)
+        if w is not None and (not self.config.node_name or w.node == self.config.node_name):
+            return w
+        return None
+
+    def local_workload(self, dst_ip: IpAddress) -> Workload | None:
+        """The local workload an inbound connection is for: ours (dedicated), or by destination IP."""
+        if self.dedicated:
+            own = self.own_workload()
+            if own is not None and (dst_ip in own.workload_ips or dst_ip.is_unspecified):
+                return own
+            return own if own is not None and not own.workload_ips else None
+        w = self.state.workload_by_ip(dst_ip, self.config.network)
+        if w is not None and (not self.config.node_name or w.node == self.config.node_name):
+            return w
+        return None
+
+    @property
+    def fast_path_node(self) -> str | None:
+        if self.config.node_local_fast_path and not self.dedicated and self.config.node_name:
+            return self.config.node_name
+        return None
+
+    def track(self, task: asyncio.Task) -> None:
+        self.tunnels.add(task)
+        task.add_done_callback(self.tunnels.discard)

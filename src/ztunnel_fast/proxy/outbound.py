@@ -1,0 +1,160 @@
+"""Outbound listener (15001): captured connections from local workloads, carried to their destination.
+
+For each accepted socket: find the original destination and the source workload, take the pure
+routing decision, then either open a CONNECT stream on a pooled HBONE connection or dial plain
+TCP, and hand the pair to the engine.  Log lines follow the user guide:
+`proxy to <ip:port> using HBONE via <ip>:15008 type Direct`, `proxying to <ip:port> using node local
+fast path`, `complete dur=...`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from ..errors import ConnectTimeout, HttpStatus, ProxyError, StreamReset, TlsError, UpstreamConnectError
+from ..hbone import headers as hbone_headers
+from ..hbone.connection import ConnectionLost, HboneConnection
+from ..hbone.pool import PoolKey
+from ..telemetry.logs import Span
+from ..tls.handshake import handshake
+from ..tls.verify import check_server_identity
+from ..engine import abort, close_after
+from . import sockets
+from .common import format_duration
+from .context import ProxyContext
+from .route import Kind, decide
+
+log = logging.getLogger(__name__)
+
+
+class Outbound:
+    def __init__(self, ctx: ProxyContext):
+        self.ctx = ctx
+
+    async def connect_hbone(self, key: PoolKey) -> HboneConnection:
+        """Dial, handshake and start a new pooled HBONE connection for `key`."""
+        ctx = self.ctx
+        ip, port = key.next_hop
+        addr = hbone_headers.format_addr(ip, port)
+        try:
+            sock = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(addr) from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"io error: {exc.strerror} (os error {exc.errno}) connecting to {addr}") from None
+        try:
+            cert = await ctx.certs.get(key.src_identity)
+            tls = await handshake(sock, cert.client_context, server_side=False, timeout=ctx.config.connect_timeout)
+            peer = check_server_identity(tls, key.dst_identities)
+        except BaseException:
+            sock.close()
+            raise
+        conn = HboneConnection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer)
+        conn.start()
+        log.debug("new HBONE connection to %s (server identity %s)", addr, peer)
+        return conn
+
+    async def handle(self, sock: socket.socket) -> None:
+        ctx = self.ctx
+        conn_id = hbone_headers.new_trace_id()
+        span = Span("outbound", {"id": conn_id})
+        start = time.monotonic()
+        try:
+            sockets.tune(sock)
+            client_ip, client_port = sockets.peer(sock)
+            dst_ip, dst_port = sockets.destination(sock)
+        except OSError as exc:
+            log.debug("dropping connection that vanished before it was handled: %s", exc, extra={"span": span})
+            sock.close()
+            return
+        source = ctx.source_workload(client_ip)
+        if source is None and not ctx.dedicated:
+            self._failed(span, start, f"unknown source workload {client_ip}")
+            abort(sock)
+            return
+        route = decide(
+            ctx.state,
+            ctx.lb,
+            source=source,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            network=ctx.config.network,
+            fast_path_node=ctx.fast_path_node,
+        )
+        try:
+            if route.kind is Kind.REFUSE:
+                raise ProxyError(route.reason)
+            if route.kind is Kind.HBONE:
+                completion = await self._hbone(sock, route, source, client_ip, client_port, conn_id, span)
+            else:
+                completion = await self._plain(sock, route, source, client_ip, conn_id, span)
+        except asyncio.CancelledError:
+            abort(sock)
+            raise
+        except (ProxyError, TlsError, StreamReset, ConnectionLost, OSError) as exc:
+            self._failed(span, start, str(exc))
+            abort(sock)
+            return
+        if completion.error:
+            self._failed(span, start, completion.error)
+        else:
+            log.info("complete dur=%s", format_duration(time.monotonic() - start), extra={"span": span})
+
+    async def _hbone(self, sock, route, source, client_ip, client_port, conn_id, span):
+        ctx = self.ctx
+        src_identity = source.identity if source is not None else ctx.config.identity()
+        log.info(
+            "proxy to %s using HBONE via %s type Direct",
+            route.authority,
+            hbone_headers.format_addr(*route.next_hop),
+            extra={"span": span},
+        )
+        request = hbone_headers.connect_request(
+            route.authority,
+            client_ip=client_ip,
+            client_port=client_port,
+            trace_id=conn_id,
+            source=source,
+            service_host=route.service.hostname if route.service is not None else None,
+        )
+        key = PoolKey.of(src_identity, route.identities, route.next_hop)
+        stream = await ctx.pool.open_stream(key, request)
+        try:
+            completion = await ctx.engine.tunnel(sock, stream, conn_id)
+        except BaseException:
+            stream.reset()
+            raise
+        close_after(completion, sock)
+        return completion
+
+    async def _plain(self, sock, route, source, client_ip, conn_id, span):
+        ctx = self.ctx
+        ip, port = route.target
+        target = hbone_headers.format_addr(ip, port)
+        spoof = None
+        if route.kind is Kind.NODE_LOCAL:
+            log.info("proxying to %s using node local fast path", target, extra={"span": span})
+            spoof = client_ip if ctx.config.enable_orig_src else None
+        else:
+            kind = "Passthrough" if route.kind is Kind.PASSTHROUGH else "Direct"
+            log.info("proxy to %s using TCP via %s type %s", target, target, kind, extra={"span": span})
+        try:
+            upstream = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof)
+        except asyncio.TimeoutError:
+            raise UpstreamConnectError(f"connection timed out connecting to {target}") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"io error: {exc.strerror} (os error {exc.errno})") from None
+        try:
+            completion = await ctx.engine.splice(sock, upstream, conn_id)
+        except BaseException:
+            abort(upstream)
+            raise
+        close_after(completion, sock, upstream)
+        return completion
+
+    @staticmethod
+    def _failed(span: Span, start: float, error: str) -> None:
+        log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), error, extra={"span": span})

@@ -1,0 +1,127 @@
+"""Socket primitives the listeners need, in one place: original destination, marks, transparency.
+
+Every socket ztunnel-fast opens toward a workload carries SO_MARK (1337 by default) so that the
+redirection rules let it pass instead of capturing it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from ipaddress import ip_address
+
+from ..state.workload import IpAddress
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; the same number at SOL_IPV6 (IP6T_SO_ORIGINAL_DST)
+IP_TRANSPARENT = 19  # linux/in.h
+IPV6_TRANSPARENT = 75  # linux/in6.h
+IP_FREEBIND = 15
+SO_MARK = 36
+KEEPALIVE_IDLE = 180  # seconds, ztunnel's KEEPALIVE_TIME
+KEEPALIVE_INTERVAL = 180
+KEEPALIVE_COUNT = 9
+
+
+def normalize(ip: str) -> IpAddress:
+    addr = ip_address(ip.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def original_dst(sock: socket.socket) -> tuple[IpAddress, int] | None:
+    """The pre-NAT destination of a REDIRECTed connection, or None when it was not NATed."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, packed = struct.unpack_from("!2xH4s", raw)
+            return ip_address(packed), port
+        raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+        port, packed = struct.unpack_from("!2xH4x16s", raw)
+        return normalize(str(ip_address(packed))), port
+    except OSError:
+        return None
+
+
+def destination(sock: socket.socket) -> tuple[IpAddress, int]:
+    """Where the client meant to go: SO_ORIGINAL_DST after REDIRECT, else the local address
+    (TPROXY and direct connections keep the original destination as the local address)."""
+    orig = original_dst(sock)
+    if orig is not None:
+        return orig
+    host, port = sock.getsockname()[:2]
+    return normalize(host), port
+
+
+def peer(sock: socket.socket) -> tuple[IpAddress, int]:
+    host, port = sock.getpeername()[:2]
+    return normalize(host), port
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def listener(host: str, port: int, *, transparent: bool = False, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            _set_transparent(sock, best_effort=True)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _set_transparent(sock: socket.socket, best_effort: bool = False) -> bool:
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        return True
+    except OSError:
+        if best_effort:
+            return False
+        raise
+
+
+async def connect(
+    ip: IpAddress,
+    port: int,
+    *,
+    mark: int | None,
+    timeout: float,
+    source: IpAddress | None = None,
+) -> socket.socket:
+    """A marked, tuned, non-blocking TCP connection; `source` spoofs the client's address
+    (IP_TRANSPARENT), which needs the return route that redirection installs."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source is not None and source.version == ip.version:
+            _set_transparent(sock)
+            sock.bind((str(source), 0))
+        tune(sock)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

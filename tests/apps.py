@@ -1,0 +1,230 @@
+"""Test applications run inside pod network namespaces (`python -m tests.apps ...`).
+
+Servers: `serve PORT MODE [--name N]` with MODE one of
+  echo    stream every byte back; on the client's FIN finish echoing, then FIN
+  whoami  write "<name> <peer ip>\n" and close
+  reset   read until a byte arrives, then close with RST
+  http    a minimal HTTP/1.1 server (stdlib) whose page title is `httpbin.org`
+Clients print one JSON object on stdout:
+  echo  HOST PORT --size N [--count C --concurrency K] [--half-close-first]  sha256 both ways per connection
+  read  HOST PORT   read until EOF or reset, report bytes and whether a reset was seen
+  whoami HOST PORT --count C   collect the servers' names in order
+
+Every loop is bounded by --size/--count and a timeout; nothing here talks to anything but the
+address it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+CHUNK = 256 * 1024
+
+
+def _payload(size: int, seed: int) -> bytes:
+    """Deterministic pseudo-random bytes (fast): sha256 counter blocks, repeated."""
+    block = b"".join(hashlib.sha256(f"{seed}-{i}".encode()).digest() for i in range(2048))  # 64 KiB
+    reps, rest = divmod(size, len(block))
+    return block * reps + block[:rest]
+
+
+# --------------------------------------------------------------------------------------- servers
+async def serve(port: int, mode: str, name: str) -> None:
+    if mode == "http":
+        return await serve_http(port, name)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = writer.get_extra_info("peername")
+        try:
+            if mode == "echo":
+                while True:
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    writer.write(data)
+                    await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await writer.drain()
+                await reader.read()  # wait for the peer to finish before closing
+            elif mode == "whoami":
+                writer.write(f"{name} {peer[0]}\n".encode())
+                await writer.drain()
+            elif mode == "reset":
+                await reader.read(1)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host=None, port=port, reuse_address=True, limit=CHUNK)
+    print(f"listening {port} {mode}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def serve_http(port: int, name: str) -> None:
+    page = (
+        "<!DOCTYPE html>\n<html>\n<head>\n    <title>httpbin.org</title>\n</head>\n"
+        f"<body><h1>httpbin.org</h1><p>served by {name}</p></body>\n</html>\n"
+    ).encode()
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method = head.split(b" ", 1)[0]
+                body = b"" if method == b"HEAD" else page
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nServer: ztunnel-fast-demo\r\nContent-Type: text/html; charset=utf-8\r\n"
+                    + f"Content-Length: {len(page)}\r\nX-Served-By: {name}\r\n\r\n".encode() + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host=None, port=port, reuse_address=True)
+    print(f"listening {port} http", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# --------------------------------------------------------------------------------------- clients
+async def echo_once(host: str, port: int, size: int, seed: int, half_close_first: bool) -> dict:
+    payload = _payload(size, seed)
+    reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+    sent_hash = hashlib.sha256(payload).hexdigest()
+    recv = hashlib.sha256()
+    received = 0
+
+    async def send():
+        view = memoryview(payload)
+        for off in range(0, len(view), CHUNK):
+            writer.write(view[off:off + CHUNK])
+            await writer.drain()
+        writer.write_eof()
+
+    async def receive():
+        nonlocal received
+        while True:
+            data = await reader.read(CHUNK)
+            if not data:
+                return
+            recv.update(data)
+            received += len(data)
+
+    try:
+        if half_close_first:
+            await send()
+            await receive()
+        else:
+            await asyncio.gather(send(), receive())
+        error = None
+    except (ConnectionError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        writer.close()
+    return {"sent": size, "received": received, "sent_sha256": sent_hash, "received_sha256": recv.hexdigest(),
+            "ok": error is None and received == size and recv.hexdigest() == sent_hash, "error": error}
+
+
+async def echo_many(host, port, size, count, concurrency, half_close_first) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    results = []
+
+    async def one(i):
+        async with sem:
+            try:
+                results.append(await asyncio.wait_for(echo_once(host, port, size, i, half_close_first), 120))
+            except (asyncio.TimeoutError, OSError) as exc:
+                results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    start = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    failed = [r for r in results if not r["ok"]]
+    out = {"count": count, "ok": len(results) - len(failed), "failed": len(failed), "errors": [r["error"] for r in failed][:5],
+           "seconds": round(time.monotonic() - start, 3)}
+    if count == 1:
+        out.update(results[0])
+    return out
+
+
+async def read_all(host: str, port: int, send: bytes) -> dict:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(send)
+    await writer.drain()
+    total, reset, error = 0, False, None
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(CHUNK), 30)
+            if not data:
+                break
+            total += len(data)
+    except ConnectionResetError:
+        reset = True
+    except (OSError, asyncio.TimeoutError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    writer.close()
+    return {"received": total, "reset": reset, "error": error}
+
+
+async def whoami(host: str, port: int, count: int) -> dict:
+    names = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(host, port)
+        line = await asyncio.wait_for(reader.readline(), 30)
+        names.append(line.decode().strip())
+        writer.close()
+    return {"names": names}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tests.apps")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("port", type=int)
+    s.add_argument("mode", choices=["echo", "whoami", "reset", "http"])
+    s.add_argument("--name", default=os.uname().nodename)
+    e = sub.add_parser("echo")
+    e.add_argument("host")
+    e.add_argument("port", type=int)
+    e.add_argument("--size", type=int, default=1024)
+    e.add_argument("--count", type=int, default=1)
+    e.add_argument("--concurrency", type=int, default=1)
+    e.add_argument("--half-close-first", action="store_true")
+    r = sub.add_parser("read")
+    r.add_argument("host")
+    r.add_argument("port", type=int)
+    r.add_argument("--send", default="x")
+    w = sub.add_parser("whoami")
+    w.add_argument("host")
+    w.add_argument("port", type=int)
+    w.add_argument("--count", type=int, default=4)
+    a = p.parse_args(argv)
+    if a.cmd == "serve":
+        asyncio.run(serve(a.port, a.mode, a.name))
+        return 0
+    if a.cmd == "echo":
+        out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first))
+    elif a.cmd == "read":
+        out = asyncio.run(read_all(a.host, a.port, a.send.encode()))
+    else:
+        out = asyncio.run(whoami(a.host, a.port, a.count))
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
