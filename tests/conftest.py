@@ -42,3 +42,32 @@ def topology():
 # ==================================================================================================
 # (next sections: engine parametrisation, product processes; added by the lead)
 # ==================================================================================================
+
+
+# ==================================================================================================
+# Section 2: engines and product processes
+#
+# Every end-to-end and interop test runs once per engine: "native" (the Cython extension, which
+# must be built on this machine kind: a missing build fails the native run instead of skipping it)
+# and "pure" (the pure-Python twin).
+# ==================================================================================================
+
+ENGINES = ["native", "pure"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    if request.param == "native":
+        from ztunnel_fast.engine import native_available
+
+        ok, why = native_available()
+        assert ok, f"native engine not built: {why} (run `make build`)"
+    return request.param
+
+
+@pytest.fixture
+def lab(topology, engine, tmp_path):
+    """A Lab (pods, local CA, local config, ztunnel-fast processes) on a fresh topology."""
+    from ztunnel_fast.demo.lab import Lab
+
+    yield Lab(topology, tmp_path, engine=engine, log_level="info")

@@ -37,7 +37,7 @@ def original_dst(sock: socket.socket) -> tuple[IpAddress, int] | None:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
             return ip_address(packed), port
-        raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         port, packed = struct.unpack_from("!2xH4x16s", raw)
         return normalize(str(ip_address(packed))), port
     except OSError:
@@ -89,7 +89,7 @@ def listener(host: str, port: int, *, transparent: bool = False, backlog: int = 
 def _set_transparent(sock: socket.socket, best_effort: bool = False) -> bool:
     try:
         if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         return True

@@ -1,4 +1,4 @@
-"""Test applications run inside pod network namespaces (`python -m tests.apps ...`).
+"""Test applications run inside pod network namespaces (`python -m ztunnel_fast.demo.apps ...`).
 
 Servers: `serve PORT MODE [--name N]` with MODE one of
   echo    stream every byte back; on the client's FIN finish echoing, then FIN
@@ -191,7 +191,7 @@ async def whoami(host: str, port: int, count: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tests.apps")
+    p = argparse.ArgumentParser(prog="ztunnel_fast.demo.apps")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("port", type=int)

@@ -1,0 +1,180 @@
+"""A small mesh on one machine: pods (network namespaces), a local CA, a local config, ztunnel-fast
+processes and demo apps.  Used by `ztunnel-fast demo` and by the end-to-end tests.
+
+Invariants: everything a Lab starts or creates belongs to its Topology and goes away with
+`Topology.teardown()`; the local config is written once, before any ztunnel-fast starts, and is
+the single source of truth for every instance (as istiod would be).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import netns
+from ..identity.ca import init_ca
+
+READY_LINE = "proxy ready"
+START_TIMEOUT = 30.0  # seconds a ztunnel-fast gets to bind its listeners
+
+
+@dataclass
+class LabPod:
+    pod: netns.Pod
+    name: str
+    namespace: str
+    service_account: str
+    mesh: bool
+    node: str
+    services: dict = field(default_factory=dict)  # "ns/host" -> {svc port: target port}
+
+    @property
+    def ip(self) -> str:
+        return self.pod.ip
+
+    @property
+    def identity(self) -> str:
+        return f"spiffe://cluster.local/ns/{self.namespace}/sa/{self.service_account}"
+
+
+@dataclass
+class Ztunnel:
+    pod: LabPod
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def lines(self, needle: str) -> list[str]:
+        return [line for line in self.log().splitlines() if needle in line]
+
+
+class Lab:
+    def __init__(self, topology: netns.Topology, workdir: Path, *, engine: str = "auto", log_level: str = "info"):
+        self.topology = topology
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.engine = engine
+        self.log_level = log_level
+        self.ca_dir = self.workdir / "ca"
+        init_ca(self.ca_dir, trust_domain="cluster.local", force=True)
+        self.config_path = self.workdir / "local-config.yaml"
+        self.pods: dict[str, LabPod] = {}
+        self.services: list[dict] = []
+        self.ztunnels: list[Ztunnel] = []
+        self.extra_workloads: list[dict] = []
+
+    # -- the mesh --------------------------------------------------------------------------
+    def pod(self, name: str, *, namespace: str = "default", service_account: str | None = None,
+            mesh: bool = True, node: str = "node1", ip: str | None = None) -> LabPod:
+        p = LabPod(self.topology.add_pod(name, ip), name, namespace, service_account or name, mesh, node)
+        self.pods[name] = p
+        return p
+
+    def service(self, name: str, namespace: str, vip: str, ports: dict[int, int], endpoints: list[LabPod],
+                subject_alt_names: list[str] | None = None) -> str:
+        hostname = f"{name}.{namespace}.svc.cluster.local"
+        self.services.append({
+            "name": name, "namespace": namespace, "hostname": hostname, "vips": [f"/{vip}"],
+            "ports": dict(ports), "subjectAltNames": list(subject_alt_names or []),
+        })
+        for ep in endpoints:
+            ep.services[f"{namespace}/{hostname}"] = dict(ports)
+        return hostname
+
+    def config(self) -> dict:
+        workloads = [
+            {
+                "uid": f"Kubernetes//Pod/{p.namespace}/{p.name}",
+                "name": p.name,
+                "namespace": p.namespace,
+                "serviceAccount": p.service_account,
+                "workloadIps": [p.ip],
+                "protocol": "HBONE" if p.mesh else "TCP",
+                "node": p.node,
+                "workloadName": p.name.rsplit("-", 1)[0] if p.name[-1].isdigit() else p.name,
+                "canonicalName": p.name.rsplit("-", 1)[0] if p.name[-1].isdigit() else p.name,
+                "canonicalRevision": "v1",
+                **({"services": p.services} if p.services else {}),
+            }
+            for p in self.pods.values()
+        ]
+        return {"workloads": workloads + self.extra_workloads, "services": self.services}
+
+    def write_config(self) -> Path:
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        return self.config_path
+
+    # -- processes -------------------------------------------------------------------------
+    def ztunnel_env(self, p: LabPod, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "LOCAL_", "ZTUNNEL_"))}
+        env.update({
+            "PROXY_MODE": "dedicated",
+            "PROXY_WORKLOAD_INFO": f"{p.namespace}/{p.name}/{p.service_account}",
+            "LOCAL_XDS_PATH": str(self.config_path),
+            "LOCAL_CA_DIR": str(self.ca_dir),
+            "ZTUNNEL_ENGINE": self.engine,
+            "RUST_LOG": self.log_level,
+            "NODE_NAME": p.node,
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(overrides)
+        return env
+
+    def start_ztunnel(self, p: LabPod, *, redirect: bool = True, wait: bool = True, **env: str) -> Ztunnel:
+        """Run ztunnel-fast in the pod's netns (dedicated mode) and, by default, redirect the pod's
+        outbound TCP to it (the minimal in-pod rule)."""
+        if not self.config_path.exists():
+            self.write_config()
+        log_path = self.workdir / f"ztunnel-{p.name}.log"
+        out = open(log_path, "ab")
+        proc = self.topology.popen(
+            p.pod, [sys.executable, "-m", "ztunnel_fast", "run"], env=self.ztunnel_env(p, **env),
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        out.close()
+        zt = Ztunnel(p, proc, log_path)
+        self.ztunnels.append(zt)
+        if wait:
+            self.wait_ready(zt)
+        if redirect:
+            netns.redirect_outbound(p.pod)
+        return zt
+
+    def wait_ready(self, zt: Ztunnel, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if READY_LINE in zt.log():
+                return
+            if zt.proc.poll() is not None:
+                raise RuntimeError(f"ztunnel-fast in {zt.pod.name} exited {zt.proc.returncode}:\n{zt.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"ztunnel-fast in {zt.pod.name} not ready after {timeout}s:\n{zt.log()}")
+
+    def app(self, p: LabPod, *args: str, port: int | None = None) -> subprocess.Popen:
+        """Start a demo app server in the pod; waits until it listens when `port` is given."""
+        log_path = self.workdir / f"app-{p.name}.log"
+        out = open(log_path, "ab")
+        proc = self.topology.popen(p.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", *args],
+                                   stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        if port is not None:
+            netns.wait_listening(p.pod, port)
+        return proc
+
+    def client(self, p: LabPod, *args: str, timeout: float = 300) -> dict:
+        """Run a demo client in the pod and return its JSON report."""
+        import json
+
+        res = self.topology.run(p.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", *args], timeout=timeout)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    def stop_ztunnel(self, zt: Ztunnel) -> int | None:
+        return self.topology.stop(zt.proc)
