@@ -237,3 +237,14 @@ def run_envoy(topology: Topology | None, pod: Pod | None, config_path: str | Pat
         proc.kill()
         proc.wait(5)
     raise RuntimeError(f"envoy not ready after {timeout}s (admin={admin}); log tail:\n{_tail(log_path)}")
+
+
+def stat_total(topology: Topology | None, pod: Pod | None, envoy: subprocess.Popen, name_part: str) -> int:
+    """Sum of the counters of a running Envoy (from `run_envoy`) whose name contains `name_part`
+    (e.g. 'ssl.fail_verify_san')."""
+    total = 0
+    for line in admin_get(topology, pod, envoy.admin_address, "/stats?filter=" + name_part).splitlines():  # type: ignore[attr-defined]
+        name, _, value = line.partition(": ")
+        if name_part in name and value.strip().isdigit():
+            total += int(value)
+    return total

@@ -5,10 +5,14 @@ Servers: `serve PORT MODE [--name N]` with MODE one of
   whoami  write "<name> <peer ip>\n" and close
   reset   read until a byte arrives, then close with RST
   http    a minimal HTTP/1.1 server (stdlib) whose page title is `httpbin.org`
+  halfclose  send --size bytes, FIN first, then read the client's bytes to EOF and print a JSON
+          line {received, sha256} to stdout
 Clients print one JSON object on stdout:
   echo  HOST PORT --size N [--count C --concurrency K] [--half-close-first]  sha256 both ways per connection
   read  HOST PORT   read until EOF or reset, report bytes and whether a reset was seen
   whoami HOST PORT --count C   collect the servers' names in order
+  halfclose HOST PORT --size N   read the server's bytes to EOF (it half-closed first), then send N
+          bytes and FIN
 
 Every loop is bounded by --size/--count and a timeout; nothing here talks to anything but the
 address it is given.
@@ -37,7 +41,7 @@ def _payload(size: int, seed: int) -> bytes:
 
 
 # --------------------------------------------------------------------------------------- servers
-async def serve(port: int, mode: str, name: str) -> None:
+async def serve(port: int, mode: str, name: str, size: int = 1024) -> None:
     if mode == "http":
         return await serve_http(port, name)
 
@@ -58,6 +62,18 @@ async def serve(port: int, mode: str, name: str) -> None:
             elif mode == "whoami":
                 writer.write(f"{name} {peer[0]}\n".encode())
                 await writer.drain()
+            elif mode == "halfclose":
+                writer.write(_payload(size, 7))
+                await writer.drain()
+                writer.write_eof()
+                digest, received = hashlib.sha256(), 0
+                while True:
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    digest.update(data)
+                    received += len(data)
+                print(json.dumps({"received": received, "sha256": digest.hexdigest()}), flush=True)
             elif mode == "reset":
                 await reader.read(1)
                 sock = writer.get_extra_info("socket")
@@ -180,6 +196,30 @@ async def read_all(host: str, port: int, send: bytes) -> dict:
     return {"received": total, "reset": reset, "error": error}
 
 
+async def halfclose(host: str, port: int, size: int) -> dict:
+    """The server sends first and half-closes; we read to EOF, then send our bytes and FIN."""
+    reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+    digest, received, error = hashlib.sha256(), 0, None
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(CHUNK), 30)
+            if not data:
+                break
+            digest.update(data)
+            received += len(data)
+        payload = _payload(size, 11)
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 30)
+    except (OSError, asyncio.TimeoutError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    writer.close()
+    return {"received": received, "received_sha256": digest.hexdigest(), "sent": size,
+            "sent_sha256": hashlib.sha256(_payload(size, 11)).hexdigest(),
+            "expected_sha256": hashlib.sha256(_payload(received, 7)).hexdigest(), "error": error}
+
+
 async def whoami(host: str, port: int, count: int) -> dict:
     names = []
     for _ in range(count):
@@ -195,8 +235,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("port", type=int)
-    s.add_argument("mode", choices=["echo", "whoami", "reset", "http"])
+    s.add_argument("mode", choices=["echo", "whoami", "reset", "http", "halfclose"])
     s.add_argument("--name", default=os.uname().nodename)
+    s.add_argument("--size", type=int, default=1024)
     e = sub.add_parser("echo")
     e.add_argument("host")
     e.add_argument("port", type=int)
@@ -212,14 +253,20 @@ def main(argv=None) -> int:
     w.add_argument("host")
     w.add_argument("port", type=int)
     w.add_argument("--count", type=int, default=4)
+    hc = sub.add_parser("halfclose")
+    hc.add_argument("host")
+    hc.add_argument("port", type=int)
+    hc.add_argument("--size", type=int, default=1024)
     a = p.parse_args(argv)
     if a.cmd == "serve":
-        asyncio.run(serve(a.port, a.mode, a.name))
+        asyncio.run(serve(a.port, a.mode, a.name, a.size))
         return 0
     if a.cmd == "echo":
         out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first))
     elif a.cmd == "read":
         out = asyncio.run(read_all(a.host, a.port, a.send.encode()))
+    elif a.cmd == "halfclose":
+        out = asyncio.run(halfclose(a.host, a.port, a.size))
     else:
         out = asyncio.run(whoami(a.host, a.port, a.count))
     print(json.dumps(out), flush=True)

@@ -245,6 +245,11 @@ class HboneConnection:
         else:
             local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
         self.h2.local_settings = h2.settings.Settings(client=self.client, initial_values=local)
+        # h2 derives its inbound frame limit from local settings only when they change on ACK;
+        # ours are current from the start, so apply the limit now (a peer cannot exceed the
+        # default before it has seen our SETTINGS anyway).
+        self.h2.max_inbound_frame_size = s.max_frame_size
+        self.h2.incoming_buffer.max_frame_size = s.max_frame_size
         self.h2.initiate_connection()
         extra = s.connection_window - 65_535  # the RFC's initial connection window
         if extra > 0:

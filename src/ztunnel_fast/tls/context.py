@@ -16,7 +16,7 @@ Invariants (ztunnel's `tls/workload.rs` behaviour):
 - No SNI is ever sent; nothing here calls set_tlsext_host_name.
 - No session resumption: OP_NO_TICKET and the session cache off on both sides.
 - The mode flags pyOpenSSL sets (partial write, accept moving write buffer) are kept: the engine's
-  SSL_write relies on them.
+  SSL_write relies on them.  NO_AUTO_CHAIN is added: we send leaf + intermediates, never the root.
 - Verify callbacks never return a silent "no": they raise TlsError with the reason, which pyOpenSSL
   re-raises from the same do_handshake() call that ran them.
 """
@@ -34,6 +34,10 @@ from .verify import check_trust_domain, verify_error_reason
 ALPN_H2 = b"h2"
 TLS13_CIPHERSUITES = b"TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"  # ztunnel's list, in its order
 _NO_RESUMPTION = SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+# openssl/ssl.h SSL_MODE_NO_AUTO_CHAIN (pyOpenSSL does not export it).  Without it OpenSSL builds the
+# chain it sends from the trust store and ships our root on every handshake; we send leaf +
+# intermediates only, as ztunnel does.
+SSL_MODE_NO_AUTO_CHAIN = 0x00000008
 
 
 def server_context(cert: IssuedCertificate, trust_domain: str) -> SSL.Context:
@@ -59,6 +63,7 @@ def _base_context(method: int, cert: IssuedCertificate) -> SSL.Context:
     ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     ctx.set_options(_NO_RESUMPTION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_mode(SSL_MODE_NO_AUTO_CHAIN)  # adds to pyOpenSSL's partial-write/moving-buffer modes
     try:
         chain = [x509.load_pem_x509_certificate(pem) for pem in cert.chain_pem]
         roots = x509.load_pem_x509_certificates(cert.root_pem)

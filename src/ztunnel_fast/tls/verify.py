@@ -22,10 +22,11 @@ from OpenSSL import SSL, crypto
 from ..errors import IdentityError, TlsError
 from ..identity.spiffe import Identity
 
-# OpenSSL X509_V_ERR_* codes (stable across 1.1 .. 4.x) we name in log lines; see x509_vfy.h.
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h; the numbers are ABI, stable from 1.1 to 4.x) we name in
+# log lines without reaching into OpenSSL's private bindings.  Wording follows OpenSSL's own.
 X509_VERIFY_ERRORS: dict[int, str] = {
     2: "unable to get issuer certificate",
-    4: "unable to decrypt certificate signature",
+    4: "unable to decrypt certificate's signature",
     7: "certificate signature failure",
     9: "certificate is not yet valid",
     10: "certificate has expired",
@@ -37,13 +38,14 @@ X509_VERIFY_ERRORS: dict[int, str] = {
     21: "unable to verify the first certificate",
     22: "certificate chain too long",
     23: "certificate revoked",
-    24: "invalid CA certificate",
+    24: "issuer certificate doesn't have a public key",
     25: "path length constraint exceeded",
-    26: "unsupported certificate purpose",
+    26: "unsuitable certificate purpose",
     27: "certificate not trusted",
     28: "certificate rejected",
     32: "key usage does not include certificate signing",
     34: "unhandled critical extension",
+    79: "invalid CA certificate",
 }
 
 
