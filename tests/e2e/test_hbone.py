@@ -115,12 +115,10 @@ def test_service_vip_round_robin_over_two_endpoints(lab):
 def test_passthrough_to_unknown_address_and_plain_tcp_to_non_mesh_workload(lab):
     a = lab.pod("sleep", namespace="demo")
     legacy = lab.pod("legacy", namespace="demo", mesh=False)
-    outside = lab.topology.add_pod("outside")  # not in the config at all
+    outside = lab.pod("outside", workload=False)  # not in the config at all
     lab.write_config()
     lab.app(legacy, "serve", "80", "echo", port=80)
-    from ztunnel_fast.demo.lab import LabPod
-
-    lab.app(LabPod(outside, "outside", "x", "x", False, "n"), "serve", "80", "echo", port=80)
+    lab.app(outside, "serve", "80", "echo", port=80)
     za = lab.start_ztunnel(a)
     assert_echo(lab.client(a, "echo", outside.ip, "80", "--size", str(MiB)), MiB)
     assert za.lines(f"proxy to {outside.ip}:80 using TCP via {outside.ip}:80 type Passthrough")
@@ -169,3 +167,18 @@ def test_pool_opens_a_new_connection_when_one_is_full(lab):
     created = len(za.lines("new HBONE connection to"))
     assert created >= math.ceil(20 / 5), created
     assert created < 20  # still pooled, not one connection per tunnel
+
+
+def test_inbound_plaintext_from_non_mesh_client(lab):
+    from ztunnel_fast import netns
+
+    legacy = lab.pod("legacy", namespace="demo", mesh=False)  # no ztunnel: sends plain TCP
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    zb = lab.start_ztunnel(b, redirect=False)
+    netns.redirect_inbound_plaintext(b.pod)
+    assert_echo(lab.client(legacy, "echo", b.ip, "80", "--size", str(2 * MiB)), 2 * MiB)
+    lines = zb.lines(f"proxying plaintext to {b.ip}:80")
+    assert len(lines) == 1 and f"peer_ip={legacy.ip}" in lines[0]
+    assert zb.lines("complete dur=")

@@ -118,9 +118,10 @@ async def serve_http(port: int, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- clients
-async def echo_once(host: str, port: int, size: int, seed: int, half_close_first: bool) -> dict:
+async def echo_once(host: str, port: int, size: int, seed: int, half_close_first: bool, source: str | None = None) -> dict:
     payload = _payload(size, seed)
-    reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+    local = (source, 0) if source else None
+    reader, writer = await asyncio.open_connection(host, port, limit=CHUNK, local_addr=local)
     sent_hash = hashlib.sha256(payload).hexdigest()
     recv = hashlib.sha256()
     received = 0
@@ -156,14 +157,14 @@ async def echo_once(host: str, port: int, size: int, seed: int, half_close_first
             "ok": error is None and received == size and recv.hexdigest() == sent_hash, "error": error}
 
 
-async def echo_many(host, port, size, count, concurrency, half_close_first) -> dict:
+async def echo_many(host, port, size, count, concurrency, half_close_first, source=None) -> dict:
     sem = asyncio.Semaphore(concurrency)
     results = []
 
     async def one(i):
         async with sem:
             try:
-                results.append(await asyncio.wait_for(echo_once(host, port, size, i, half_close_first), 120))
+                results.append(await asyncio.wait_for(echo_once(host, port, size, i, half_close_first, source), 120))
             except (asyncio.TimeoutError, OSError) as exc:
                 results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     e.add_argument("--count", type=int, default=1)
     e.add_argument("--concurrency", type=int, default=1)
     e.add_argument("--half-close-first", action="store_true")
+    e.add_argument("--source", default=None, help="bind this source IP")
     r = sub.add_parser("read")
     r.add_argument("host")
     r.add_argument("port", type=int)
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
         asyncio.run(serve(a.port, a.mode, a.name, a.size))
         return 0
     if a.cmd == "echo":
-        out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first))
+        out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first, a.source))
     elif a.cmd == "read":
         out = asyncio.run(read_all(a.host, a.port, a.send.encode()))
     elif a.cmd == "halfclose":

@@ -73,8 +73,20 @@ class Lab:
 
     # -- the mesh --------------------------------------------------------------------------
     def pod(self, name: str, *, namespace: str = "default", service_account: str | None = None,
-            mesh: bool = True, node: str = "node1", ip: str | None = None) -> LabPod:
+            mesh: bool = True, node: str = "node1", ip: str | None = None, workload: bool = True) -> LabPod:
+        """A pod (network namespace); `workload=False` keeps it out of the config (a host that
+        ztunnel-fast knows nothing about, e.g. a node's own address)."""
         p = LabPod(self.topology.add_pod(name, ip), name, namespace, service_account or name, mesh, node)
+        if workload:
+            self.pods[name] = p
+        return p
+
+    def node_workload(self, host: LabPod, name: str, ip: str, *, namespace: str = "default",
+                      service_account: str | None = None, mesh: bool = True) -> LabPod:
+        """A workload whose IP lives in `host`'s network namespace (several workloads behind one
+        node-level ztunnel-fast in shared mode): the address is added to the host's eth0."""
+        self.topology.run(host.pod, ["ip", "addr", "add", f"{ip}/32", "dev", netns.Topology.POD_IF])
+        p = LabPod(netns.Pod(name, host.pod.netns, ip), name, namespace, service_account or name, mesh, host.node)
         self.pods[name] = p
         return p
 
@@ -128,9 +140,13 @@ class Lab:
         env.update(overrides)
         return env
 
-    def start_ztunnel(self, p: LabPod, *, redirect: bool = True, wait: bool = True, **env: str) -> Ztunnel:
-        """Run ztunnel-fast in the pod's netns (dedicated mode) and, by default, redirect the pod's
-        outbound TCP to it (the minimal in-pod rule)."""
+    def start_ztunnel(self, p: LabPod, *, redirect: bool = True, wait: bool = True, shared: bool = False,
+                      **env: str) -> Ztunnel:
+        """Run ztunnel-fast in the pod's netns (dedicated mode, or shared mode serving every
+        workload of the pod's node) and, by default, redirect the pod's outbound TCP to it (the
+        minimal in-pod rule)."""
+        if shared:
+            env = {"PROXY_MODE": "shared", "PROXY_WORKLOAD_INFO": "", **env}
         if not self.config_path.exists():
             self.write_config()
         log_path = self.workdir / f"ztunnel-{p.name}.log"
