@@ -91,7 +91,7 @@ class App:
             self._bind(port, handler, name)
         await self._prefetch_certificates()
         log.info(
-            "proxy ready: mode=%s engine=%s listening on 15001 (outbound), 15008 (inbound HBONE), 15006 (inbound plaintext)",
+            "proxy ready: mode=%s engine=%s ports 15001 15008 15006",
             config.proxy_mode.value, engine.name,
         )
 

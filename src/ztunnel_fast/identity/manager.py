@@ -227,7 +227,7 @@ class CertificateManager:
                 )
             else:
                 entry.cert, entry.error, entry.failures = cert, None, 0
-                delay = MIN_REFRESH_DELAY
+                delay = max(cert.issued.refresh_at.timestamp() - self._clock(), MIN_REFRESH_DELAY)
                 log.debug(
                     "certificate issued",
                     extra={"fields": {"identity": str(entry.identity), "serial": f"{cert.serial:x}",
