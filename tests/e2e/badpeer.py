@@ -34,6 +34,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
@@ -47,7 +48,6 @@ from hyperframe.frame import (
 )
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-FRAME_HEADER = struct.Struct(">I B B I")  # 24-bit length in the top bytes of the first word; see _frame_header
 READ_SIZE = 65536
 PAYLOAD_SIZE = 256 * 1024  # bytes through the health tunnel: several DATA frames and window updates
 
@@ -113,8 +113,15 @@ def _headers(stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: 
     return f.serialize()
 
 
+def _setting_name(code: int) -> str:
+    try:
+        return h2.settings.SettingCodes(code).name
+    except ValueError:
+        return str(code)
+
+
 def _describe(frame: Frame) -> dict:
-    d = {"type": frame.type and type(frame).__name__.replace("Frame", "").upper(), "stream": frame.stream_id,
+    d = {"type": type(frame).__name__.replace("Frame", "").upper(), "stream": frame.stream_id,
          "flags": sorted(frame.flags)}
     if isinstance(frame, GoAwayFrame):
         d.update(error=_code_name(frame.error_code), last_stream_id=frame.last_stream_id,
@@ -122,8 +129,7 @@ def _describe(frame: Frame) -> dict:
     elif isinstance(frame, RstStreamFrame):
         d.update(error=_code_name(frame.error_code))
     elif isinstance(frame, SettingsFrame):
-        d.update(settings={h2.settings.SettingCodes(k).name if k in h2.settings.SettingCodes._value2member_map_
-                           else str(k): v for k, v in frame.settings.items()})
+        d.update(settings={_setting_name(k): v for k, v in frame.settings.items()})
     return d
 
 
@@ -215,7 +221,7 @@ def _h2_client(sock) -> h2.connection.H2Connection:
     return conn
 
 
-def h2_requests(sock, requests: list[list[tuple[str, str]]], timeout: float) -> dict:
+def h2_requests(sock, requests: list[list[tuple[str, str]]], timeout: float):
     """Send each header list on its own stream (END_STREAM unless CONNECT); collect every stream's
     outcome: {"status": "400"} or {"reset": "CANCEL"}; plus GOAWAY and close."""
     conn = _h2_client(sock)
@@ -250,7 +256,7 @@ def h2_requests(sock, requests: list[list[tuple[str, str]]], timeout: float) -> 
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 goaway = _code_name(ev.error_code)
         sock.sendall(conn.data_to_send())
-    return {"streams": [outcome[sid] for sid in sorted(outcome)], "goaway": goaway, "closed": closed}
+    return {"streams": [outcome[sid] for sid in sorted(outcome)], "goaway": goaway, "closed": closed}, conn
 
 
 def h2_echo(sock, authority: str, size: int, timeout: float, conn=None) -> dict:
@@ -348,7 +354,7 @@ def case_tls(args) -> dict:
     out = {"handshake": None, "version": None, "alpn": None, "after": None, "frames": []}
     try:
         sock = tls_connect(args, tls12=args.tls12, cert=not args.no_cert,
-                           alpn=args.alpn.split(",") if args.alpn is not None else None)
+                           alpn=[p for p in args.alpn.split(",") if p] if args.alpn is not None else None)
     except (OSError, ssl.SSLError) as exc:
         out["handshake"] = "error: " + _err(exc)
         return out
@@ -372,10 +378,11 @@ def case_request(args) -> dict:
     requests = [json.loads(r) for r in args.request]
     sock = tls_connect(args)
     try:
-        out = h2_requests(sock, [[tuple(p) for p in r] for r in requests], args.timeout)
+        out, conn = h2_requests(sock, [[tuple(p) for p in r] for r in requests], args.timeout)
         if args.then_echo and out["goaway"] is None and out["closed"] is None:
             # the same connection must still carry a good tunnel after the refusals
-            out["echo_same_connection"] = h2_echo(sock, f"{args.ip}:{args.health_port}", 4096, args.timeout)
+            out["echo_same_connection"] = h2_echo(sock, f"{args.ip}:{args.health_port}", 4096, args.timeout,
+                                                  conn=conn)
         return out
     finally:
         sock.close()

@@ -59,7 +59,7 @@ def client_context(cert: IssuedCertificate) -> SSL.Context:
 def _base_context(method: int, cert: IssuedCertificate) -> SSL.Context:
     ctx = SSL.Context(method)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    pass
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     ctx.set_options(_NO_RESUMPTION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
