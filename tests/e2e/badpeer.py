@@ -585,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=PAYLOAD_SIZE, help="echo: payload bytes")
     p.add_argument("--count", type=int, default=1000, help="flood-*: frames/streams")
     p.add_argument("--health", action="store_true", help="afterwards, a good tunnel on a fresh connection")
+    p.add_argument("--health-cert-dir", help="--health: client identity (default --cert-dir)")
     p.add_argument("--health-port", type=int, default=80, help="the echo app's port")
     args = p.parse_args(argv)
 
@@ -595,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     out["case"] = args.case
     if args.health:
         try:
+            args.cert_dir = args.health_cert_dir or args.cert_dir
             sock = tls_connect(args)
             try:
                 out["health"] = h2_echo(sock, f"{args.ip}:{args.health_port}", PAYLOAD_SIZE, args.timeout)

@@ -52,9 +52,11 @@ class RecordingSource:
     def __init__(self, ca: LocalCA, *, now=time.time, fail: int = 0, gate: asyncio.Event | None = None):
         self.ca, self.now, self.fail, self.gate = ca, now, fail, gate
         self.calls: list[tuple[Identity, float]] = []
+        self.started = 0  # issue() entered (an async issuance may still be waiting at the gate)
         self.mismatch: Identity | None = None
 
     def issue(self, identity: Identity, ttl: float):
+        self.started += 1
         if self.gate is not None:
             return self._issue_async(identity, ttl)
         return self._issue(identity, ttl)
@@ -329,6 +331,29 @@ def test_failing_source_backs_off_then_recovers(ca):
             assert 0.45 <= gaps[0] < 0.9, gaps  # 0.5 s
             assert 0.95 <= gaps[1] < 1.5, gaps  # then 1 s
             assert (await manager.get(ALICE)).identity == ALICE
+        finally:
+            await manager.close()
+
+    run(main())
+
+
+def test_get_during_a_retry_waits_for_that_attempt(ca):
+    async def main():
+        gate = asyncio.Event()
+        gate.set()
+        source = RecordingSource(ca, fail=1, gate=gate)
+        manager = CertificateManager(source, ttl=3600)
+        try:
+            with pytest.raises(IdentityError, match="Unavailable"):
+                await manager.get(ALICE)
+            gate.clear()  # the retry (after 0.5 s) will hang at the CA until we let it through
+            await wait_for(lambda: source.started == 2, timeout=2)
+            waiter = asyncio.create_task(manager.get(ALICE))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()  # an attempt is in flight: wait for it rather than fail
+            gate.set()
+            cert = await asyncio.wait_for(waiter, 1)
+            assert cert.identity == ALICE and source.started == 2
         finally:
             await manager.close()
 

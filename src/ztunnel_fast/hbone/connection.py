@@ -56,6 +56,30 @@ class ConnectionLost(Exception):
     pass
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """hyper-h2 with graceful GOAWAY.
+
+    h2 treats any GOAWAY, sent or received, as the end of the connection and refuses to send
+    anything afterwards.  RFC 9113 6.8 lets streams up to the GOAWAY's last stream id finish, and
+    HBONE drains exactly that way (ztunnel sends GOAWAY on drain and lets tunnels complete).  So
+    after a NO_ERROR GOAWAY the state machine stays open; this driver itself refuses new streams
+    (`goaway_sent` / `goaway_received`).  An error GOAWAY still closes the connection.
+    """
+
+    def _receive_goaway_frame(self, frame):
+        before = self.state_machine.state
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == 0 and before is not h2.connection.ConnectionState.CLOSED:
+            self.state_machine.state = before
+        return frames, events
+
+    def close_connection(self, error_code=0, additional_data=None, last_stream_id=None):
+        before = self.state_machine.state
+        super().close_connection(error_code, additional_data, last_stream_id)
+        if error_code == 0 and before is not h2.connection.ConnectionState.CLOSED:
+            self.state_machine.state = before
+
+
 class HboneStream:
     """One CONNECT stream: a byte pipe with flow control, half-close and reset."""
 
@@ -214,7 +238,7 @@ class HboneConnection:
         self.settings = settings
         self.peer_identity = peer_identity
         self.on_request = on_request
-        self.h2 = h2.connection.H2Connection(
+        self.h2 = _H2Connection(
             h2.config.H2Configuration(client_side=client, header_encoding="utf-8")
         )
         self.streams: dict[int, HboneStream] = {}

@@ -88,7 +88,7 @@ def init_ca(
     if not force:
         for path in (key_path, cert_path):
             if path.exists():
-                raise IdentityError(f"{path}: a local CA root already exists; refusing to overwrite it")
+                raise IdentityError(f"{path}: a local CA root already exists; refusing to overwrite it (force replaces it)")
     if not trust_domain or "/" in trust_domain:
         raise IdentityError(f"invalid trust domain {trust_domain!r}")
     if validity_days < 1:
@@ -126,7 +126,7 @@ def init_ca(
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Key first: a cert without its key is useless, a key without its cert is simply re-initialised.
+    # Key first: a crash in between leaves a key without a cert, which load() reports by name.
     _write_atomically(key_path, key_pem, 0o600)
     _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
