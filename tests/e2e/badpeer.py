@@ -14,6 +14,7 @@ Cases (TLS is stdlib `ssl`, i.e. the system OpenSSL: not the product's, so not i
                                valid mTLS, then raw frames built with hyperframe
   flood-reset | flood-ping | flood-data
                                many frames at once, then a PING to see whether the server still serves
+  reset-tunnel                 a working tunnel the peer then resets with RST_STREAM(CANCEL)
 
 Every wait is bounded by --timeout; every socket is closed before the process exits.
 """
@@ -494,9 +495,16 @@ def case_flood_reset(args) -> dict:
         try:
             sock.sendall(burst)
             alive = _ping_roundtrip(sock, reader, args.timeout)
+            # stay connected while the server works through the burst: what it does with streams
+            # the peer already cancelled (late HEADERS, RST_STREAM, GOAWAY) shows here
+            reader.read_until(lambda r: False, args.linger)
         except (OSError, ssl.SSLError) as exc:
             reader.closed, alive = "error: " + _err(exc), False
         out = reader.report()
+        kinds = {}
+        for f in reader.frames:
+            kinds[type(f).__name__] = kinds.get(type(f).__name__, 0) + 1
+        out.update(frame_kinds=kinds)
         out.update(sent_streams=args.count, ping_after=alive, frames=out["frames"][-5:])
         return out
     finally:
@@ -550,6 +558,25 @@ def case_flood_data(args) -> dict:
         sock.close()
 
 
+def case_reset_tunnel(args) -> dict:
+    """A tunnel that works (200, bytes echoed), then the peer resets it: what every client ztunnel
+    does when its downstream connection is reset.  Then a PING, to see the connection still serves."""
+    sock, reader = _raw_session(args)
+    try:
+        sock.sendall(_headers(1, _connect_headers(args)))
+        sock.sendall(DataFrame(1, b"ping-through-tunnel").serialize())
+        echoed = reader.read_until(lambda r: b"".join(
+            f.data for f in r.frames if isinstance(f, DataFrame) and f.stream_id == 1) == b"ping-through-tunnel",
+            args.timeout)
+        sock.sendall(RstStreamFrame(1, error_code=ErrorCodes.CANCEL).serialize())
+        alive = _ping_roundtrip(sock, reader, args.timeout)
+        out = reader.report()
+        out.update(echoed=echoed, ping_after=alive)
+        return out
+    finally:
+        sock.close()
+
+
 CASES = {
     "plaintext": case_plaintext,
     "garbage": case_garbage,
@@ -565,6 +592,7 @@ CASES = {
     "flood-reset": case_flood_reset,
     "flood-ping": case_flood_ping,
     "flood-data": case_flood_data,
+    "reset-tunnel": case_reset_tunnel,
 }
 
 
@@ -584,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authority", help="echo: CONNECT authority (default ip:--health-port)")
     p.add_argument("--size", type=int, default=PAYLOAD_SIZE, help="echo: payload bytes")
     p.add_argument("--count", type=int, default=1000, help="flood-*: frames/streams")
+    p.add_argument("--linger", type=float, default=2.0, help="flood-reset: seconds to stay connected after")
     p.add_argument("--health", action="store_true", help="afterwards, a good tunnel on a fresh connection")
     p.add_argument("--health-cert-dir", help="--health: client identity (default --cert-dir)")
     p.add_argument("--health-port", type=int, default=80, help="the echo app's port")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import yaml
@@ -27,6 +28,17 @@ def two_pods(lab, *, server_mode="echo", client_log_level=None):
     za = lab.start_ztunnel(a, **env)
     zb = lab.start_ztunnel(b, redirect=False)
     return a, b, za, zb
+
+
+def wait_for_line(path, needle, timeout=10.0):
+    """The last line of `path` containing `needle`, polling until it shows up (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in path.read_text().splitlines() if needle in line]
+        if lines:
+            return lines[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no line with {needle!r} in {path} after {timeout}s:\n{path.read_text()}")
 
 
 def assert_echo(out, size):
@@ -79,7 +91,7 @@ def test_half_close_server_first(lab):
     assert out["error"] is None, out
     assert out["received"] == 3 * MiB and out["received_sha256"] == out["expected_sha256"]
     # the server saw all of the client's bytes after its own FIN, then the client's FIN
-    report = (lab.workdir / "app-httpbin.log").read_text().strip().splitlines()[-1]
+    report = wait_for_line(lab.workdir / "app-httpbin.log", '"received"')
     assert json.loads(report) == {"received": 2 * MiB, "sha256": out["sent_sha256"]}
     assert server.poll() is None
 
