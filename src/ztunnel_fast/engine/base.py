@@ -28,7 +28,21 @@ class Completion:
 
 
 class Engine(Protocol):
+    """What the control layer needs from an engine.
+
+    `connection()` wraps a handshaken TLS connection as an HBONE connection (client or server).
+    The object it returns offers, for the control layer: `start()`, `start_stream(headers)` and
+    `response(stream)` (client), `on_request(stream)` callbacks with `stream.request_headers`,
+    `stream.respond(status, headers, end)` (server), `stream.reset(code)`, `can_open(limit)`,
+    `goaway()`, `close()`, the `closed` future, `lost`, `streams`, `idle_since`,
+    `goaway_sent`/`goaway_received`.  hbone/connection.py is the reference implementation.
+    """
+
     name: str
+
+    def connection(self, sock: socket.socket, tls, *, client: bool, settings, on_request=None,
+                   name: str = "hbone", peer_identity=None):
+        ...
 
     async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:
         ...

@@ -19,7 +19,7 @@ import threading
 import time
 
 from .. import _splice  # noqa: F401 - ImportError here means "no native engine"
-from ..hbone.connection import HboneStream
+from ..hbone.connection import HboneConnection, HboneStream
 from .base import Completion
 from .pure import PureEngine
 
@@ -65,6 +65,10 @@ class NativeEngine:
         if err:
             error = f"io error: {os.strerror(err)} (os error {err})"
         return Completion(sent, received, time.monotonic() - start, error=error, reset=bool(err))
+
+    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None):
+        return HboneConnection(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
+                               peer_identity=peer_identity)
 
     async def tunnel(self, plain: socket.socket, stream: HboneStream, tunnel_id: str) -> Completion:
         return await self._pure.tunnel(plain, stream, tunnel_id)

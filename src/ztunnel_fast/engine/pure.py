@@ -16,7 +16,7 @@ import time
 from h2.errors import ErrorCodes
 
 from ..errors import StreamReset
-from ..hbone.connection import ConnectionLost, HboneStream
+from ..hbone.connection import ConnectionLost, HboneConnection, HboneStream
 from .base import Completion
 
 BUFFER_SIZE = 256 * 1024  # bytes per read: large enough for bulk, small enough per tunnel
@@ -70,6 +70,10 @@ class PureEngine:
             d.error, d.reset = _describe(exc), True
         except OSError as exc:
             d.error, d.reset = _describe(exc), True
+
+    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None):
+        return HboneConnection(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
+                               peer_identity=peer_identity)
 
     async def tunnel(self, plain: socket.socket, stream: HboneStream, tunnel_id: str) -> Completion:
         start = time.monotonic()

@@ -73,7 +73,7 @@ class Inbound:
         async def on_request(stream: HboneStream) -> None:
             await self._stream(stream, peer_ip, peer_id, arrived_on)
 
-        conn = HboneConnection(
+        conn = ctx.engine.connection(
             sock, tls, client=False, settings=ctx.h2, on_request=on_request,
             name=f"hbone-from-{peer_ip}", peer_identity=peer_id,
         )

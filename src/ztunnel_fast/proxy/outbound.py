@@ -52,7 +52,7 @@ class Outbound:
         except BaseException:
             sock.close()
             raise
-        conn = HboneConnection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer)
+        conn = ctx.engine.connection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer)
         conn.start()
         log.debug("new HBONE connection to %s (server identity %s)", addr, peer)
         return conn
