@@ -59,6 +59,8 @@ setup(
         "orjson>=3.9,<4",
         "PyYAML>=6.0,<7",
         "click>=8.1,<9",
+        "prometheus_client>=0.20,<1",
+        "aiohttp>=3.9,<4",
     ],
     extras_require={
         "test": [

@@ -143,6 +143,8 @@ def test_envoy_originator_wrong_server_san_fails(lab: Lab) -> None:
     assert not (res["error"] and "timed out" in res["error"]), res
     assert stat_total(lab.topology, a.pod, orig, "cluster.hbone_peer.ssl.fail_verify_san") >= 1, \
         _envoy_log(lab, "originator")
+    # ztunnel-fast sees the handshake aborted by Envoy's alert, and never a CONNECT
+    assert _wait_line(zb, "inbound{", "tls handshake failed"), zb.log()
     assert not zb.lines("got CONNECT request"), zb.log()
     assert app.poll() is None  # the app never saw a connection (stopped by teardown)
 
@@ -177,14 +179,26 @@ def test_ztunnel_outbound_into_envoy_terminator(lab: Lab, size: str) -> None:
     assert stat_total(lab.topology, b.pod, term, "downstream_cx_upgrades_total") >= 1
 
 
+CLIENT_SAN_ATTEMPTS = 3  # the failure mode below is a race; each attempt is a fresh HBONE connection
+
+
 def test_envoy_terminator_rejects_client_san(lab: Lab) -> None:
+    """Envoy refuses ztunnel-fast's client certificate (TLS 1.3: after the client's handshake has
+    already completed).  Every app connection must fail promptly, none may hang, and each one
+    must leave a `failed` line in the ztunnel log."""
     a, b, app, za, term = _ztunnel_to_envoy(lab, allowed_client=OTHER_ID)
-    res = _send_recv(lab, a, b.ip, APP_PORT, MIB, timeout=20)
-    assert res["received"] == 0, res
-    assert not (res["error"] and "timed out" in res["error"]), res
-    assert stat_total(lab.topology, b.pod, term, "ssl.fail_verify_san") >= 1, _envoy_log(lab, "terminator")
-    failed = _wait_line(za, "outbound{", "failed dur=")
-    assert failed, za.log()
+    for attempt in range(CLIENT_SAN_ATTEMPTS):
+        res = _send_recv(lab, a, b.ip, APP_PORT, MIB, timeout=10)
+        assert res["received"] == 0, (attempt, res)
+        # a timeout means ztunnel-fast kept the app connection open although its HBONE
+        # connection was already gone (see the report: CONNECT on a lost connection hangs)
+        assert not (res["error"] and "timed out" in res["error"]), (attempt, res, za.log())
+    assert stat_total(lab.topology, b.pod, term, "ssl.fail_verify_san") >= CLIENT_SAN_ATTEMPTS, \
+        _envoy_log(lab, "terminator")
+    deadline = time.monotonic() + LOG_WAIT
+    while len(za.lines("failed dur=")) < CLIENT_SAN_ATTEMPTS and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_wait_line(za, "outbound{", "failed dur=")) == CLIENT_SAN_ATTEMPTS, za.log()
     assert not za.lines("complete dur="), za.log()
     assert app.poll() is None
 

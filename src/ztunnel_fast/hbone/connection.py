@@ -348,7 +348,14 @@ class HboneConnection:
 
     # -- client side ------------------------------------------------------------------------
     def start_stream(self, headers: list[tuple[str, str]]) -> HboneStream:
-        """Send a CONNECT's HEADERS now (synchronously, so the pool can count the stream)."""
+        """Send a CONNECT's HEADERS now (synchronously, so the pool can count the stream).
+
+        Raises the connection's error when it is already gone: with TLS 1.3 a server that
+        rejects our certificate does so after our handshake completed, so a fresh connection
+        can die before its first stream.
+        """
+        if self.lost is not None:
+            raise self.lost
         stream_id = self.h2.get_next_available_stream_id()
         self.h2.send_headers(stream_id, headers, end_stream=False)
         stream = HboneStream(self, stream_id, headers)
@@ -482,7 +489,7 @@ class HboneConnection:
                     break
                 del self._out[:n]
         except (SSL.Error, OSError) as exc:
-            self.close(ConnectionLost(f"write failed: {_ssl_reason(exc)}"))
+            self.close(ConnectionLost(f"write failed: {self._peer_alert() or _ssl_reason(exc)}"))
             return
         if self._out:
             if not self._writer_active:
@@ -497,6 +504,21 @@ class HboneConnection:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _peer_alert(self) -> str | None:
+        """After a failed write, the TLS alert the peer may have sent (e.g. it rejected our
+        certificate), which explains the failure better than EPIPE."""
+        try:
+            self.tls.recv(1)
+        except SSL.Error as exc:
+            text = str(exc)
+            if "alert" in text:
+                from ..tls.handshake import describe_ssl_error
+
+                return f"peer rejected the connection: {describe_ssl_error(exc)}"
+        except OSError:
+            return None
+        return None
 
     def _on_writable(self) -> None:
         self._write_some()

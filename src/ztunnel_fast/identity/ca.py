@@ -88,7 +88,9 @@ def init_ca(
     if not force:
         for path in (key_path, cert_path):
             if path.exists():
-                raise IdentityError(f"{path}: a local CA root already exists; refusing to overwrite it (force replaces it)")
+                raise IdentityError(
+                    f"{path}: a local CA root already exists; refusing to overwrite it (force replaces it)"
+                )
     if not trust_domain or "/" in trust_domain:
         raise IdentityError(f"invalid trust domain {trust_domain!r}")
     if validity_days < 1:
