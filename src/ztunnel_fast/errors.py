@@ -32,6 +32,8 @@ class IdentityError(ZtunnelError):
 class TlsError(ZtunnelError):
     """TLS handshake or peer verification failed."""
 
+    flag = "TLS_FAILURE"
+
 
 class ProxyError(ZtunnelError):
     """A tunnel could not be set up; `flag` is the Istio response flag for telemetry."""

@@ -27,8 +27,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from OpenSSL import SSL
 
 from ..errors import HttpStatus, StreamReset
@@ -39,6 +41,8 @@ READ_SIZE = 256 * 1024  # bytes per SSL_read attempt: a few TLS records, one sys
 HIGH_WATER = 1024 * 1024  # outgoing bytes buffered before writers wait for the socket
 PING_INTERVAL = 10.0  # seconds between keepalive PINGs (ztunnel)
 PING_TIMEOUT = 20.0  # seconds without a PING ack before the connection is dropped (ztunnel)
+RESET_FLOOD_LIMIT = 100  # peer resets of unanswered streams tolerated per RESET_FLOOD_WINDOW
+RESET_FLOOD_WINDOW = 10.0  # seconds; beyond the limit: GOAWAY ENHANCE_YOUR_CALM ("rapid reset")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,17 @@ class H2Settings:
 
 class ConnectionLost(Exception):
     pass
+
+
+class _EagerFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer checks a frame's length only once its whole body has arrived, so a peer
+    announcing a 16 MiB frame makes us buffer 16 MiB before refusing it.  Check the length as
+    soon as the 9-byte header is in (FRAME_SIZE_ERROR), as the Rust h2 crate does."""
+
+    def __next__(self):
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -95,6 +110,7 @@ class HboneStream:
         self.eof = False  # peer sent END_STREAM
         self.ended = False  # we sent END_STREAM
         self.reset_code: int | None = None  # set when the stream was reset (either side)
+        self.responded = False  # server side: HEADERS answered
         self.closed = False
 
     # -- receiving --------------------------------------------------------------------------
@@ -171,6 +187,9 @@ class HboneStream:
 
     # -- server side ------------------------------------------------------------------------
     def respond(self, status: int, headers: list[tuple[str, str]] | None = None, end: bool = False) -> None:
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+        self.responded = True
         self.conn.h2.send_headers(self.id, [(":status", str(status))] + (headers or []), end_stream=end)
         if end:
             self.ended = True
@@ -194,7 +213,7 @@ class HboneStream:
     def _on_reset(self, code: int) -> None:
         if self.reset_code is None:
             self.reset_code = code
-        if not self.response.done():
+        if self.conn.client and not self.response.done():
             self.response.set_exception(StreamReset(code))
         self._wake()
         self._done()
@@ -238,9 +257,10 @@ class HboneConnection:
         self.settings = settings
         self.peer_identity = peer_identity
         self.on_request = on_request
-        self.h2 = _H2Connection(
-            h2.config.H2Configuration(client_side=client, header_encoding="utf-8")
-        )
+        # Header values stay bytes inside h2 (header_encoding=None): a peer's non-UTF-8 bytes
+        # are refused per stream (400) by us instead of raising out of the frame parser.
+        self.h2 = _H2Connection(h2.config.H2Configuration(client_side=client, header_encoding=None))
+        self.h2.incoming_buffer = _EagerFrameBuffer(server=not client)
         self.streams: dict[int, HboneStream] = {}
         self.lost: Exception | None = None
         self.goaway_sent = False
@@ -253,6 +273,7 @@ class HboneConnection:
         self._writer_active = False
         self._drain_waiters: list[asyncio.Future] = []
         self._ping_outstanding: float | None = None
+        self._rapid_resets: collections.deque = collections.deque()
         self._tasks: set[asyncio.Task] = set()
         self._fd = sock.fileno()
 
@@ -395,6 +416,11 @@ class HboneConnection:
             code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
             log.warning("%s: closing connection, peer violated HTTP/2: %s (GOAWAY %s)", self.name, exc, _code_name(code))
             self.goaway_sent = True
+            pending = self.h2.data_to_send()
+            if not pending:
+                # h2 raises some errors (a bad client preface) before queueing its GOAWAY
+                pending = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=code).serialize()
+            self._out += pending
             self.flush()
             self.loop.call_later(0.1, self.close, exc)  # let the GOAWAY reach the peer
             self.loop.remove_reader(self._fd)
@@ -406,6 +432,18 @@ class HboneConnection:
         except (SSL.Error, OSError) as exc:
             self._dispatch(events)
             self.close(ConnectionLost(f"connection error: {_ssl_reason(exc)}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever a peer makes h2 raise ends only this connection
+            log.warning("%s: closing connection after an unexpected HTTP/2 error: %r (GOAWAY INTERNAL_ERROR)",
+                        self.name, exc)
+            try:
+                self.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR)
+            except Exception:  # noqa: BLE001 - the state machine may be past sending anything
+                pass
+            self.goaway_sent = True
+            self.flush()
+            self.loop.remove_reader(self._fd)
+            self.loop.call_later(0.1, self.close, exc)
             return
         self._dispatch(events)
         if self.tls.pending():
@@ -431,12 +469,14 @@ class HboneConnection:
                 self._on_request(event)
             elif kind is h2.events.ResponseReceived:
                 if stream is not None and not stream.response.done():
-                    stream.response.set_result(event.headers)
+                    stream.response.set_result(_decode_headers(event.headers) or [(":status", "0")])
             elif kind is h2.events.StreamEnded:
                 if stream is not None:
                     stream._on_end()
             elif kind is h2.events.StreamReset:
                 if stream is not None:
+                    if not self.client and not stream.responded:
+                        self._count_rapid_reset()
                     stream._on_reset(event.error_code)
             elif kind is h2.events.RemoteSettingsChanged:
                 for s in self.streams.values():
@@ -450,13 +490,37 @@ class HboneConnection:
                     pass
 
     def _on_request(self, event) -> None:
-        stream = HboneStream(self, event.stream_id, event.headers)
+        headers = _decode_headers(event.headers)
+        stream = HboneStream(self, event.stream_id, headers or [])
         self.streams[event.stream_id] = stream
         self.streams_opened += 1
         if self.on_request is None or self.goaway_sent:
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return
+        if headers is None:
+            log.warning("%s: refused CONNECT with 400 Bad Request on stream %d: header block is not valid UTF-8",
+                        self.name, event.stream_id)
+            stream.respond(400, end=True)
+            return
         self._spawn(self.on_request(stream), f"{self.name}-stream-{event.stream_id}")
+
+    def _count_rapid_reset(self) -> None:
+        now = time.monotonic()
+        resets = self._rapid_resets
+        resets.append(now)
+        while resets and now - resets[0] > RESET_FLOOD_WINDOW:
+            resets.popleft()
+        if len(resets) > RESET_FLOOD_LIMIT and not self.goaway_sent:
+            log.warning("%s: closing connection, peer reset %d streams before they were answered "
+                        "(GOAWAY ENHANCE_YOUR_CALM)", self.name, len(resets))
+            self.goaway_sent = True
+            try:
+                self.h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.flush()
+            self.loop.remove_reader(self._fd)
+            self.loop.call_later(0.1, self.close, ConnectionLost("peer reset streams too quickly"))
 
     def _on_goaway(self, event) -> None:
         self.goaway_received = True
@@ -556,6 +620,15 @@ class HboneConnection:
             self._ping_outstanding = time.monotonic()
             self.h2.ping(b"ztunnelf")
             self.flush()
+
+
+def _decode_headers(raw) -> list[tuple[str, str]] | None:
+    """h2 hands us bytes; None when any name or value is not UTF-8."""
+    try:
+        return [(k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
+                for k, v in raw]
+    except UnicodeDecodeError:
+        return None
 
 
 def _reason(status: int) -> str:

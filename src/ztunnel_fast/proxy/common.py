@@ -40,4 +40,14 @@ async def accept_loop(
             raise
         sock.setblocking(False)
         task = loop.create_task(handler(sock), name=f"{name}-{sock.fileno()}")
+        task.add_done_callback(_report_crash)
         track(task)
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    """A handler must never die silently: an unexpected exception is a bug, logged with its trace."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("connection handler %s crashed: %r", task.get_name(), exc, exc_info=exc)

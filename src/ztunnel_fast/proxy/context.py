@@ -15,8 +15,12 @@ from ..engine import Engine
 from ..hbone.connection import H2Settings
 from ..hbone.pool import HbonePool
 from ..identity.manager import CertificateManager
+from ..state.rbac import ConnectionInfo, Decision, PolicyIndex, authorize
+from ..state.service import Service
 from ..state.store import ProxyState, RoundRobin
 from ..state.workload import IpAddress, Workload
+from ..telemetry.metrics import Metrics
+from .connections import ConnectionManager
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,39 @@ class ProxyContext:
     pool: HbonePool | None = None
     lb: RoundRobin = field(default_factory=RoundRobin)
     tunnels: set[asyncio.Task] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
+    connections: ConnectionManager = field(default_factory=ConnectionManager)
+    policies: PolicyIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.policies is None:
+            self.policies = PolicyIndex.build(self.state.policies())
+
+    def replace_state(self, state: ProxyState) -> int:
+        """Swap in a new snapshot (config reload); live inbound connections are authorized
+        again and those now denied are closed.  Returns how many were closed."""
+        self.state = state
+        self.policies = PolicyIndex.build(state.policies())
+        return self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
+
+    def authorize(self, workload: Workload, info: ConnectionInfo, span=None) -> Decision:
+        """L4 authorization for an inbound connection; dry-run policies are only logged."""
+        decision = authorize(self.policies, workload, info)
+        level = logging.INFO if self.config.authz_policy_info_logging else logging.DEBUG
+        for name in decision.dry_run:
+            log.log(level, "dry-run policy %s would change the decision (%s)", name,
+                    "allowed" if decision.allowed else decision.reason, extra={"span": span})
+        if not decision.allowed:
+            log.log(level, "RBAC rejected: %s", decision.reason, extra={"span": span})
+        return decision
+
+    def service_by_hostname(self, hostname: str | None) -> Service | None:
+        if not hostname:
+            return None
+        for service in self.state.services():
+            if service.hostname == hostname:
+                return service
+        return None
 
     @property
     def dedicated(self) -> bool:

@@ -21,7 +21,10 @@ from ..engine import abort, close_after
 from ..errors import TlsError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import HboneConnection, HboneStream
+from ..state.rbac import ConnectionInfo
+from ..telemetry.access import ConnectionRecord, log_early_deny
 from ..telemetry.logs import Span
+from ..telemetry.metrics import Peer
 from ..tls.handshake import handshake
 from ..tls.verify import peer_identities
 from . import sockets
@@ -71,7 +74,7 @@ class Inbound:
         arrived_on = None if local_ip.is_unspecified else local_ip
 
         async def on_request(stream: HboneStream) -> None:
-            await self._stream(stream, peer_ip, peer_id, arrived_on)
+            await self._stream(stream, peer_ip, peer_port, peer_id, arrived_on)
 
         conn = ctx.engine.connection(
             sock, tls, client=False, settings=ctx.h2, on_request=on_request,
@@ -85,20 +88,49 @@ class Inbound:
             self.connections.discard(conn)
             conn.close()
 
-    async def _stream(self, stream: HboneStream, peer_ip, peer_id, arrived_on) -> None:
+    async def _stream(self, stream: HboneStream, peer_ip, peer_port, peer_id, arrived_on) -> None:
         ctx = self.ctx
         start = time.monotonic()
         checked = hbone_headers.check_connect(stream.request_headers, arrived_on=arrived_on, self_ports=SELF_PORTS)
         trace = getattr(checked, "trace_id", None) or hbone_headers.new_trace_id()
         span = Span("inbound", {"id": trace, "peer_ip": peer_ip, "peer_id": peer_id})
+        client = hbone_headers.format_addr(peer_ip, peer_port)
         if isinstance(checked, hbone_headers.Refusal):
             self._refuse(stream, checked.status, checked.reason, span)
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=f"{arrived_on or '*'}:15008",
+                           direction="inbound", error=checked.reason)
             return
         target = hbone_headers.format_addr(checked.ip, checked.port)
-        if ctx.local_workload(checked.ip) is None:
-            self._refuse(stream, 503, f"unknown destination {checked.ip}: no local workload", span)
+        workload = ctx.local_workload(checked.ip)
+        if workload is None:
+            reason = f"unknown destination {checked.ip}: no local workload"
+            self._refuse(stream, 503, reason, span)
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=target, direction="inbound", error=reason)
             return
         log.info("got CONNECT request to %s", target, extra={"span": span})
+        headers = dict(stream.request_headers)
+        service_host = _forwarded_host(headers.get(hbone_headers.HEADER_FORWARDED, ""))
+        record = ConnectionRecord(
+            ctx.metrics,
+            direction="inbound",
+            src_addr=client,
+            dst_addr=target,
+            hbone_addr=target,
+            source=Peer(ctx.state.workload_by_ip(peer_ip, ctx.config.network), peer_id),
+            destination=Peer(workload, workload.identity),
+            service=ctx.service_by_hostname(service_host),
+            mtls=True,
+        )
+        info = ConnectionInfo(src_ip=peer_ip, dst_ip=checked.ip, dst_port=checked.port, src_identity=peer_id)
+        decision = ctx.authorize(workload, info, span)
+        if not decision.allowed:
+            error = f"connection closed due to policy rejection: {decision.reason}"
+            self._refuse(stream, 401, decision.reason, span)
+            record.complete(0, 0, error, "DENY")
+            return
+        if stream.reset_code is not None:  # the peer gave up already: do not dial the app
+            record.complete(0, 0, "stream reset by peer before it was answered")
+            return
         spoof = peer_ip if ctx.config.enable_orig_src else None
         try:
             upstream = await sockets.connect(
@@ -107,20 +139,30 @@ class Inbound:
         except (OSError, asyncio.TimeoutError) as exc:
             reason = f"io error: {exc.strerror} (os error {exc.errno})" if isinstance(exc, OSError) else "connect timed out"
             self._refuse(stream, 503, f"failed to connect to {target}: {reason}", span)
+            record.complete(0, 0, reason, "CONNECT")
             return
+        tracked = ctx.connections.track(workload, info, span)
         try:
             stream.respond(200)
             completion = await ctx.engine.tunnel(upstream, stream, trace)
         except asyncio.CancelledError:
             stream.reset()
             abort(upstream)
-            raise
+            record.complete(0, 0, tracked.closed_reason or "connection closed due to drain")
+            if tracked.closed_reason is None:
+                raise
+            return
         except Exception as exc:  # noqa: BLE001
             stream.reset()
             abort(upstream)
             log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), exc, extra={"span": span})
+            record.complete(0, 0, str(exc))
             return
+        finally:
+            ctx.connections.untrack(tracked)
         close_after(completion, upstream)
+        # the plain socket is the app (the server): what it sent is the response direction
+        record.complete(completion.received, completion.sent, completion.error)
         if completion.error:
             log.warning("failed dur=%s err=%s", format_duration(completion.duration), completion.error, extra={"span": span})
         else:
@@ -135,5 +177,15 @@ class Inbound:
             stream.reset()
 
     def goaway_all(self) -> None:
+        """Drain: no new streams on any inbound connection; open tunnels finish."""
         for conn in list(self.connections):
             conn.goaway()
+
+
+def _forwarded_host(value: str) -> str | None:
+    """The `host=` of a `forwarded` header: the destination service, used for telemetry only."""
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "host" and val:
+            return val.strip('"')
+    return None

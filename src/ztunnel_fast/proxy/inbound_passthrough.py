@@ -2,8 +2,9 @@
 
 The original destination comes from SO_ORIGINAL_DST (REDIRECT) or the local address (TPROXY);
 it must be a local workload and never one of ztunnel's own ports.  The connection has no peer
-identity (so a STRICT PeerAuthentication, later, denies it); the app is dialled with the packet
-mark and the bytes go through the engine's plain splice.
+identity, so authorization sees none (a STRICT PeerAuthentication, a DENY `notPrincipals:
+presence` policy, closes it); otherwise the app is dialled with the packet mark and the bytes
+go through the engine's plain splice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import time
 from ..config import SELF_PORTS
 from ..engine import abort, close_after
 from ..hbone import headers as hbone_headers
+from ..state.rbac import ConnectionInfo
+from ..telemetry.access import ConnectionRecord, log_early_deny
 from ..telemetry.logs import Span
+from ..telemetry.metrics import Peer
 from . import sockets
 from .common import format_duration
 from .context import ProxyContext
@@ -34,7 +38,7 @@ class InboundPassthrough:
         start = time.monotonic()
         try:
             sockets.tune(sock)
-            peer_ip, _ = sockets.peer(sock)
+            peer_ip, peer_port = sockets.peer(sock)
             dst_ip, dst_port = sockets.destination(sock)
         except OSError:
             sock.close()
@@ -45,9 +49,25 @@ class InboundPassthrough:
             log.warning("failed dur=%s err=self call to %s", format_duration(time.monotonic() - start), target, extra={"span": span})
             abort(sock)
             return
-        if ctx.local_workload(dst_ip) is None:
-            log.warning("failed dur=%s err=unknown destination %s: no local workload",
-                        format_duration(time.monotonic() - start), target, extra={"span": span})
+        workload = ctx.local_workload(dst_ip)
+        client = hbone_headers.format_addr(peer_ip, peer_port)
+        if workload is None:
+            error = f"unknown destination {target}: no local workload"
+            log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), error, extra={"span": span})
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=target, direction="inbound", error=error)
+            abort(sock)
+            return
+        record = ConnectionRecord(
+            ctx.metrics, direction="inbound", src_addr=client, dst_addr=target,
+            source=Peer(ctx.state.workload_by_ip(peer_ip, ctx.config.network), None),
+            destination=Peer(workload, None), mtls=False,
+        )
+        info = ConnectionInfo(src_ip=peer_ip, dst_ip=dst_ip, dst_port=dst_port, src_identity=None)
+        decision = ctx.authorize(workload, info, span)
+        if not decision.allowed:
+            error = f"connection closed due to policy rejection: {decision.reason}"
+            log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), error, extra={"span": span})
+            record.complete(0, 0, error, "DENY")
             abort(sock)
             return
         log.info("proxying plaintext to %s", target, extra={"span": span})
@@ -58,15 +78,24 @@ class InboundPassthrough:
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("failed dur=%s err=connect to %s: %s", format_duration(time.monotonic() - start), target, exc,
                         extra={"span": span})
+            record.complete(0, 0, f"connect to {target}: {exc}", "CONNECT")
             abort(sock)
             return
+        tracked = ctx.connections.track(workload, info, span)
         try:
             completion = await ctx.engine.splice(sock, upstream, conn_id)
-        except BaseException:
+        except asyncio.CancelledError:
             abort(sock)
             abort(upstream)
-            raise
+            record.complete(0, 0, tracked.closed_reason or "connection closed due to drain")
+            if tracked.closed_reason is None:
+                raise
+            return
+        finally:
+            ctx.connections.untrack(tracked)
         close_after(completion, sock, upstream)
+        # the plain socket is the client here: what it sent is the request direction
+        record.complete(completion.sent, completion.received, completion.error)
         if completion.error:
             log.warning("failed dur=%s err=%s", format_duration(completion.duration), completion.error, extra={"span": span})
         else:

@@ -18,7 +18,9 @@ from ..errors import ConnectTimeout, HttpStatus, ProxyError, StreamReset, TlsErr
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import ConnectionLost, HboneConnection
 from ..hbone.pool import PoolKey
+from ..telemetry.access import ConnectionRecord, log_early_deny
 from ..telemetry.logs import Span
+from ..telemetry.metrics import Peer
 from ..tls.handshake import handshake
 from ..tls.verify import check_server_identity
 from ..engine import abort, close_after
@@ -70,9 +72,13 @@ class Outbound:
             log.debug("dropping connection that vanished before it was handled: %s", exc, extra={"span": span})
             sock.close()
             return
+        client = hbone_headers.format_addr(client_ip, client_port)
         source = ctx.source_workload(client_ip)
         if source is None and not ctx.dedicated:
-            self._failed(span, start, f"unknown source workload {client_ip}")
+            error = f"unknown source workload {client_ip}"
+            self._failed(span, start, error)
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=hbone_headers.format_addr(dst_ip, dst_port),
+                           direction="outbound", error=error)
             abort(sock)
             return
         route = decide(
@@ -84,20 +90,40 @@ class Outbound:
             network=ctx.config.network,
             fast_path_node=ctx.fast_path_node,
         )
+        if route.kind is Kind.REFUSE:
+            self._failed(span, start, route.reason)
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=hbone_headers.format_addr(dst_ip, dst_port),
+                           direction="outbound", error=route.reason)
+            abort(sock)
+            return
+        hbone = route.kind is Kind.HBONE
+        record = ConnectionRecord(
+            ctx.metrics,
+            direction="outbound",
+            src_addr=client,
+            dst_addr=hbone_headers.format_addr(*route.next_hop),
+            hbone_addr=route.authority,
+            source=Peer(source, source.identity if source is not None and hbone else None),
+            destination=Peer(route.workload, route.identities[0] if hbone else None),
+            service=route.service,
+            mtls=hbone,
+        )
         try:
-            if route.kind is Kind.REFUSE:
-                raise ProxyError(route.reason)
-            if route.kind is Kind.HBONE:
+            if hbone:
                 completion = await self._hbone(sock, route, source, client_ip, client_port, conn_id, span)
             else:
                 completion = await self._plain(sock, route, source, client_ip, conn_id, span)
         except asyncio.CancelledError:
             abort(sock)
+            record.complete(0, 0, "connection closed due to drain")
             raise
         except (ProxyError, TlsError, StreamReset, ConnectionLost, OSError) as exc:
             self._failed(span, start, str(exc))
+            record.complete(0, 0, str(exc), getattr(exc, "flag", "CONNECT"))
             abort(sock)
             return
+        # the plain socket is the client: what it sent is the request direction
+        record.complete(completion.sent, completion.received, completion.error)
         if completion.error:
             self._failed(span, start, completion.error)
         else:

@@ -1,7 +1,7 @@
 """L4 authorization policies as ztunnel receives them (istio.security.Authorization).
 
-Role: the data model only.  Evaluation (reference section 6) will be a pure function over an
-Authorization and a connection's attributes; everything it needs is here, already parsed.
+Role: the data model only.  Evaluation (reference section 6) lives in `state/rbac.py`: pure
+functions over these objects and a connection's attributes, compiled once per policy snapshot.
 
 Invariants:
 - Everything is immutable and hashable: tuples, enums, ipaddress networks (never strings).
