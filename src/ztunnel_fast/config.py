@@ -180,7 +180,7 @@ class Config:
     connect_timeout: float = 10.0  # CONNECT_TIMEOUT, seconds for an upstream TCP connect
     log_level: str = "info"  # RUST_LOG
     log_format: str = "text"  # LOG_FORMAT: text|json
-    termination_grace_period: float = 30.0  # TERMINATION_GRACE_PERIOD_SECONDS, seconds
+    termination_grace_period: float | None = None  # TERMINATION_GRACE_PERIOD_SECONDS, seconds
     # CONNECTION_TERMINATION_DEADLINE, seconds: drain deadline; None = derived from the grace period
     connection_termination_deadline: float | None = None
     authz_policy_info_logging: bool = False  # AUTHZ_POLICY_INFO_LOGGING: policy decisions at info
@@ -260,7 +260,7 @@ class Config:
             connect_timeout=parsed("CONNECT_TIMEOUT", duration(True), 10.0),
             log_level=parsed("RUST_LOG", parse_log_level, "info"),
             log_format=parsed("LOG_FORMAT", lambda s, v: _choice(s, v, _LOG_FORMATS), "text"),
-            termination_grace_period=parsed("TERMINATION_GRACE_PERIOD_SECONDS", duration(False), 30.0),
+            termination_grace_period=parsed("TERMINATION_GRACE_PERIOD_SECONDS", duration(False), None),
             connection_termination_deadline=parsed("CONNECTION_TERMINATION_DEADLINE", duration(False), None),
             authz_policy_info_logging=parsed("AUTHZ_POLICY_INFO_LOGGING", parse_bool, False),
         )

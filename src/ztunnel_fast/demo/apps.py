@@ -13,6 +13,7 @@ Clients print one JSON object on stdout:
   whoami HOST PORT --count C   collect the servers' names in order
   halfclose HOST PORT --size N   read the server's bytes to EOF (it half-closed first), then send N
           bytes and FIN
+  hold  HOST PORT --seconds S   one echo round trip, then hold the connection and report how it ended
 
 Every loop is bounded by --size/--count and a timeout; nothing here talks to anything but the
 address it is given.
@@ -47,6 +48,7 @@ async def serve(port: int, mode: str, name: str, size: int = 1024) -> None:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         peer = writer.get_extra_info("peername")
+        print(f"accepted {peer[0]}:{peer[1]}", flush=True)  # tests read who reached the app
         try:
             if mode == "echo":
                 while True:
@@ -118,7 +120,8 @@ async def serve_http(port: int, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- clients
-async def echo_once(host: str, port: int, size: int, seed: int, half_close_first: bool, source: str | None = None) -> dict:
+async def echo_once(host: str, port: int, size: int, seed: int, half_close_first: bool, source: str | None = None,
+                    chunk_delay: float = 0.0) -> dict:
     payload = _payload(size, seed)
     local = (source, 0) if source else None
     reader, writer = await asyncio.open_connection(host, port, limit=CHUNK, local_addr=local)
@@ -131,6 +134,8 @@ async def echo_once(host: str, port: int, size: int, seed: int, half_close_first
         for off in range(0, len(view), CHUNK):
             writer.write(view[off:off + CHUNK])
             await writer.drain()
+            if chunk_delay:
+                await asyncio.sleep(chunk_delay)  # paced: keeps the tunnel in flight for a while
         writer.write_eof()
 
     async def receive():
@@ -157,14 +162,14 @@ async def echo_once(host: str, port: int, size: int, seed: int, half_close_first
             "ok": error is None and received == size and recv.hexdigest() == sent_hash, "error": error}
 
 
-async def echo_many(host, port, size, count, concurrency, half_close_first, source=None) -> dict:
+async def echo_many(host, port, size, count, concurrency, half_close_first, source=None, chunk_delay=0.0) -> dict:
     sem = asyncio.Semaphore(concurrency)
     results = []
 
     async def one(i):
         async with sem:
             try:
-                results.append(await asyncio.wait_for(echo_once(host, port, size, i, half_close_first, source), 120))
+                results.append(await asyncio.wait_for(echo_once(host, port, size, i, half_close_first, source, chunk_delay), 120))
             except (asyncio.TimeoutError, OSError) as exc:
                 results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -195,6 +200,27 @@ async def read_all(host: str, port: int, send: bytes) -> dict:
         error = f"{type(exc).__name__}: {exc}"
     writer.close()
     return {"received": total, "reset": reset, "error": error}
+
+
+async def hold(host: str, port: int, seconds: float) -> dict:
+    """Open a connection, check one echo round trip, then hold it until the far side ends it (or
+    `seconds` pass): reports how it ended."""
+    start = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"ping")
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readexactly(4), 30)
+    print(json.dumps({"event": "established", "echo": first.decode()}), flush=True)
+    ended = "timeout"
+    try:
+        data = await asyncio.wait_for(reader.read(CHUNK), seconds)
+        ended = "eof" if not data else "data"
+    except ConnectionResetError:
+        ended = "reset"
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+    return {"echo": first.decode(), "ended": ended, "seconds": round(time.monotonic() - start, 3)}
 
 
 async def halfclose(host: str, port: int, size: int) -> dict:
@@ -247,6 +273,7 @@ def main(argv=None) -> int:
     e.add_argument("--concurrency", type=int, default=1)
     e.add_argument("--half-close-first", action="store_true")
     e.add_argument("--source", default=None, help="bind this source IP")
+    e.add_argument("--chunk-delay", type=float, default=0.0, help="seconds to wait after each 256 KiB sent")
     r = sub.add_parser("read")
     r.add_argument("host")
     r.add_argument("port", type=int)
@@ -259,14 +286,21 @@ def main(argv=None) -> int:
     hc.add_argument("host")
     hc.add_argument("port", type=int)
     hc.add_argument("--size", type=int, default=1024)
+    hd = sub.add_parser("hold")
+    hd.add_argument("host")
+    hd.add_argument("port", type=int)
+    hd.add_argument("--seconds", type=float, default=30.0)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         asyncio.run(serve(a.port, a.mode, a.name, a.size))
         return 0
     if a.cmd == "echo":
-        out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first, a.source))
+        out = asyncio.run(echo_many(a.host, a.port, a.size, a.count, a.concurrency, a.half_close_first, a.source,
+                                    a.chunk_delay))
     elif a.cmd == "read":
         out = asyncio.run(read_all(a.host, a.port, a.send.encode()))
+    elif a.cmd == "hold":
+        out = asyncio.run(hold(a.host, a.port, a.seconds))
     elif a.cmd == "halfclose":
         out = asyncio.run(halfclose(a.host, a.port, a.size))
     else:

@@ -192,5 +192,21 @@ class Lab:
         res = self.topology.run(p.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", *args], timeout=timeout)
         return json.loads(res.stdout.strip().splitlines()[-1])
 
+    def client_background(self, p: LabPod, *args: str) -> tuple[subprocess.Popen, Path]:
+        """Start a demo client without waiting; its JSON lines go to the returned file."""
+        out_path = self.workdir / f"client-{p.name}-{len(list(self.workdir.glob('client-*')))}.out"
+        out = open(out_path, "wb")
+        proc = self.topology.popen(p.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", *args],
+                                   stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return proc, out_path
+
+    def http(self, p: LabPod, url: str, *, method: str = "GET") -> tuple[int, str]:
+        """curl inside the pod (e.g. a ztunnel-fast's admin on localhost:15000): (status, body)."""
+        res = self.topology.run(p.pod, ["curl", "-s", "-X", method, "--max-time", "10", "-w", "\n%{http_code}", url],
+                                check=False)
+        body, _, status = res.stdout.rpartition("\n")
+        return int(status or 0), body
+
     def stop_ztunnel(self, zt: Ztunnel) -> int | None:
         return self.topology.stop(zt.proc)

@@ -1,0 +1,152 @@
+"""The three HTTP endpoints operators and Kubernetes use, served by aiohttp (no hand-written parser).
+
+- admin, localhost:15000: `/` index, `GET /config_dump` (reference 7.3 shape), `POST /logging`
+  (`?level=info` or `?level=ztunnel_fast::proxy=debug,info`; `?reset`; no query: current levels),
+  `POST /quitquitquit` (graceful drain).  Anything else 404.
+- stats, :15020: `/metrics` and `/stats/prometheus` (Prometheus text, or OpenMetrics by Accept).
+- readiness, :15021: `GET /healthz/ready` -> `200 ready` once every start-up task is done, else
+  `500 not ready, pending: {...}`; other methods 405.
+
+Invariant: these servers start before anything else, so readiness answers (500) during start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from typing import Callable
+
+import orjson
+from aiohttp import web
+
+from .. import __version__
+from ..config import ADMIN_PORT, READINESS_PORT, STATS_PORT
+from ..telemetry import logs
+
+log = logging.getLogger(__name__)
+
+INDEX = """<!DOCTYPE html><html><head><title>ztunnel-fast admin</title></head><body>
+<h1>ztunnel-fast admin</h1><ul>
+<li><a href="/config_dump">/config_dump</a>: workloads, services, policies, certificates, config</li>
+<li>POST /logging?level=&lt;spec&gt;: change log levels (e.g. info or ztunnel_fast::proxy=debug,info)</li>
+<li>POST /quitquitquit: drain and exit</li>
+</ul><p>Metrics: :15020/metrics. Readiness: :15021/healthz/ready.</p></body></html>
+"""
+
+
+class Readiness:
+    """Start-up tasks that must finish before the proxy reports ready."""
+
+    def __init__(self, *tasks: str):
+        self.pending: set[str] = set(tasks)
+
+    def done(self, task: str) -> None:
+        self.pending.discard(task)
+
+    def block(self, task: str) -> None:
+        self.pending.add(task)
+
+    @property
+    def ready(self) -> bool:
+        return not self.pending
+
+
+def version_info(engine: str) -> dict[str, str]:
+    return {
+        "version": __version__,
+        "gitRevision": "",
+        "pythonVersion": sys.version.split()[0],
+        "buildProfile": "release",
+        "buildStatus": "Clean",
+        "istioVersion": "",
+        "engine": engine,
+        "platform": platform.platform(),
+    }
+
+
+def admin_app(*, config_dump: Callable[[], dict], quit: Callable[[], None], initial_levels: str) -> web.Application:
+    async def index(_request):
+        return web.Response(text=INDEX, content_type="text/html")
+
+    async def dump(_request):
+        body = orjson.dumps(config_dump(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        return web.Response(body=body, content_type="application/json")
+
+    async def logging_(request):
+        query = request.query
+        try:
+            if "reset" in query:
+                logs.set_levels(initial_levels)
+            elif "level" in query:
+                logs.set_levels(query["level"])
+        except ValueError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        return web.Response(text=f"current log level is {logs.current_levels()}\n")
+
+    async def quitquitquit(_request):
+        log.info("received /quitquitquit: draining")
+        quit()
+        return web.Response(text="OK\n")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/config_dump", dump)
+    app.router.add_post("/logging", logging_)
+    app.router.add_post("/quitquitquit", quitquitquit)
+    return app
+
+
+def stats_app(exposition: Callable[[str | None], tuple[bytes, str]]) -> web.Application:
+    async def metrics(request):
+        body, content_type = exposition(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats/prometheus", metrics)
+    return app
+
+
+def readiness_app(readiness: Readiness) -> web.Application:
+    async def ready(_request):
+        if readiness.ready:
+            return web.Response(text="ready\n")
+        pending = ", ".join(f'"{t}"' for t in sorted(readiness.pending))
+        return web.Response(status=500, text=f"not ready, pending: {{{pending}}}\n")
+
+    app = web.Application()
+    app.router.add_route("*", "/healthz/ready", _get_only(ready))
+    return app
+
+
+def _get_only(handler):
+    async def wrapped(request):
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n")
+        return await handler(request)
+
+    return wrapped
+
+
+class Servers:
+    """Runs the three apps; `start()` binds, `close()` stops."""
+
+    def __init__(self):
+        self.runners: list[web.AppRunner] = []
+
+    async def serve(self, app: web.Application, host: str | None, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.runners.append(runner)
+
+    async def close(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        self.runners.clear()
+
+
+__all__ = ["ADMIN_PORT", "READINESS_PORT", "STATS_PORT", "Readiness", "Servers", "admin_app", "readiness_app",
+           "stats_app", "version_info"]
