@@ -119,6 +119,21 @@ def demo(engine: str, keep: bool) -> None:
     sys.exit(run_demo(engine=engine, keep=keep))
 
 
+@main.command("proxy-config")
+@click.argument("kind", type=click.Choice(["workloads", "secrets", "all"]))
+@click.option("--admin", default="localhost:15000", show_default=True, help="ztunnel-fast admin address HOST:PORT")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def proxy_config(kind: str, admin: str, output: str) -> None:
+    """Show what a ztunnel-fast knows: workloads, certificates (secrets), or all (istioctl's tables)."""
+    from .admin.proxy_config import fetch_config_dump, render
+
+    try:
+        dump = fetch_config_dump(admin)
+    except OSError as exc:
+        _fail(f"cannot read http://{admin}/config_dump: {exc}")
+    click.echo(render(kind, dump, output))
+
+
 @main.command()
 def version() -> None:
     """Print the version and which engine is available."""

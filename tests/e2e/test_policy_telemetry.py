@@ -160,6 +160,15 @@ def test_config_dump_logging_and_readiness(lab):
     assert cert["identity"] == "spiffe://cluster.local/ns/demo/sa/httpbin" and cert["state"] == "Available"
     assert cert["certChain"][0]["serialNumber"] and cert["certChain"][0]["expirationTime"].endswith("Z")
     assert dump["config"]["proxyMode"] == "dedicated"
+    # the istioctl-style tables, read from this pod's admin endpoint
+    import sys
+    res = lab.topology.run(b.pod, [sys.executable, "-m", "ztunnel_fast", "proxy-config", "workloads"])
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:]}
+    assert rows["httpbin"] == ["httpbin", "demo", b.ip, "node1", "None", "HBONE"]
+    assert rows["legacy"][-1] == "TCP"
+    res = lab.topology.run(b.pod, [sys.executable, "-m", "ztunnel_fast", "proxy-config", "secrets"])
+    chain = [line for line in res.stdout.splitlines() if "Cert Chain" in line][0].split()
+    assert chain[0] == "spiffe://cluster.local/ns/demo/sa/httpbin" and chain[3:5] == ["Available", "true"]
     # readiness
     assert lab.http(b, "http://127.0.0.1:15021/healthz/ready") == (200, "ready\n")
     assert lab.http(b, "http://127.0.0.1:15021/healthz/ready", method="POST")[0] == 405

@@ -1,0 +1,78 @@
+"""`ztunnel-fast proxy-config workloads|secrets|all`: the guide's istioctl tables from /config_dump.
+
+Rendering is pure (a config dump in, text out); only `fetch_config_dump` does I/O.  Columns and
+values follow `istioctl proxy-config` for ztunnel:
+    NAME NAMESPACE IP NODE WAYPOINT PROTOCOL
+    NAME TYPE STATUS VALID CERT SERIAL NUMBER NOT AFTER NOT BEFORE
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import orjson
+
+DEFAULT_ADMIN = "localhost:15000"
+
+
+def fetch_config_dump(admin: str = DEFAULT_ADMIN, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=timeout) as resp:  # noqa: S310 - local admin
+        return orjson.loads(resp.read())
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], gap: int = 1) -> str:
+    """Left-aligned columns, as Go's tabwriter prints them for istioctl."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w + gap) if i < len(row) - 1 else str(c) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def workloads_table(dump: dict[str, Any]) -> str:
+    rows = []
+    for w in sorted(dump.get("workloads", []), key=lambda w: (w["name"], w["namespace"])):
+        ips = w.get("workloadIps") or [""]
+        waypoint = w.get("waypoint") or "None"
+        rows.append([w["name"], w["namespace"], ips[0], w.get("node") or "", waypoint, w.get("protocol", "TCP")])
+    return table(["NAME", "NAMESPACE", "IP", "NODE", "WAYPOINT", "PROTOCOL"], rows)
+
+
+def _valid(cert: dict[str, Any], now: datetime) -> str:
+    try:
+        start = datetime.fromisoformat(cert["validFrom"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(cert["expirationTime"].replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return "false"
+    return "true" if start <= now <= end else "false"
+
+
+def secrets_table(dump: dict[str, Any], now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    rows = []
+    for entry in sorted(dump.get("certificates", []), key=lambda c: c["identity"]):
+        state = entry.get("state", "")
+        status = "Available" if state == "Available" else state
+        for kind, certs in (("CA", entry.get("rootCerts") or []), ("Cert Chain", entry.get("certChain") or [])):
+            if not certs:
+                rows.append([entry["identity"], kind, status, "false", "", "", ""])
+                continue
+            cert = certs[0]
+            rows.append([entry["identity"], kind, status, _valid(cert, now), cert.get("serialNumber", ""),
+                         cert.get("expirationTime", ""), cert.get("validFrom", "")])
+    return table(["NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"], rows, gap=5)
+
+
+def render(kind: str, dump: dict[str, Any], output: str = "table") -> str:
+    if output == "json":
+        part = dump if kind == "all" else {"workloads": dump.get("workloads", []),
+                                            "secrets": dump.get("certificates", [])}[kind]
+        return orjson.dumps(part, option=orjson.OPT_INDENT_2).decode()
+    if kind == "workloads":
+        return workloads_table(dump)
+    if kind == "secrets":
+        return secrets_table(dump)
+    return workloads_table(dump) + "\n\n" + secrets_table(dump)

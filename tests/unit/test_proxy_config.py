@@ -1,0 +1,48 @@
+"""The proxy-config tables, rendered from a config dump (no sockets)."""
+
+from datetime import datetime, timezone
+
+import orjson
+
+from ztunnel_fast.admin.proxy_config import render, secrets_table, workloads_table
+
+DUMP = {
+    "workloads": [
+        {"name": "sleep-69cfb4968f-mwglt", "namespace": "ambient-demo", "workloadIps": ["10.240.1.4"],
+         "node": "amb1-worker", "protocol": "HBONE"},
+        {"name": "coredns-6d4b75cb6d-ptbhb", "namespace": "kube-system", "workloadIps": ["10.240.0.2"],
+         "node": "amb1-control-plane", "protocol": "TCP"},
+    ],
+    "certificates": [
+        {"identity": "spiffe://cluster.local/ns/ambient-demo/sa/sleep", "state": "Available",
+         "certChain": [{"serialNumber": "ec30e0e1", "validFrom": "2023-09-19T18:26:19Z", "expirationTime": "2033-09-16T18:26:19Z"}],
+         "rootCerts": [{"serialNumber": "3b9dbea3", "validFrom": "2023-09-19T18:58:44Z", "expirationTime": "2023-09-20T19:00:44Z"}]},
+    ],
+}
+
+
+def test_workloads_table_matches_the_guide_layout():
+    lines = workloads_table(DUMP).splitlines()
+    assert lines[0].split() == ["NAME", "NAMESPACE", "IP", "NODE", "WAYPOINT", "PROTOCOL"]
+    assert lines[1].split() == ["coredns-6d4b75cb6d-ptbhb", "kube-system", "10.240.0.2", "amb1-control-plane", "None", "TCP"]
+    assert lines[2].split() == ["sleep-69cfb4968f-mwglt", "ambient-demo", "10.240.1.4", "amb1-worker", "None", "HBONE"]
+    # columns line up: every header starts where its values start
+    col = lines[0].index("NAMESPACE")
+    assert lines[1][col:].startswith("kube-system") and lines[2][col:].startswith("ambient-demo")
+
+
+def test_secrets_table_rows_for_ca_and_chain_with_validity():
+    now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    lines = secrets_table(DUMP, now).splitlines()
+    assert lines[0].startswith("NAME") and "VALID CERT" in lines[0] and "SERIAL NUMBER" in lines[0]
+    ca, chain = lines[1].split(), lines[2].split()
+    assert ca[:3] == ["spiffe://cluster.local/ns/ambient-demo/sa/sleep", "CA", "Available"]
+    assert ca[3] == "false"  # the CA row's validity ended in 2023
+    assert chain[1:3] == ["Cert", "Chain"] and chain[4] == "true" and chain[5] == "ec30e0e1"
+    assert chain[6] == "2033-09-16T18:26:19Z" and chain[7] == "2023-09-19T18:26:19Z"
+
+
+def test_json_and_all():
+    assert orjson.loads(render("workloads", DUMP, "json"))[0]["name"] == "sleep-69cfb4968f-mwglt"
+    text = render("all", DUMP)
+    assert "PROTOCOL" in text and "SERIAL NUMBER" in text
