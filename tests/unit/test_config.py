@@ -38,7 +38,7 @@ def test_defaults():
     assert cfg.connect_timeout == 10.0
     assert cfg.log_level == "info"
     assert cfg.log_format == "text"
-    assert cfg.termination_grace_period == 30.0
+    assert cfg.termination_grace_period is None  # unset: the drain deadline defaults to 5 s (app.drain_deadline)
     assert cfg.identity() is None
 
 
