@@ -194,3 +194,25 @@ def test_inbound_plaintext_from_non_mesh_client(lab):
     lines = zb.lines(f"proxying plaintext to {b.ip}:80")
     assert len(lines) == 1 and f"peer_ip={legacy.ip}" in lines[0]
     assert zb.lines("complete dur=")
+
+
+def test_certificates_renew_at_half_life_without_disturbing_live_tunnels(lab):
+    """SECRET_TTL=4s: certificates renew every ~2 s.  A paced transfer spanning several renewals
+    completes intact, and after the first certificates expired new handshakes still succeed."""
+    env = {"SECRET_TTL": "4s", "POOL_UNUSED_RELEASE_TIMEOUT": "1s", "RUST_LOG": "info,ztunnel_fast::identity=debug"}
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    za = lab.start_ztunnel(a, **env)
+    zb = lab.start_ztunnel(b, redirect=False, **env)
+    # ~32 MiB at 256 KiB per 50 ms: about 6.5 s in flight on one tunnel
+    out = lab.client(a, "echo", b.ip, "80", "--size", str(32 * MiB), "--chunk-delay", "0.05", timeout=120)
+    assert_echo(out, 32 * MiB)
+    time.sleep(1.5)  # the pooled connection goes idle and is released: the next tunnel handshakes anew
+    assert_echo(lab.client(a, "echo", b.ip, "80", "--size", "4096"), 4096)
+    for zt in (za, zb):
+        issued = zt.lines("certificate issued")
+        assert len(issued) >= 3, zt.log()  # initial + renewals during the transfer
+        serials = {line.split("serial=")[1].split()[0] for line in issued}
+        assert len(serials) == len(issued)
