@@ -201,6 +201,10 @@ def test_transfer_in_flight_survives_drain(lab, how):
     else:
         assert lab.http(a, "http://localhost:15000/quitquitquit", method="POST")[0] == 200
     wait_for(lambda: za.lines("draining"), what="drain start")
+    # while draining the proxy reports not ready, and accepts no new connections
+    status, text = lab.http(a, "http://127.0.0.1:15021/healthz/ready")
+    assert (status, text) == (500, 'not ready, pending: {"drain"}\n')
+    assert not lab.client(a, "echo", b.ip, "80", "--size", "64")["ok"]
     assert za.proc.wait(timeout=30) == 0
     proc.wait(timeout=30)
     out = json.loads(out_path.read_text().strip().splitlines()[-1])
