@@ -27,7 +27,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], gap: int = 1) ->
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
-        cells = [str(c).ljust(w + gap) if i < len(row) - 1 else str(c) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [str(c).ljust(w + gap) if i < len(row) - 1 else str(c) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("".join(cells).rstrip())
     return "\n".join(lines)
 

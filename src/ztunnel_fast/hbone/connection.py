@@ -149,7 +149,7 @@ class HboneStream:
             try:
                 window = conn.h2.local_flow_control_window(self.id)
             except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
-                raise StreamReset(self.reset_code or ErrorCodes.STREAM_CLOSED)
+                raise StreamReset(self.reset_code or ErrorCodes.STREAM_CLOSED) from None
             if window <= 0:
                 self._writable.clear()
                 await self._writable.wait()

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from ..errors import ConnectTimeout, HttpStatus, ProxyError, StreamReset, TlsError, UpstreamConnectError
+from ..errors import ConnectTimeout, ProxyError, StreamReset, TlsError, UpstreamConnectError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import ConnectionLost, HboneConnection
 from ..hbone.pool import PoolKey
