@@ -7,7 +7,6 @@ Config.from_env, so there is one validation path and one set of error messages.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
