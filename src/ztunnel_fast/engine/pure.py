@@ -19,7 +19,33 @@ from ..errors import StreamReset
 from ..hbone.connection import ConnectionLost, HboneConnection, HboneStream
 from .base import Completion
 
-BUFFER_SIZE = 256 * 1024  # bytes per read: large enough for bulk, small enough per tunnel
+SMALL_READ = 16 * 1024  # bytes per read until a tunnel proves to be bulk
+BUFFER_SIZE = 256 * 1024  # bytes per read for bulk tunnels: few syscalls, bounded per tunnel
+BULK_AFTER = 1024 * 1024  # bytes moved in one direction before it gets a reused bulk buffer
+
+
+class _Reader:
+    """Reads from a socket: fresh small reads first, a reused large buffer once bulk."""
+
+    __slots__ = ("loop", "sock", "moved", "buf", "view")
+
+    def __init__(self, loop, sock: socket.socket):
+        self.loop = loop
+        self.sock = sock
+        self.moved = 0
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
+
+    async def read(self) -> bytes | memoryview:
+        if self.buf is None:
+            data = await self.loop.sock_recv(self.sock, SMALL_READ)
+            self.moved += len(data)
+            if self.moved >= BULK_AFTER:
+                self.buf = bytearray(BUFFER_SIZE)
+                self.view = memoryview(self.buf)
+            return data
+        n = await self.loop.sock_recv_into(self.sock, self.buf)
+        return self.view[:n]
 _RESETS = (ConnectionResetError, BrokenPipeError)
 
 
@@ -56,16 +82,15 @@ class PureEngine:
 
     async def _copy(self, src: socket.socket, dst: socket.socket, d: _Direction) -> None:
         loop = self.loop
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
+        reader = _Reader(loop, src)
         try:
             while True:
-                n = await loop.sock_recv_into(src, buf)
-                if n == 0:
+                data = await reader.read()
+                if not data:
                     _shutdown_write(dst)
                     return
-                await loop.sock_sendall(dst, view[:n])
-                d.moved += n
+                await loop.sock_sendall(dst, data)
+                d.moved += len(data)
         except _RESETS as exc:
             d.error, d.reset = _describe(exc), True
         except OSError as exc:
@@ -89,17 +114,15 @@ class PureEngine:
         return _completion(up, down, start)
 
     async def _plain_to_stream(self, plain: socket.socket, stream: HboneStream, d: _Direction) -> None:
-        loop = self.loop
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
+        reader = _Reader(self.loop, plain)
         try:
             while True:
-                n = await loop.sock_recv_into(plain, buf)
-                if n == 0:
+                data = await reader.read()
+                if not data:
                     stream.end()
                     return
-                await stream.write(view[:n])
-                d.moved += n
+                await stream.write(data)
+                d.moved += len(data)
         except (StreamReset, ConnectionLost) as exc:
             d.error, d.reset = _describe(exc), True
         except OSError as exc:
