@@ -61,6 +61,7 @@ setup(
         "click>=8.1,<9",
         "prometheus_client>=0.20,<1",
         "aiohttp>=3.9,<4",
+        "python-iptables>=1.0,<2",
     ],
     extras_require={
         "test": [

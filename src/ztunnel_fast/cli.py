@@ -118,6 +118,11 @@ def demo(engine: str, keep: bool) -> None:
     sys.exit(run_demo(engine=engine, keep=keep))
 
 
+from .redirect.cli import redirect  # noqa: E402 - the `redirect` group lives with its module
+
+main.add_command(redirect)
+
+
 @main.command("proxy-config")
 @click.argument("kind", type=click.Choice(["workloads", "secrets", "all"]))
 @click.option("--admin", default="localhost:15000", show_default=True, help="ztunnel-fast admin address HOST:PORT")

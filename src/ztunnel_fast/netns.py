@@ -3,6 +3,8 @@
 Role: build small, throw-away topologies (one netns per pod, all pods on a bridge that lives in its
 own ``<prefix>-net`` namespace), run processes inside pods, and install the minimal dedicated-mode
 redirection of the reference (section 8.3).  Used by tests/e2e, tests/interop and the `demo` command.
+Node-level topologies: `add_node` puts a node on the segment, `add_node_pod` puts pods behind it
+(veth to the node, default route via the node), so a node-level ztunnel-fast can capture them.
 
 Invariants:
 - Nothing is created in the host network namespace.  Each veth pair is created directly between a
@@ -31,12 +33,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 __all__ = [
     "Pod",
+    "NodeInfo",
     "Topology",
     "NetnsCommandError",
     "cleanup_stale",
@@ -73,6 +76,18 @@ class Pod:
     name: str  # short pod name given to add_pod ("a", "sleep", ...)
     netns: str  # namespace name: f"{prefix}-{name}"
     ip: str  # IPv4 address on the segment (prefix length of the topology subnet)
+    node: str | None = None  # add_node_pod: the node this pod sits behind (None: on the segment)
+
+
+@dataclass
+class NodeInfo:
+    """A node made by :meth:`Topology.add_node` and the pods behind it."""
+
+    name: str
+    pod: Pod  # the node's own namespace on the segment
+    pod_subnet: ipaddress.IPv4Network | None
+    free_hosts: Iterator[ipaddress.IPv4Address]
+    pods: list[Pod] = field(default_factory=list)
 
 
 def _netns_of(pod: Pod | str | None) -> str | None:
@@ -379,6 +394,7 @@ class Topology:
         self._namespaces: list[str] = []  # recorded *before* creation, so teardown sees half-made ones
         self._procs: list[subprocess.Popen] = []
         self._free_hosts: Iterable[ipaddress.IPv4Address] = self.subnet.hosts()
+        self.nodes: dict[str, NodeInfo] = {}  # add_node: node name -> its pods and pod subnet
         self._closed = False
         self._started = False
 
@@ -433,7 +449,87 @@ class Topology:
         _run(ns, ["ip", "route", "add", "default", "dev", self.POD_IF])
         pod = Pod(name=name, netns=ns, ip=ip)
         self.pods[name] = pod
+        self._route_to_node_pods(pod)
         return pod
+
+    # ---- nodes: pods behind a node that routes for them (node-level redirection)
+
+    def add_node(self, name: str, ip: str | None = None, pod_subnet: str | None = None) -> Pod:
+        """A node: a namespace on the segment (made like a pod, its address from the segment)
+        that forwards for the pods behind it (:meth:`add_node_pod`).  Forwarding on, rp_filter
+        off; it routes the pods of every other node via that node's segment address, and every
+        segment host learns routes to this node's pods.  `pod_subnet` (inside 198.18.0.0/15,
+        outside the segment) is where :meth:`add_node_pod` picks addresses when given none."""
+        if name in self.nodes:
+            raise ValueError(f"node {name!r} exists")
+        net = None
+        if pod_subnet is not None:
+            net = ipaddress.ip_network(pod_subnet)
+            self._check_pod_subnet(net)
+            for other in self.nodes.values():
+                if other.pod_subnet is not None and net.overlaps(other.pod_subnet):
+                    raise ValueError(f"pod subnet {net} overlaps node {other.name}'s {other.pod_subnet}")
+        node = self.add_pod(name, ip)  # also routes the existing node pods (see _route_to_node_pods)
+        for key in ("net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
+                    f"net.ipv4.conf.{self.POD_IF}.rp_filter"):
+            value = "1" if key == "net.ipv4.ip_forward" else "0"
+            _run(node, ["sysctl", "-q", "-w", f"{key}={value}"])
+        self.nodes[name] = NodeInfo(name=name, pod=node, pod_subnet=net,
+                                    free_hosts=net.hosts() if net is not None else iter(()))
+        return node
+
+    def add_node_pod(self, node: Pod | str, name: str, ip: str | None = None) -> Pod:
+        """A pod behind `node`: its own namespace whose eth0 is a veth to the node (address /32,
+        default route via the node's segment address, on-link), and a /32 route to it on the
+        node.  Every other segment host (nodes and plain pods) routes it via the node, so
+        service VIPs and cross-node traffic from the pod always cross its node."""
+        info = self.nodes.get(node.name if isinstance(node, Pod) else str(node))
+        if info is None:
+            raise ValueError(f"{node!r} is not a node of this topology (add_node first)")
+        if not _POD_NAME_RE.match(name) or name == "net":
+            raise ValueError(f"bad pod name {name!r} (lowercase letters, digits, '-'; not 'net')")
+        if name in self.pods:
+            raise ValueError(f"pod {name!r} exists")
+        used = {p.ip for p in self.pods.values()}
+        if ip is None:
+            ip = next((str(h) for h in info.free_hosts if str(h) not in used), None)
+            if ip is None:
+                raise ValueError(f"node {info.name} has no pod subnet or no free address left in it")
+        addr = ipaddress.ip_address(ip)
+        self._check_pod_subnet(ipaddress.ip_network(f"{addr}/32"))
+        if ip in used:
+            raise ValueError(f"{ip} already used")
+        ns = f"{self.prefix}-{name}"
+        node_if = f"p{len(self.pods)}-{name}"[:IFNAMSIZ]  # local to the node netns
+        self._add_netns(ns)
+        _run(ns, ["ip", "link", "set", "lo", "up"])
+        _run(None, ["ip", "-n", ns, "link", "add", self.POD_IF, "type", "veth", "peer", "name", node_if,
+                    "netns", info.pod.netns])
+        _run(info.pod, ["ip", "link", "set", node_if, "up"])
+        _run(info.pod, ["sysctl", "-q", "-w", f"net.ipv4.conf.{node_if}.rp_filter=0"])
+        _run(info.pod, ["ip", "route", "add", f"{ip}/32", "dev", node_if])
+        _run(ns, ["ip", "addr", "add", f"{ip}/32", "dev", self.POD_IF])
+        _run(ns, ["ip", "link", "set", self.POD_IF, "up"])
+        _run(ns, ["ip", "route", "add", "default", "via", info.pod.ip, "dev", self.POD_IF, "onlink"])
+        pod = Pod(name=name, netns=ns, ip=ip, node=info.name)
+        self.pods[name] = pod
+        info.pods.append(pod)
+        for host in self.pods.values():  # segment hosts: every node but ours, and plain pods
+            if host.node is None and host.name != info.name:
+                _run(host, ["ip", "route", "add", f"{ip}/32", "via", info.pod.ip])
+        return pod
+
+    def _check_pod_subnet(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        if net.version != 4 or not net.subnet_of(BENCHMARK_RANGE):
+            raise ValueError(f"{net} must be inside {BENCHMARK_RANGE} (benchmark range)")
+        if net.overlaps(self.subnet):
+            raise ValueError(f"{net} overlaps the segment {self.subnet}: node pods need addresses of their own")
+
+    def _route_to_node_pods(self, host: Pod) -> None:
+        """A new segment host learns the routes to the pods that sit behind nodes."""
+        for info in self.nodes.values():
+            for p in info.pods:
+                _run(host, ["ip", "route", "add", f"{p.ip}/32", "via", info.pod.ip])
 
     def run(self, pod: Pod | str | None, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         """`ip netns exec <ns> argv`; check=True, text, captured output and a 60 s timeout by default."""
@@ -510,6 +606,7 @@ class Topology:
             if self._namespaces and self._namespaces[0] == ns:
                 self._namespaces.pop(0)
         self.pods.clear()
+        self.nodes.clear()
         _LIVE.pop(id(self), None)
 
     def __enter__(self) -> "Topology":

@@ -1,9 +1,10 @@
 """Client-side pool of HBONE connections.
 
 Invariants (reference 3.3):
-- Connections are keyed by (source identity, acceptable destination identities, next hop); a
-  stream only ever rides a connection whose key matches exactly, so a TLS session authenticated
-  for one identity set never carries traffic meant for another.
+- Connections are keyed by (source identity, acceptable destination identities, next hop, and
+  the client IP when connections are dialled from it); a stream only ever rides a connection whose
+  key matches exactly, so a TLS session authenticated for one identity set never carries traffic
+  meant for another, and a spoofed source address is never shared between clients.
 - A connection carries at most min(POOL_MAX_STREAMS_PER_CONNECTION, peer's
   SETTINGS_MAX_CONCURRENT_STREAMS) streams; when all are full a new connection is made for the key.
 - Only one connection per key is being dialled at a time (a per-key lock), so a burst of new
@@ -32,10 +33,12 @@ class PoolKey:
     src_identity: Identity
     dst_identities: tuple[Identity, ...]  # sorted, so equal sets give equal keys
     next_hop: tuple[IpAddress, int]
+    src_ip: IpAddress | None = None  # set when the connection is dialled from the client's IP
 
     @classmethod
-    def of(cls, src: Identity, dst: tuple[Identity, ...] | list[Identity], next_hop: tuple[IpAddress, int]) -> "PoolKey":
-        return cls(src, tuple(sorted(set(dst), key=str)), next_hop)
+    def of(cls, src: Identity, dst: tuple[Identity, ...] | list[Identity], next_hop: tuple[IpAddress, int],
+           src_ip: IpAddress | None = None) -> "PoolKey":
+        return cls(src, tuple(sorted(set(dst), key=str)), next_hop, src_ip)
 
 
 Connector = Callable[[PoolKey], Awaitable[HboneConnection]]

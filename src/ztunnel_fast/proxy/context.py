@@ -106,6 +106,14 @@ class ProxyContext:
         return None
 
     @property
+    def orig_src(self) -> bool:
+        """Dial with the client's source IP (IP_TRANSPARENT)?  ENABLE_ORIG_SRC, else on in shared
+        (node) mode, whose redirection rules route the replies back, and off in dedicated mode."""
+        if self.config.enable_orig_src is not None:
+            return self.config.enable_orig_src
+        return not self.dedicated
+
+    @property
     def fast_path_node(self) -> str | None:
         if self.config.node_local_fast_path and not self.dedicated and self.config.node_name:
             return self.config.node_name

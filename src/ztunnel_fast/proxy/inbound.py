@@ -131,7 +131,7 @@ class Inbound:
         if stream.reset_code is not None:  # the peer gave up already: do not dial the app
             record.complete(0, 0, "stream reset by peer before it was answered")
             return
-        spoof = peer_ip if ctx.config.enable_orig_src else None
+        spoof = peer_ip if ctx.orig_src else None
         try:
             upstream = await sockets.connect(
                 checked.ip, checked.port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof

@@ -71,7 +71,7 @@ class InboundPassthrough:
             abort(sock)
             return
         log.info("proxying plaintext to %s", target, extra={"span": span})
-        spoof = peer_ip if ctx.config.enable_orig_src else None
+        spoof = peer_ip if ctx.orig_src else None
         try:
             upstream = await sockets.connect(dst_ip, dst_port, mark=ctx.config.packet_mark,
                                              timeout=ctx.config.connect_timeout, source=spoof)

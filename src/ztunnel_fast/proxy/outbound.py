@@ -42,7 +42,8 @@ class Outbound:
         ip, port = key.next_hop
         addr = hbone_headers.format_addr(ip, port)
         try:
-            sock = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout)
+            sock = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout,
+                                         source=key.src_ip)
         except asyncio.TimeoutError:
             raise ConnectTimeout(addr) from None
         except OSError as exc:
@@ -146,7 +147,10 @@ class Outbound:
             source=source,
             service_host=route.service.hostname if route.service is not None else None,
         )
-        key = PoolKey.of(src_identity, route.identities, route.next_hop)
+        # shared (node) mode dials HBONE from the client's own IP, so the destination sees (and
+        # authorizes, and hands the app) the real client address, as in-pod ztunnel does
+        src_ip = client_ip if ctx.orig_src and not ctx.dedicated else None
+        key = PoolKey.of(src_identity, route.identities, route.next_hop, src_ip)
         stream = await ctx.pool.open_stream(key, request)
         try:
             completion = await ctx.engine.tunnel(sock, stream, conn_id)
@@ -163,7 +167,7 @@ class Outbound:
         spoof = None
         if route.kind is Kind.NODE_LOCAL:
             log.info("proxying to %s using node local fast path", target, extra={"span": span})
-            spoof = client_ip if ctx.config.enable_orig_src else None
+            spoof = client_ip if ctx.orig_src else None
         else:
             kind = "Passthrough" if route.kind is Kind.PASSTHROUGH else "Direct"
             log.info("proxy to %s using TCP via %s type %s", target, target, kind, extra={"span": span})
