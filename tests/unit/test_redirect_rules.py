@@ -28,6 +28,11 @@ NODE_MANGLE = """\
 -A ztunnel-OUTPUT -m connmark --mark 0x112/0xfff -j MARK --set-xmark 0x111/0xfff
 -A ztunnel-OUTPUT -p tcp -m mark --mark 0x539/0xfff -m addrtype ! --src-type LOCAL -j CONNMARK --set-xmark 0x111/0xfff"""
 
+NODE_NAT = """\
+:ztunnel-PREROUTING - [0:0]
+-A PREROUTING -j ztunnel-PREROUTING
+-A ztunnel-PREROUTING -m mark --mark 0x111/0xfff -j ACCEPT"""
+
 # istio-cni's cni/pkg/iptables/testdata/tproxy.golden (mark 1337), in iptables-save spelling,
 # without the DNS redirect (ztunnel-fast has no DNS proxy)
 INPOD_MANGLE = """\
@@ -54,7 +59,7 @@ INPOD_NAT = """\
 
 def test_node_mode_text():
     rs = rules.node_ruleset()
-    assert rules.render(rs) == {"mangle": NODE_MANGLE.splitlines()}
+    assert rules.render(rs) == {"mangle": NODE_MANGLE.splitlines(), "nat": NODE_NAT.splitlines()}
     assert rs.ipset == "ztunnel-pods-ips"
     assert all(h.first for h in rs.hooks)  # before kube-proxy & co., like 1.18's `-I`
 
@@ -74,7 +79,7 @@ def test_inpod_mode_text():
 
 
 def test_node_mode_order_invariants():
-    pre = [r for r in rules.node_ruleset().rules if r.chain == "ztunnel-PREROUTING"]
+    pre = [r for r in rules.node_ruleset().rules if r.chain == "ztunnel-PREROUTING" and r.table == "mangle"]
     targets = [r.target for r in pre]
     # skips and the connmark route come before any capture; only NEW connections reach TPROXY
     first_tproxy = targets.index("TPROXY")

@@ -76,7 +76,7 @@ MANGLE, NAT = "mangle", "nat"
 NODE_PREROUTING = "ztunnel-PREROUTING"
 NODE_INPUT = "ztunnel-INPUT"
 NODE_OUTPUT = "ztunnel-OUTPUT"
-NODE_CHAINS = ((MANGLE, NODE_PREROUTING), (MANGLE, NODE_INPUT), (MANGLE, NODE_OUTPUT))
+NODE_CHAINS = ((MANGLE, NODE_PREROUTING), (MANGLE, NODE_INPUT), (MANGLE, NODE_OUTPUT), (NAT, NODE_PREROUTING))
 INPOD_PRERT = "ISTIO_PRERT"
 INPOD_OUTPUT = "ISTIO_OUTPUT"
 INPOD_CHAINS = ((MANGLE, INPOD_PRERT), (MANGLE, INPOD_OUTPUT), (NAT, INPOD_OUTPUT))
@@ -277,11 +277,16 @@ def node_ruleset(cfg: RedirectConfig = RedirectConfig()) -> RuleSet:
         R(MANGLE, out, "CONNMARK", _set_xmark(cfg, cfg.tproxy_mark), protocol="tcp",
           matches=(_mark(zt), _addrtype("src", "LOCAL", True)),
           why="dialled with the client's source IP (IP_TRANSPARENT): the replies come back here"),
+        # ---- nat PREROUTING: captured traffic keeps its original destination
+        R(NAT, pre, "ACCEPT", matches=(_mark(to_zt),),
+          why="skip kube-proxy's service DNAT for captured packets: ztunnel-fast resolves service "
+              "VIPs itself (client-side round robin), as 1.18's 0x100 rule did"),
     )
     hooks = (
         Hook(MANGLE, "PREROUTING", pre, first=True),
         Hook(MANGLE, "INPUT", inp, first=True),
         Hook(MANGLE, "OUTPUT", out, first=True),
+        Hook(NAT, "PREROUTING", pre, first=True),
     )
     return RuleSet("node", NODE_CHAINS, hooks, rules, _ip_rule(cfg), LocalRoute(cfg.route_table), cfg.ipset)
 
