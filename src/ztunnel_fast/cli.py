@@ -111,11 +111,15 @@ def ca_init(directory: Path, trust_domain: str, force: bool) -> None:
 @main.command()
 @click.option("--engine", type=click.Choice(["auto", "native", "pure"]), default="auto", show_default=True)
 @click.option("--keep", is_flag=True, help="leave the topology up for exploring")
-def demo(engine: str, keep: bool) -> None:
-    """Two pods in network namespaces, one ztunnel-fast each, an HBONE tunnel between them."""
-    from .demo.tunnel import run_demo
+@click.option("--step", default=None, metavar="NAME",
+              help="run one step: before, label, after, logs, proxy-config, ipset, iptables, scale")
+def demo(engine: str, keep: bool, step: str | None) -> None:
+    """The user guide's ambient journey on one machine: nodes and pods as network namespaces,
+    one ztunnel-fast per node, redirection, curl before and after ambient, logs, tables, scaling.
+    Needs root; everything is torn down at the end."""
+    from .demo.journey import run_demo
 
-    sys.exit(run_demo(engine=engine, keep=keep))
+    sys.exit(run_demo(engine=engine, keep=keep, step=step))
 
 
 from .redirect.cli import redirect  # noqa: E402 - the `redirect` group lives with its module

@@ -1,23 +1,51 @@
-"""`ztunnel-fast demo` runs start to finish and leaves nothing behind (both engines)."""
+"""`ztunnel-fast demo` replays the guide's journey start to finish and leaves nothing behind."""
 
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_runs_and_cleans_up(engine):
-    res = subprocess.run([sys.executable, "-m", "ztunnel_fast", "demo", "--engine", engine],
-                         capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stdout + res.stderr
+def demo(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ztunnel_fast", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean(out: str) -> None:
+    prefix = re.search(r"namespaces (ztf-demo-\d+)-\*", out).group(1)
+    assert f"torn down: no namespace, rule, ipset or process of {prefix} left" in out
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not list(Path("/etc/netns").glob(f"{prefix}-*")) if Path("/etc/netns").exists() else True
+    procs = subprocess.run(["pgrep", "-af", "ztunnel_fast"], capture_output=True, text=True).stdout
+    assert prefix not in procs
+
+
+def test_demo_journey(engine):
+    res = demo("--engine", engine)
     out = res.stdout
-    assert out.count("<title>httpbin.org</title>") == 2  # before and through the mesh
-    assert "using HBONE via" in out and "got CONNECT request to" in out
-    assert f"engine={engine}" in out
-    prefix = re.search(r"(ztf-demo-\d+)-\*", out).group(1)
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert prefix not in left
-    assert "torn down" in out
+    assert res.returncode == 0, out + res.stderr
+    assert f"engine {engine})" in out
+    for step in ("Before ambient", "Enable ambient", "After ambient", "ztunnel-fast logs", "proxy-config workloads",
+                 "proxy-config secrets", "The ipset of captured pods", "The redirection chain", "Scale httpbin to 2"):
+        assert f"## {step}" in out, step
+    assert out.count("<title>httpbin.org</title>") == 2  # before and after ambient
+    assert re.search(r"proxy to 198\.18\.\d+\.\d+:80 using HBONE via 198\.18\.\d+\.\d+:15008 type Direct", out)
+    assert "got CONNECT request to" in out and "peer_id=spiffe://cluster.local/ns/ambient-demo/sa/sleep" in out
+    assert "Name: ztunnel-pods-ips" in out and "Chain ztunnel-PREROUTING" in out
+    assert re.search(r"sleep-69cfb4968f-mwglt\s+ambient-demo\s+198\.18\.1\.4\s+amb1-worker\s+None\s+HBONE", out)
+    served = re.search(r"served by: (.*)", out).group(1).split(", ")
+    assert len(served) == 10 and set(served) == {"httpbin-648cd984f8-2q9bn", "httpbin-648cd984f8-7dglb"}
+    assert_clean(out)
+
+
+def test_demo_single_step(engine):
+    res = demo("--engine", engine, "--step", "ipset")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "## The ipset of captured pods" in res.stdout and "## Before ambient" not in res.stdout
+    assert re.search(r"Members:\n\s+198\.18\.1\.\d+\n\s+198\.18\.1\.\d+", res.stdout)
+    assert_clean(res.stdout)
+    assert demo("--step", "nope").returncode == 2

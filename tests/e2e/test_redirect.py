@@ -131,13 +131,11 @@ def count(z, needle: str) -> int:
 
 def add_node(lab, name: str, ip: str, pod_subnet: str) -> LabPod:
     """A node (not a workload: ztunnel-fast does not know its address)."""
-    return LabPod(lab.topology.add_node(name, ip, pod_subnet), name, "default", name, False, name)
+    return lab.node(name, ip, pod_subnet)
 
 
 def add_node_pod(lab, node: LabPod, name: str, ip: str, namespace: str, *, mesh: bool = True) -> LabPod:
-    p = LabPod(lab.topology.add_node_pod(node.pod, name, ip), name, namespace, name, mesh, node.node)
-    lab.pods[name] = p
-    return p
+    return lab.node_pod(node, name, ip, namespace=namespace, mesh=mesh)
 
 
 def write_inventory(path: Path, pods: list[LabPod], labelled: dict[str, bool], **extra) -> Path:

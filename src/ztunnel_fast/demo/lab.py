@@ -81,6 +81,18 @@ class Lab:
             self.pods[name] = p
         return p
 
+    def node(self, name: str, ip: str, pod_subnet: str) -> LabPod:
+        """A node (a namespace that routes for the pods behind it); not a workload."""
+        return LabPod(self.topology.add_node(name, ip, pod_subnet), name, "default", name, False, name)
+
+    def node_pod(self, node: LabPod, name: str, ip: str, *, namespace: str = "default",
+                 service_account: str | None = None, mesh: bool = True) -> LabPod:
+        """A pod behind `node` (its traffic crosses the node, where node-level redirection sees it)."""
+        p = LabPod(self.topology.add_node_pod(node.pod, name, ip), name, namespace, service_account or name,
+                   mesh, node.node)
+        self.pods[name] = p
+        return p
+
     def node_workload(self, host: LabPod, name: str, ip: str, *, namespace: str = "default",
                       service_account: str | None = None, mesh: bool = True) -> LabPod:
         """A workload whose IP lives in `host`'s network namespace (several workloads behind one
