@@ -33,8 +33,27 @@ demo: system-deps build
 test: system-deps build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: system-deps build
-	$(PY) -m bench
+# bench: `make bench` (~10 min), `make bench BENCH_ARGS=--quick` (~2-3 min), `make bench PROFILE=1`
+# (py-spy flame graphs of the ztunnel-fast processes).  nginx-light serves the HTTP figures.
+BENCH_APT_PKGS := nginx-light
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+PROFILE ?=
+
+.PHONY: bench-system-deps
+bench-system-deps: system-deps
+	@missing=""; for p in $(BENCH_APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BENCH_STAMP): $(STAMP) setup.py
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: bench-system-deps build $(BENCH_STAMP)
+	$(PY) -m bench $(if $(filter 1 yes true,$(PROFILE)),--profile) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so

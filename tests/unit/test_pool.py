@@ -226,3 +226,24 @@ def test_flow_control_bounds_buffering_and_resumes(certs):
         h.pool.close()
 
     run(main())
+
+
+def test_reset_streams_give_their_unread_bytes_back_to_the_connection_window(certs):
+    """Streams reset with data still unread must not shrink the connection window for good:
+    after many of them the pooled connection still carries a bulk transfer."""
+    async def main():
+        h = Harness(certs)
+        key = PoolKey.of(SLEEP, [HTTPBIN], HOP_A)
+        for _ in range(12):  # 12 x 2 MiB unread > the 16 MiB connection window
+            s = await h.pool.open_stream(key, request())
+            await s.write(b"q" * (2 * 1024 * 1024))  # echoed back to us, never read
+            await asyncio.sleep(0.05)
+            s.reset()
+        await asyncio.sleep(0.1)
+        s = await h.pool.open_stream(key, request())
+        assert len(h.dials) == 1  # the same connection all along
+        payload = b"w" * (8 * 1024 * 1024)
+        assert await asyncio.wait_for(echo(s, payload), 20) == payload
+        h.pool.close()
+
+    run(main())

@@ -129,13 +129,20 @@ class HboneStream:
 
     def consumed(self) -> None:
         """The last chunks were delivered downstream: give the window back to the peer."""
-        if self._unacked and self.reset_code is None:
-            try:
-                self.conn.h2.acknowledge_received_data(self._unacked, self.id)
-            except (h2.exceptions.ProtocolError, KeyError):
-                pass
+        if self._unacked:
+            self._acknowledge(self._unacked)
             self._unacked = 0
-            self.conn.flush()
+
+    def _acknowledge(self, flow: int) -> None:
+        """Credit `flow` bytes back.  h2 credits the connection window even when the stream is
+        already closed (and skips the stream's own window then), which is what a closed stream needs."""
+        if self.conn.lost is not None:
+            return
+        try:
+            self.conn.h2.acknowledge_received_data(flow, self.id)
+        except (h2.exceptions.ProtocolError, KeyError, ValueError):
+            return
+        self.conn.flush()
 
     # -- sending ----------------------------------------------------------------------------
     async def write(self, data: bytes | memoryview) -> None:
@@ -229,6 +236,16 @@ class HboneStream:
     def _done(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.reset_code is not None:
+                # A reset stream's unread bytes will never be consumed, yet they count against the
+                # connection window: credit them, or every such stream shrinks it for good and the
+                # pooled connection eventually stalls.  (A cleanly ended stream's reader still
+                # drains its chunks and credits them through consumed().)
+                leftover = self._unacked + sum(flow for _, flow in self._chunks)
+                self._chunks.clear()
+                self._unacked = 0
+                if leftover:
+                    self._acknowledge(leftover)
             self.conn._stream_done(self)
 
 

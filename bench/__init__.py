@@ -1,0 +1,20 @@
+"""The ztunnel-fast benchmark harness (`make bench`, `python -m bench`).
+
+One run builds a two-pod network-namespace topology per setup and measures, side by side:
+`direct` (no proxy), `native` (ztunnel-fast, Cython engine), `pure` (ztunnel-fast, pure twin) and
+`envoy` (an Envoy pair speaking HBONE).  See bench/README.md for what each figure means.
+
+Modules:
+  cli        arguments, the run plan, progress, orchestration (one setup at a time)
+  settings   durations and sizes (`--quick` and the default preset)
+  lab        the two pods, their apps (iperf3 server, nginx, tunnel holder) and sysctls
+  setups     how each setup is started (ztunnel-fast via the Lab, Envoy via tests.interop.envoy)
+  envoy_pair the Envoy bootstraps (transparent HBONE originator, multi-port terminator)
+  runners    one function per figure; the only place that runs load generators
+  procstat   /proc readers: CPU ticks, RSS, sockets of the proxy processes
+  parse      pure parsers of iperf3 JSON and wrk output
+  report     metric definitions, ratios, the table, JSON and the PNG chart
+  tunnels    the 10k-tunnel client and holder (run inside pods as `python -m bench.tunnels`)
+  profiling  py-spy flame graphs (`--profile`, `make bench PROFILE=1`)
+  micro      in-process micro-benchmarks (the place for "policy decision cost with 10,000 policies")
+"""

@@ -1,0 +1,159 @@
+"""Pure parsers of load-generator output (no I/O): iperf3 `-J`, wrk (`--latency` text or the JSON
+line our Lua `done` hook prints), and `ss` listings.
+
+Invariant: every parser either returns a complete result or raises ParseError naming what was
+missing; a partially parsed figure never reaches the report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+
+WRK_JSON_MARK = "WRK_JSON "  # prefix of the line printed by WRK_LUA's done()
+
+# Printed by wrk after the run (LuaJIT): every figure we report, in one machine-readable line.
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_JSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect_errors\":%d," ..
+    "\"read_errors\":%d,\"write_errors\":%d,\"status_errors\":%d,\"timeouts\":%d," ..
+    "\"latency_us\":{\"min\":%d,\"mean\":%.2f,\"max\":%d,\"p50\":%d,\"p90\":%d,\"p99\":%d}}\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.min, latency.mean, latency.max,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+class ParseError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- iperf3
+@dataclass(frozen=True)
+class IperfResult:
+    bytes_received: int  # payload bytes the server received (end.sum_received)
+    seconds: float  # measured interval (omitted warm-up seconds excluded)
+    bits_per_second: float  # receiver side
+    retransmits: int | None  # sender side TCP retransmits, when reported
+    streams: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bits_per_second / 1e9
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "gbps": self.gbps}
+
+
+def parse_iperf3(text: str) -> IperfResult:
+    """`iperf3 -J` output of a client run (TCP).  The receiver's figures are the ones reported:
+    what actually arrived, after every proxy in between."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"iperf3 output is not JSON: {exc}; starts with {text[:200]!r}") from None
+    if not isinstance(doc, dict):
+        raise ParseError("iperf3 JSON is not an object")
+    if doc.get("error"):
+        raise ParseError(f"iperf3 error: {doc['error']}")
+    end = doc.get("end") or {}
+    recv, sent = end.get("sum_received"), end.get("sum_sent") or {}
+    if not recv or "bits_per_second" not in recv or "bytes" not in recv:
+        raise ParseError("iperf3 JSON has no end.sum_received (the test did not finish)")
+    streams = doc.get("start", {}).get("test_start", {}).get("num_streams") or len(end.get("streams") or []) or 1
+    return IperfResult(
+        bytes_received=int(recv["bytes"]),
+        seconds=float(recv.get("seconds") or 0.0),
+        bits_per_second=float(recv["bits_per_second"]),
+        retransmits=sent.get("retransmits"),
+        streams=int(streams),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- wrk
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    errors: int  # connect + read + write + timeouts + non-2xx/3xx responses
+    p50_ms: float
+    p99_ms: float
+    p90_ms: float | None = None
+    mean_ms: float | None = None
+    max_ms: float | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rps": self.rps}
+
+
+_TIME_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_TIME_RE = r"([0-9.]+)(us|ms|s|m|h)"
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _TIME_UNITS_MS[unit]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """wrk's output: the WRK_JSON line of WRK_LUA when present, else the `--latency` text."""
+    for line in text.splitlines():
+        if line.startswith(WRK_JSON_MARK):
+            return _parse_wrk_json(line[len(WRK_JSON_MARK):])
+    return _parse_wrk_text(text)
+
+
+def _parse_wrk_json(payload: str) -> WrkResult:
+    try:
+        d = json.loads(payload)
+        lat = d["latency_us"]
+        errors = sum(int(d[k]) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+        return WrkResult(
+            requests=int(d["requests"]), duration_s=int(d["duration_us"]) / 1e6, errors=errors,
+            p50_ms=lat["p50"] / 1e3, p99_ms=lat["p99"] / 1e3, p90_ms=lat["p90"] / 1e3,
+            mean_ms=float(lat["mean"]) / 1e3, max_ms=lat["max"] / 1e3,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ParseError(f"bad WRK_JSON line: {exc!r}: {payload[:200]!r}") from None
+
+
+def _parse_wrk_text(text: str) -> WrkResult:
+    m = re.search(r"(\d+) requests in " + _TIME_RE, text)
+    if not m:
+        raise ParseError(f"wrk output has no 'N requests in T' line: {text[-400:]!r}")
+    requests, duration_s = int(m.group(1)), _ms(m.group(2), m.group(3)) / 1e3
+    pct = {p: _ms(v, u) for p, v, u in re.findall(r"^\s*(\d+(?:\.\d+)?)%\s+" + _TIME_RE + r"\s*$", text, re.M)}
+    if "50" not in pct or "99" not in pct:
+        raise ParseError("wrk output has no latency distribution (run it with --latency)")
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errors += sum(int(g) for g in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        errors += int(m.group(1))
+    lat = re.search(r"Latency\s+" + _TIME_RE + r"\s+" + _TIME_RE + r"\s+" + _TIME_RE, text)
+    return WrkResult(
+        requests=requests, duration_s=duration_s, errors=errors, p50_ms=pct["50"], p99_ms=pct["99"],
+        p90_ms=pct.get("90"),
+        mean_ms=_ms(lat.group(1), lat.group(2)) if lat else None,
+        max_ms=_ms(lat.group(5), lat.group(6)) if lat else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- ss
+def count_ss_lines(text: str) -> int:
+    """Sockets listed by `ss -H ...` (one per non-empty line)."""
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def ss_bytes_received(text: str) -> int:
+    """Sum of `bytes_received:N` over the sockets of an `ss -ti` listing (0 when none)."""
+    return sum(int(n) for n in re.findall(r"\bbytes_received:(\d+)", text))

@@ -1,0 +1,120 @@
+"""What the proxies cost, read from /proc: CPU time, resident memory, open sockets.
+
+Role: the only reader of /proc in the harness.  A proxy is measured as its process plus every
+descendant (Envoy and ztunnel-fast are single processes today; the tree keeps the figures honest
+if either ever forks helpers).  Threads are included: /proc/<pid>/stat of a process sums them.
+
+Invariants: readers never raise for a process that vanished in between (it counts as 0); CPU time
+is utime+stime in seconds (clock ticks / SC_CLK_TCK); RSS is VmRSS in bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after `comm` (which may hold spaces and parens): index 0 is state."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and all its live descendants (one /proc scan)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1] = ppid
+    out, todo = [], [pid]
+    while todo and len(out) < 10_000:  # bounded: a process tree is never this large here
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes (all their threads), in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 (utime) and 15 (stime)
+    return ticks / CLK_TCK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Sum of VmRSS of the given processes, in bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in (PROC / str(pid) / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024  # reported in kB
+                    break
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def socket_fds(pids: list[int]) -> int:
+    """Number of open socket file descriptors of the given processes."""
+    n = 0
+    for pid in pids:
+        fd_dir = PROC / str(pid) / "fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                if os.readlink(fd_dir / name).startswith("socket:"):
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+class Proxies:
+    """The proxy processes of one setup, by side ("client", "server"); empty for `direct`."""
+
+    def __init__(self, pids: dict[str, int] | None = None):
+        self.pids = dict(pids or {})
+
+    def __bool__(self) -> bool:
+        return bool(self.pids)
+
+    def tree(self, side: str | None = None) -> list[int]:
+        roots = [self.pids[side]] if side else list(self.pids.values())
+        return [p for root in roots for p in descendants(root)]
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.tree())
+
+    def rss(self, side: str | None = None) -> int:
+        return rss_bytes(self.tree(side))
+
+    def rss_by_side(self) -> dict[str, int]:
+        return {side: self.rss(side) for side in self.pids}
+
+    def sockets_by_side(self) -> dict[str, int]:
+        return {side: socket_fds(self.tree(side)) for side in self.pids}
+
+    def dead(self) -> list[str]:
+        return [side for side, pid in self.pids.items() if not alive(pid)]

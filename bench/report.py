@@ -1,0 +1,322 @@
+"""Figures of a run: metric definitions, ratios, the table (rich, plain text, markdown), the JSON
+document and the PNG chart.
+
+Pure except `write_results` and `chart` (which write files).  A metric value is a float or None
+(not measured: failed, or not applicable such as proxy CPU for `direct`); ratios are value/ref and
+exist only when both sides do.  Direction matters when reading a ratio: for throughput and request
+rate higher is better, for latency, CPU and memory lower is better (Metric.higher_is_better).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+KIB = 1 << 10
+ORDER = ("direct", "native", "pure", "envoy")
+SHORT = {"direct": "direct", "native": "native", "pure": "pure", "envoy": "Envoy"}
+RATIO_COLUMNS = (  # (setup, reference)
+    ("native", "direct"), ("pure", "direct"), ("envoy", "direct"), ("native", "envoy"), ("pure", "envoy"),
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    fmt: str  # format spec for the value
+    proxy_only: bool = False  # no value for `direct` (it has no proxy)
+    ratio: bool = True  # counts are reported, not compared
+
+
+METRICS = (
+    Metric("throughput_1", "throughput, 1 stream", "Gbit/s", True, ".2f"),
+    Metric("throughput_4", "throughput, 4 streams", "Gbit/s", True, ".2f"),
+    Metric("cpu_per_gb", "proxy CPU, both sides", "s/GB", False, ".2f", proxy_only=True),
+    Metric("rps_keepalive", "keep-alive", "req/s", True, ",.0f"),
+    Metric("p50_keepalive", "keep-alive p50", "ms", False, ".3f"),
+    Metric("p99_keepalive", "keep-alive p99", "ms", False, ".3f"),
+    Metric("rps_newconn", "new conn per request", "req/s", True, ",.0f"),
+    Metric("p50_newconn", "new conn per request p50", "ms", False, ".3f"),
+    Metric("p99_newconn", "new conn per request p99", "ms", False, ".3f"),
+    Metric("idle_rss", "idle RSS per proxy", "MiB", False, ".1f", proxy_only=True),
+    Metric("tunnels_rss", "RSS, N tunnels, both sides", "MiB", False, ".1f", proxy_only=True),
+    Metric("rss_per_tunnel", "RSS per tunnel, both sides", "KiB", False, ".2f", proxy_only=True),
+    Metric("tunnels_open", "tunnels open and alive", "", True, ",.0f", ratio=False),
+    Metric("proxy_sockets", "sockets held by the proxies", "", False, ",.0f", proxy_only=True, ratio=False),
+    Metric("hbone_connections", "HBONE connections", "", False, ",.0f", proxy_only=True, ratio=False),
+)
+BY_KEY = {m.key: m for m in METRICS}
+# figures taken with the tunnels open: marked "*" when fewer than requested were open and alive
+AT_TUNNELS = frozenset({"tunnels_rss", "rss_per_tunnel", "proxy_sockets", "hbone_connections"})
+
+
+def partial_tunnels(setup_rec: dict) -> bool:
+    t = (setup_rec.get("raw") or {}).get("tunnels")
+    return bool(t) and t.get("alive") != t.get("requested")
+# metric key -> (raw step key, what the error of that step is called in the table)
+SOURCE = {
+    "throughput_1": "tput1", "throughput_4": "tput4", "cpu_per_gb": "cpu",
+    "rps_keepalive": "http_ka", "p50_keepalive": "http_ka", "p99_keepalive": "http_ka",
+    "rps_newconn": "http_nc", "p50_newconn": "http_nc", "p99_newconn": "http_nc",
+    "idle_rss": "idle", "tunnels_rss": "tunnels", "rss_per_tunnel": "tunnels", "tunnels_open": "tunnels",
+    "proxy_sockets": "tunnels", "hbone_connections": "tunnels",
+}
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def metrics_from_raw(raw: dict, proxied: bool) -> dict[str, float | None]:
+    """Raw step results (runners) -> metric values; None where a step is missing or n/a."""
+    m: dict[str, float | None] = {k: None for k in BY_KEY}
+    m["throughput_1"] = _get(raw, "tput1", "gbps")
+    m["throughput_4"] = _get(raw, "tput4", "gbps")
+    if proxied:
+        m["cpu_per_gb"] = _get(raw, "cpu", "proxy_cpu_s_per_gb")
+    for suffix, step in (("keepalive", "http_ka"), ("newconn", "http_nc")):
+        m[f"rps_{suffix}"] = _get(raw, step, "rps")
+        m[f"p50_{suffix}"] = _get(raw, step, "p50_ms")
+        m[f"p99_{suffix}"] = _get(raw, step, "p99_ms")
+    idle = _get(raw, "idle", "rss")
+    if proxied and idle:
+        m["idle_rss"] = sum(idle.values()) / len(idle) / MIB
+    t = raw.get("tunnels")
+    if t:
+        alive = t.get("alive")
+        m["tunnels_open"] = alive if alive is not None else t.get("opened")
+        if proxied:
+            at, before = sum(t["rss_at"].values()), sum(t["rss_before"].values())
+            m["tunnels_rss"] = at / MIB
+            if t.get("opened"):
+                m["rss_per_tunnel"] = (at - before) / t["opened"] / KIB
+            m["proxy_sockets"] = sum(t["proxy_sockets"].values())
+            m["hbone_connections"] = _get(t, "established", "hbone")
+    return m
+
+
+def ratio(value: float | None, ref: float | None) -> float | None:
+    if value is None or ref is None or ref == 0:
+        return None
+    return value / ref
+
+
+def ratios(metrics: dict[str, dict[str, float | None]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{"native/direct": {metric: ratio}, ...} for every RATIO_COLUMNS pair present in `metrics`."""
+    out = {}
+    for setup, ref in RATIO_COLUMNS:
+        if setup in metrics and ref in metrics:
+            out[f"{setup}/{ref}"] = {
+                m.key: (ratio(metrics[setup].get(m.key), metrics[ref].get(m.key)) if m.ratio else None)
+                for m in METRICS
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ table
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def metric_label(m: Metric, tunnels: int | None = None) -> str:
+    label = m.label.replace("N tunnels", f"{tunnels:,} tunnels") if tunnels else m.label
+    return f"{label} ({m.unit})" if m.unit else label
+
+
+def table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per metric; absolute values per setup, then the ratios.  A figure
+    that failed reads `failed` (the reason is listed under the table)."""
+    setups = [s for s in ORDER if s in doc["setups"]]
+    metrics = {s: doc["setups"][s].get("metrics", {}) for s in setups}
+    rat = ratios(metrics)
+    ratio_cols = [k for k in (f"{a}/{b}" for a, b in RATIO_COLUMNS) if k in rat]
+    header = ["figure"] + [SHORT[s] for s in setups] + [
+        f"{SHORT[k.split('/')[0]]} ÷ {SHORT[k.split('/')[1]]}" for k in ratio_cols]
+    tunnels = _get(doc, "settings", "tunnels")
+    rows = []
+    for m in METRICS:
+        row = [metric_label(m, tunnels)]
+        for s in setups:
+            v = metrics[s].get(m.key)
+            failed = SOURCE[m.key] in doc["setups"][s].get("errors", {}) or not doc["setups"][s].get("available", True)
+            if v is None and failed and not (m.proxy_only and s == "direct"):
+                row.append("failed" if doc["setups"][s].get("available", True) else "n/a")
+            else:
+                star = "*" if v is not None and m.key in AT_TUNNELS and partial_tunnels(doc["setups"][s]) else ""
+                row.append(_fmt(v, m.fmt) + star)
+        row += [_fmt_ratio(rat[k].get(m.key)) for k in ratio_cols]
+        rows.append(row)
+    return header, rows
+
+
+def split(header: list[str], rows: list[list[str]]) -> list[tuple[list[str], list[list[str]]]]:
+    """The table as two narrower ones, absolute values and ratios (for narrow terminals)."""
+    n_abs = sum(1 for h in header[1:] if "÷" not in h) + 1
+    parts = [(header[:n_abs], [r[:n_abs] for r in rows])]
+    if len(header) > n_abs:
+        parts.append(([header[0]] + header[n_abs:], [[r[0]] + r[n_abs:] for r in rows]))
+    return parts
+
+
+def _rich_header(h: str) -> str:
+    return h.replace(" ÷ ", "\n÷ ")  # ratio columns as two header lines: narrow columns
+
+
+def rich_width(header: list[str], rows: list[list[str]]) -> int:
+    """Columns a rich Table of these cells needs (cell padding and borders included)."""
+    cells = [[max(_rich_header(h).split("\n"), key=len) for h in header]] + rows
+    return sum(max(len(r[i]) for r in cells) + 3 for i in range(len(header))) + 1
+
+
+def render_plain(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def render_markdown(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render_rich(header: list[str], rows: list[list[str]], title: str, caption: str):
+    from rich.table import Table
+
+    t = Table(title=title, caption=caption, caption_justify="left", show_lines=False)
+    n_abs = sum(1 for h in header[1:] if "÷" not in h)
+    for i, h in enumerate(header):
+        style = "bold" if i == 0 else ("cyan" if i <= n_abs else "magenta")
+        t.add_column(_rich_header(h), justify="left" if i == 0 else "right", style=style if i else None, no_wrap=i > 0)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def notes(doc: dict) -> list[str]:
+    """Lines printed under the table: how to read it, what each setup was, what failed and why."""
+    s = doc.get("settings", {})
+    out = [
+        "ratios are value ÷ reference: above 1 is better for throughput and req/s, worse for latency, CPU and memory",
+        f"iperf3 {s.get('iperf_seconds')} s after {s.get('iperf_omit')} s warm-up, client -> server; CPU per GB from a "
+        f"{(s.get('cpu_bytes') or 0) / (1 << 20):,.0f} MiB transfer (utime+stime of both proxies from /proc)",
+        f"wrk {s.get('wrk_threads')} thread, {s.get('wrk_connections')} connections, {s.get('wrk_seconds')} s, "
+        f"nginx 1 worker, {s.get('body_bytes')} B body; new connection = `Connection: close` "
+        "(latency from request write, after connect)",
+        f"tunnels: {s.get('tunnels'):,} concurrent connections each proven by a 1-byte round trip; RSS per tunnel = "
+        "(RSS at N - RSS just before) / N",
+    ]
+    for name in ORDER:
+        st = doc["setups"].get(name)
+        if not st:
+            continue
+        info = st.get("info") or {}
+        desc = st.get("label", name)
+        if info:
+            shown = ("engine", "concurrency", "log_level")
+            desc += " [" + ", ".join(f"{k}={v}" for k, v in info.items() if k in shown) + "]"
+        if not st.get("available", True):
+            out.append(f"{name}: not measured: {st.get('reason')}")
+            continue
+        out.append(f"{name}: {desc}")
+        for step, err in (st.get("errors") or {}).items():
+            out.append(f"{name}: {step} failed: {err}")
+        t = (st.get("raw") or {}).get("tunnels")
+        if t and t.get("alive") != t.get("requested"):
+            out.append(f"{name}: only {t.get('alive') or 0:,} of {t['requested']:,} tunnels open and alive, figures "
+                       f"marked * are with those (open failures {t.get('open_failures')}, check failures "
+                       f"{t.get('check_failures')})")
+        for step, err in (st.get("retried") or {}).items():
+            if step not in (st.get("errors") or {}):
+                out.append(f"{name}: {step}: first attempt failed ({err}); the figure is from a retry on a fresh setup")
+    return out
+
+
+# -------------------------------------------------------------------------------------- JSON, PNG
+def write_results(doc: dict, directory: Path, stamp: str, latest: bool = True) -> dict[str, Path]:
+    """<stamp>.json and <stamp>.md (the table, for READMEs), and the same as latest.* when `latest`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    header, rows = table(doc)
+    texts = {
+        "json": json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n",
+        "md": f"{title_of(doc)}\n\n" + render_markdown(header, rows) + "\n\n"
+              + "\n".join(f"- {n}" for n in notes(doc)) + "\n",
+    }
+    paths = {}
+    for ext, text in texts.items():
+        paths[ext] = directory / f"{stamp}.{ext}"
+        paths[ext].write_text(text)
+        if latest:
+            paths[f"latest_{ext}"] = directory / f"latest.{ext}"
+            paths[f"latest_{ext}"].write_text(text)
+    return paths
+
+
+CHART_METRICS = ("throughput_1", "throughput_4", "cpu_per_gb", "rps_keepalive", "p50_keepalive", "p99_keepalive",
+                 "rps_newconn", "p50_newconn", "p99_newconn", "idle_rss", "tunnels_rss", "rss_per_tunnel")
+COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "pure": "#aec7e8", "envoy": "#ff7f0e"}
+
+
+def chart(doc: dict, path: Path, title: str) -> Path:
+    """One PNG: a small bar chart per figure (absolute values, labelled), setups in a fixed order and
+    colour; a missing bar reads n/a or failed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = [s for s in ORDER if s in doc["setups"]]
+    tunnels = _get(doc, "settings", "tunnels")
+    cols = 4
+    rows = (len(CHART_METRICS) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, CHART_METRICS):
+        m = BY_KEY[key]
+        values = [doc["setups"][s].get("metrics", {}).get(key) for s in setups]
+        xs = list(range(len(setups)))
+        heights = [v or 0.0 for v in values]
+        bars = ax.bar(xs, heights, color=[COLORS[s] for s in setups])
+        top = max(heights) if any(heights) else 1.0
+        for x, b, v, s in zip(xs, bars, values, setups):
+            if v is None:
+                failed = SOURCE[key] in doc["setups"][s].get("errors", {})
+                ax.text(x, top * 0.02, "failed" if failed else "n/a", ha="center", va="bottom", fontsize=7,
+                        color="#999")
+            else:
+                star = "*" if key in AT_TUNNELS and partial_tunnels(doc["setups"][s]) else ""
+                ax.text(x, b.get_height(), format(v, m.fmt) + star, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, [SHORT[s] for s in setups], fontsize=8)
+        ax.set_ylim(0, top * 1.18)
+        ax.set_title(metric_label(m, tunnels) + ("  ↑" if m.higher_is_better else "  ↓"), fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in list(axes.flat)[len(CHART_METRICS):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def title_of(doc: dict) -> str:
+    mi = doc.get("machine", {})
+    return (f"ztunnel-fast bench {doc.get('started', '')[:19]}Z  ·  {mi.get('cpu_model')} × {mi.get('nproc')}  ·  "
+            f"Linux {mi.get('kernel')}  ·  {'quick' if doc.get('quick') else 'full'} run")
+
