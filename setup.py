@@ -37,7 +37,7 @@ def extensions():
         print("warning: Cython not installed; the pure twin will be used", file=sys.stderr)
         return []
     return cythonize(
-        ["src/ztunnel_fast/_splice.pyx"],
+        ["src/ztunnel_fast/_splice.pyx", "src/ztunnel_fast/_hbone.pyx"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         quiet=True,
     )

@@ -1,5 +1,10 @@
-# Declarations for the native HBONE engine (_hbone.pyx): the structures the worker threads own.
-# C library declarations live in includes/system.pxd.
+# Declarations for the native engine (_hbone.pyx and its _hbone_*.pxi pieces): the structures the
+# worker threads own.  C library declarations live in includes/system.pxd.
+#
+# Ownership: every Conn, Stream and Splice belongs to exactly one worker thread, which alone reads
+# and writes it; the event loop talks to a worker only through its command queue (Cmd) and hears
+# back only through the shared event queue (Event).  Structures are freed at the end of a worker
+# loop iteration (graveyard), never while an epoll batch may still point at them.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
@@ -11,12 +16,12 @@ cdef enum:
     H_CMD = 1        # the worker's command eventfd
     H_TLS = 2        # an HBONE connection's TLS socket
     H_PLAIN = 3      # a tunnel's plain socket (an HBONE stream attached to it)
-    H_SPLICE = 4     # one side of a plain<->plain tunnel
+    H_SPLICE_A = 4   # side a of a plain<->plain tunnel
+    H_SPLICE_B = 5   # side b
 
 
 cdef struct Handle:
     int kind
-    int side             # splice: 0 = fd a, 1 = fd b
     void *owner
 
 
@@ -45,11 +50,13 @@ cdef struct ChunkQ:
 # Worker -> event loop.  `data` is malloc'd and owned by the event until Python takes it.
 cdef struct Event:
     Event *next
-    int kind
-    uint64_t id          # connection id, or tunnel id for completions
+    int kind             # EV_*
+    uint64_t id          # connection id, or the token of a splice
+    uint64_t token       # tunnel token (EV_STREAM_END of an attached stream), else 0
     uint32_t sid
     int code
     int flags
+    int err
     int64_t a
     int64_t b
     char *data
@@ -61,32 +68,36 @@ cdef struct EventQ:
     Event *head
     Event *tail
     int efd              # eventfd the event loop watches; -1: nobody to wake (sans-IO tests)
+    bint signalled       # efd written since the event loop last drained
     uint64_t emitted     # events ever queued (tests assert no per-chunk events)
 
 
 # Event loop -> worker.
 cdef struct Cmd:
     Cmd *next
-    int kind
-    uint64_t id          # connection or splice id
+    int kind             # CMD_*
+    uint64_t id          # connection id or splice token
+    uint64_t token
     uint32_t sid
     int fd
     int fd2
     int code
     int flags
-    uint64_t tunnel
     void *ssl
     char *data
     size_t len
     int64_t settings[8]  # CS_* indexes
 
 
-# Common head of the objects a worker owns and can schedule (connections and splices).
+# Common head of what a worker owns and schedules (connections and splices).
 cdef struct Obj:
-    int kind             # H_TLS (Conn) or H_SPLICE (Splice)
+    int kind             # H_TLS (Conn) or H_SPLICE_A (Splice)
     uint64_t id
     Obj *hnext           # id hash chain
+    Obj *lnext           # the worker's list of live objects
+    Obj *lprev
     Obj *rnext           # run queue
+    Obj *gnext           # graveyard
     bint queued
     bint dead
 
@@ -101,16 +112,16 @@ cdef struct Stream:
     int64_t recv_unacked
     ChunkQ rq
     int fd               # plain socket once attached, else -1
-    uint64_t tunnel
+    uint64_t token
     int64_t sent         # plain -> stream payload bytes
     int64_t received     # stream -> plain payload bytes
-    int err_kind         # TE_*: the first thing that went wrong
-    int err_code         # errno or HTTP/2 error code
-    Stream *hnext
-    Stream *anext        # attached list
+    int end_kind         # END_*: the first thing that ended the tunnel
+    int end_code         # HTTP/2 error code of a reset
+    int end_err          # errno of a plain socket failure
+    Stream *hnext        # sid hash chain
+    Stream *anext        # the connection's list of streams
     Stream *aprev
     Stream *gnext        # graveyard
-    bint dead
 
 
 cdef struct Conn:
@@ -127,10 +138,16 @@ cdef struct Conn:
     Buf obuf
     Buf hblock           # header block being reassembled (HEADERS + CONTINUATION)
     uint32_t hb_sid
-    int hb_kind
-    int hb_end_stream
+    int hb_flags
     int hb_frames
     size_t preface_got
+    # a DATA frame whose payload is still arriving
+    uint32_t d_sid
+    size_t d_left        # payload bytes still to come
+    size_t d_pad         # padding bytes after them
+    bint d_end           # END_STREAM once the frame is complete
+    bint d_need_padlen   # PADDED: the pad length byte has not been read yet
+    # our settings (CS_*), then the peer's
     int64_t local_stream_window
     int64_t local_conn_window
     int64_t local_max_frame
@@ -147,27 +164,26 @@ cdef struct Conn:
     uint32_t goaway_last_sid
     int open_peer_streams
     int nstreams
-    int nattached
     Stream **buckets
-    Stream *att_head
-    Stream *att_tail
-    Stream *rr
-    uint32_t recent_reset[16]
-    int recent_pos
+    Stream *s_head
+    Stream *s_tail
+    Stream *rr           # where the next fair upload round starts
+    Stream *grave
     int64_t reset_ring[128]
     int reset_count
     int reset_pos
-    int64_t flood_window_start
-    int64_t flood_count
+    int64_t ctl_window_start     # empty DATA frames counted since (flood limit)
+    int64_t ctl_count
+    int64_t refused_window_start # streams refused or ignored since (flood limit)
+    int64_t refused_count
     int64_t ping_interval_ns
     int64_t ping_timeout_ns
     int64_t next_ping_ns
     int64_t ping_sent_ns
     int64_t linger_deadline
-    int close_kind
-    char close_msg[200]
     int64_t frames_in
     int64_t data_frames_in
+    int close_err        # errno behind a CLOSE_IO (EV_CLOSED.err)
 
 
 # One direction of a plain<->plain tunnel on a worker.
@@ -176,10 +192,12 @@ cdef struct SLeg:
     int dst
     int pipe_r
     int pipe_w
-    size_t pending
+    size_t pending       # bytes in the pipe (or in buf) not yet written to dst
     size_t capacity
     bint eof
     bint done
+    bint src_r           # edge-triggered readiness, cleared on EAGAIN
+    bint dst_w
     int64_t moved
     char *buf            # recv/send fallback when splice(2) refuses the socket pair
     size_t boff
@@ -192,7 +210,6 @@ cdef struct Splice:
     void *worker
     int fa
     int fb
-    uint32_t ready       # SR_* readiness bits
     SLeg ab
     SLeg ba
     int err
@@ -209,11 +226,12 @@ cdef struct Worker:
     Cmd *cmd_head
     Cmd *cmd_tail
     EventQ *evq
-    Obj **objs
+    Obj **objs           # id hash table
+    Obj *live
     Obj *run_head
     Obj *run_tail
     Obj *grave
-    Stream *grave_streams
+    Stream *sgrave
     bint stopping
     int64_t next_tick
-    int64_t nconns
+    int64_t nobjs

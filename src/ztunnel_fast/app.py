@@ -90,7 +90,7 @@ class App:
             raise ConfigError("LOCAL_CA_DIR", "", "required (no istiod CA client yet): create one with `ztunnel-fast ca init DIR`")
         ca = LocalCA.load(config.local_ca_dir)
         certs = CertificateManager(ca, config.secret_ttl)
-        engine = create_engine(config.engine)
+        engine = create_engine(config.engine, workers=config.worker_threads)
         self.engine_name = engine.name
         h2 = H2Settings(
             stream_window=config.http2_stream_window_size,

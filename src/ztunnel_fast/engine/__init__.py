@@ -24,8 +24,9 @@ def native_available() -> tuple[bool, str]:
     return True, ""
 
 
-def create_engine(choice: str = "auto") -> Engine:
-    """Must be called with a running event loop."""
+def create_engine(choice: str = "auto", workers: int = 2) -> Engine:
+    """Must be called with a running event loop.  `workers`: native worker threads
+    (ZTUNNEL_WORKER_THREADS, `Config.worker_threads`); the pure twin ignores it."""
     if choice not in ("auto", "native", "pure"):
         raise ConfigError("ZTUNNEL_ENGINE", "", f"unknown engine {choice!r} (use auto|native|pure)")
     if choice in ("auto", "native"):
@@ -33,7 +34,7 @@ def create_engine(choice: str = "auto") -> Engine:
         if ok:
             from .native import NativeEngine
 
-            return NativeEngine()
+            return NativeEngine(workers=workers)
         if choice == "native":
             raise ConfigError("ZTUNNEL_ENGINE", "", f"native engine requested but not built: {why}")
         log.warning("native engine not available (%s); using the pure twin", why)

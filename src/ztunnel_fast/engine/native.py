@@ -1,82 +1,522 @@
-"""The native engine: tunnels moved by compiled code (_splice) with the GIL released.
+"""The native engine: tunnels moved by compiled code (_hbone) on worker threads, GIL released.
 
-This stage of the engine owns plain<->plain tunnels (node-local fast path, passthrough, plain TCP
-to non-mesh workloads, inbound to the app): each runs `_splice.splice_pair` on a thread of its own,
-which blocks in poll()/splice() outside the interpreter and reports back to the event loop.
-HBONE legs are still moved by the pure twin's HTTP/2 driver.
+`NativeEngine` starts ZTUNNEL_WORKER_THREADS workers (each an edge-triggered epoll loop in C) and
+watches their event queue's eventfd from the asyncio loop.
 
-Invariant: the sockets stay owned by the caller; a tunnel can be cancelled (drain) through its
-cancel pipe, which makes the native loop return ECANCELED.
+- Plain<->plain tunnels (`splice`) go to a worker: splice(2) through a pipe, zero copy.
+- HBONE connections (`connection`): after the pyOpenSSL handshake the worker owns the socket and
+  the SSL*: HTTP/2 framing, flow control, PING/SETTINGS, GOAWAY, limits, all in C.  Header blocks
+  come here as events and are HPACK-decoded in frame order (one decoder per connection); ours are
+  encoded here (a stateless encoder: dynamic table size 0) and handed to the worker to send.
+- `tunnel(plain, stream)` attaches the plain socket to the stream in its worker: every chunk is
+  moved in C, the event loop hears only the completion.
+
+Invariants: sockets stay owned by the control layer, which closes them only after the completion
+(EV_STREAM_END / EV_SPLICE_DONE / EV_CLOSED: by then the worker has let go of the fd and SSL*);
+a cancelled tunnel is reset by its worker and that completion awaited before CancelledError
+propagates; a pyOpenSSL connection is kept alive until its EV_CLOSED.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import itertools
+import logging
 import os
 import socket
-import threading
 import time
 
-from .. import _splice  # noqa: F401 - ImportError here means "no native engine"
-from ..hbone.connection import HboneConnection, HboneStream
+from h2.errors import ErrorCodes
+
+from .. import _hbone  # ImportError here means "no native engine"
+from ..errors import StreamReset
+from ..hbone.connection import HboneStream
+from . import ssl_bridge
 from .base import Completion
 from .pure import PureEngine
 
-_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECANCELED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+log = logging.getLogger(__name__)
+
+# _hbone event kinds (worker -> event loop)
+EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = range(1, 8)
+# how a stream ended
+END_CLEAN, END_PEER_RESET, END_LOCAL_RESET, END_IO, END_CONN, END_REFUSED, END_NOSTREAM, END_PROTOCOL = range(8)
+ECANCELED = 125
+
+_hbone.set_ssl_functions(*ssl_bridge.functions())
+
+
+def _io_error(err: int) -> str:
+    return f"io error: {os.strerror(err)} (os error {err})"
+
+
+async def _settle(fut: asyncio.Future):
+    """Wait for a completion even while being cancelled (the worker must let go of the fds first)."""
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            continue
+    return fut.result()
+
+
+def stream_completion(result, start: float) -> Completion:
+    """An EV_STREAM_END of an attached stream as the engine boundary's Completion (pure-twin wording)."""
+    kind, code, err, sent, received = result
+    duration = time.monotonic() - start
+    if kind == END_CLEAN:
+        return Completion(sent, received, duration)
+    if kind == END_IO and err:
+        return Completion(sent, received, duration, error=_io_error(err), reset=True)
+    return Completion(sent, received, duration, error=str(StreamReset(code or ErrorCodes.CANCEL)), reset=True)
 
 
 class NativeEngine:
     name = "native"
 
-    def __init__(self):
+    def __init__(self, workers: int = 2):
         self.loop = asyncio.get_running_loop()
+        self.core = _hbone.Core(workers)
+        self.workers = workers
+        self._tokens = itertools.count(1)
+        self._rr = itertools.cycle(range(workers))
+        self._splices: dict[int, asyncio.Future] = {}
+        self._tunnels: dict[int, asyncio.Future] = {}
+        self._conns: dict[int, "NativeConnection"] = {}
+        self._closed = False
         self._pure = PureEngine()
+        self.loop.add_reader(self.core.event_fd, self._on_events)
 
-    async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:
-        loop = self.loop
-        done: asyncio.Future = loop.create_future()
-        cancel_r, cancel_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        start = time.monotonic()
+    @property
+    def events_emitted(self) -> int:
+        return self.core.events_emitted
 
-        def run():
+    def next_worker(self) -> int:
+        return next(self._rr)
+
+    def next_token(self) -> int:
+        return next(self._tokens)
+
+    # -- events from the workers ----------------------------------------------------------------
+    def _on_events(self) -> None:
+        for ev in self.core.poll():
             try:
-                result = _splice.splice_pair(plain.fileno(), upstream.fileno(), cancel_r)
-            except BaseException as exc:  # noqa: BLE001 - report, never lose a completion
-                result = exc
-            loop.call_soon_threadsafe(_resolve, done, result)
+                self._dispatch(ev)
+            except Exception:  # noqa: BLE001 - one bad event must not stop the others
+                log.exception("native engine: failed to handle event %r", ev[:9])
 
-        thread = threading.Thread(target=run, name=f"splice-{tunnel_id[:8]}", daemon=True)
-        thread.start()
+    def _dispatch(self, ev) -> None:
+        kind, ident, token, sid, code, flags, err, a, b, data = ev
+        if kind == EV_SPLICE_DONE:
+            fut = self._splices.pop(ident, None)
+            if fut is not None and not fut.done():
+                fut.set_result((a, b, err))
+            return
+        conn = self._conns.get(ident)
+        if kind == EV_STREAM_END and token:
+            fut = self._tunnels.pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result((flags, code, err, a, b))
+        if conn is None:
+            return
+        if kind == EV_HEADERS:
+            conn._on_headers(sid, flags, data or b"")
+        elif kind == EV_STREAM_END:
+            conn._on_stream_end(sid, flags, code)
+        elif kind == EV_SETTINGS:
+            conn._peer_max_streams = a
+        elif kind == EV_GOAWAY:
+            conn._on_goaway(sid, code, data or b"")
+        elif kind == EV_ERROR:
+            conn._on_error(code, (data or b"").decode("utf-8", "replace"))
+        elif kind == EV_CLOSED:
+            self._conns.pop(ident, None)
+            conn._on_closed(flags, err, (data or b"").decode("utf-8", "replace"))
+
+    # -- plain <-> plain --------------------------------------------------------------------------
+    async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:
+        start = time.monotonic()
+        token = self.next_token()
+        worker = self.next_worker()
+        fut = self.loop.create_future()
+        self._splices[token] = fut
+        self.core.splice(worker, token, plain.fileno(), upstream.fileno())
         try:
-            result = await asyncio.shield(done)
+            sent, received, err = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            os.write(cancel_w, b"x")
-            result = await done
+            if not self._closed:
+                self.core.splice_cancel(worker, token)
+            await _settle(fut)
             raise
-        finally:
-            if done.done():
-                os.close(cancel_r)
-                os.close(cancel_w)
-        if isinstance(result, BaseException):
-            return Completion(0, 0, time.monotonic() - start, error=f"native engine: {result}", reset=True)
-        sent, received, err = result
-        error = None
-        if err:
-            error = f"io error: {os.strerror(err)} (os error {err})"
+        error = _io_error(err) if err else None
         return Completion(sent, received, time.monotonic() - start, error=error, reset=bool(err))
 
+    # -- HBONE ------------------------------------------------------------------------------------
     def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None):
-        return HboneConnection(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
-                               peer_identity=peer_identity)
+        return NativeConnection(self, sock, tls, client=client, settings=settings, on_request=on_request,
+                                name=name, peer_identity=peer_identity)
 
-    async def tunnel(self, plain: socket.socket, stream: HboneStream, tunnel_id: str) -> Completion:
-        return await self._pure.tunnel(plain, stream, tunnel_id)
+    async def tunnel(self, plain: socket.socket, stream, tunnel_id: str) -> Completion:
+        if isinstance(stream, HboneStream):  # a pure connection (not built by this engine)
+            return await self._pure.tunnel(plain, stream, tunnel_id)
+        start = time.monotonic()
+        conn = stream.conn
+        if stream.closed or conn.lost is not None or self._closed:
+            code = stream.reset_code if stream.reset_code is not None else ErrorCodes.CANCEL
+            return stream_completion((END_NOSTREAM, code, 0, 0, 0), start)
+        token = self.next_token()
+        fut = self.loop.create_future()
+        self._tunnels[token] = fut
+        stream.attached = True
+        self.core.attach(conn.worker, conn.id, stream.id, plain.fileno(), token)
+        try:
+            result = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not self._closed:
+                self.core.reset(conn.worker, conn.id, stream.id, ErrorCodes.CANCEL)
+            stream.reset_code = stream.reset_code if stream.reset_code is not None else ErrorCodes.CANCEL
+            await _settle(fut)
+            raise
+        return stream_completion(result, start)
 
     def close(self) -> None:
-        pass
+        """Stop the workers; every tunnel and connection they still held completes."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self.core.event_fd)
+        except (ValueError, OSError, RuntimeError):
+            pass
+        self.core.stop()
+        self._on_events()
+        for fut in self._splices.values():
+            if not fut.done():
+                fut.set_result((0, 0, ECANCELED))
+        for fut in self._tunnels.values():
+            if not fut.done():
+                fut.set_result((END_CONN, ErrorCodes.CANCEL, 0, 0, 0))
+        for conn in list(self._conns.values()):
+            conn._on_closed(7, 0, "engine stopped")
+        self._splices.clear()
+        self._tunnels.clear()
+        self._conns.clear()
 
 
-def _resolve(fut: asyncio.Future, result) -> None:
-    if not fut.done():
-        fut.set_result(result)
+# ------------------------------------------------------------------------------------------------
+# HBONE connections owned by a worker
+# ------------------------------------------------------------------------------------------------
+import hpack  # noqa: E402 - grouped with the classes that use it
+
+from ..errors import HttpStatus  # noqa: E402
+from ..hbone.connection import PING_INTERVAL, PING_TIMEOUT, ConnectionLost, _code_name, _reason  # noqa: E402
+
+_REQUEST_PSEUDO = {b":method", b":scheme", b":authority", b":path", b":protocol"}
+_CONNECTION_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+CLOSE_LOCAL, CLOSE_PEER, CLOSE_IO, CLOSE_PROTOCOL, CLOSE_GOAWAY, CLOSE_KEEPALIVE, CLOSE_DRAINED, CLOSE_STOP = range(8)
+HF_END_STREAM, HF_TRAILERS, HF_IGNORED, HF_RESPONSE = 1, 2, 4, 8
+
+
+def malformed_request(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request header list is malformed (RFC 9113 8.2, 8.3), or None.  A malformed request
+    is a stream error PROTOCOL_ERROR (the Rust h2 crate under ztunnel does the same)."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name != name.lower():
+            return "uppercase header name"
+        if name.startswith(b":"):
+            if regular:
+                return "pseudo-header after a regular header"
+            if name not in _REQUEST_PSEUDO or name in seen:
+                return f"invalid or repeated pseudo-header {name!r}"
+            seen.add(name)
+        else:
+            regular = True
+            if name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+                return f"connection-specific header {name!r}"
+    if b":method" not in seen:
+        return "no :method"
+    method = dict(headers)[b":method"]
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if b":scheme" in seen or b":path" in seen or b":authority" not in seen:
+            return "CONNECT needs :authority and no :scheme/:path"
+    elif b":scheme" not in seen or b":path" not in seen:
+        return "request without :scheme or :path"
+    return None
+
+
+def _text(raw) -> list[tuple[str, str]] | None:
+    try:
+        return [(k.decode(), v.decode()) for k, v in raw]
+    except UnicodeDecodeError:
+        return None
+
+
+class NativeStream:
+    """One CONNECT stream of a NativeConnection; its bytes move only through engine.tunnel()."""
+
+    def __init__(self, conn: "NativeConnection", stream_id: int, request_headers=None, eof: bool = False):
+        self.conn = conn
+        self.id = stream_id
+        self.request_headers: list[tuple[str, str]] = request_headers or []
+        self.response: asyncio.Future = conn.loop.create_future()
+        self.eof = eof  # peer sent END_STREAM with its headers
+        self.ended = False  # we sent END_STREAM
+        self.reset_code: int | None = None
+        self.responded = False
+        self.closed = False
+        self.attached = False
+
+    def respond(self, status: int, headers: list[tuple[str, str]] | None = None, end: bool = False) -> None:
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+        if self.closed or self.conn.lost is not None:
+            raise StreamReset(ErrorCodes.STREAM_CLOSED)
+        self.responded = True
+        if end:
+            self.ended = True
+        conn = self.conn
+        block = conn._encode([(":status", str(status))] + (headers or []))
+        conn.engine.core.respond(conn.worker, conn.id, self.id, block, end)
+
+    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        if self.reset_code is not None:
+            return
+        self.reset_code = code
+        conn = self.conn
+        if not self.closed and conn.lost is None and not conn.engine._closed:
+            conn.engine.core.reset(conn.worker, conn.id, self.id, code)
+        self._fail_response(StreamReset(code))
+
+    def _fail_response(self, exc: Exception) -> None:
+        if not self.response.done():
+            self.response.set_exception(exc)
+            self.response.exception()  # retrieved: whoever awaits it still gets it, nobody else warns
+
+    def _on_end(self, kind: int, code: int) -> None:
+        self.closed = True
+        if kind != END_CLEAN and self.reset_code is None:
+            self.reset_code = code if kind != END_IO else ErrorCodes.CANCEL
+        if self.conn.lost is not None:
+            self._fail_response(self.conn.lost)
+        else:
+            self._fail_response(StreamReset(self.reset_code if self.reset_code is not None else ErrorCodes.CANCEL))
+
+
+class NativeConnection:
+    """The control layer's handle on an HBONE connection a worker owns (same interface as the pure
+    HboneConnection: start, start_stream, response, on_request, can_open, goaway, close, closed,
+    lost, streams, idle_since, goaway_sent/received, peer_identity, name)."""
+
+    def __init__(self, engine: NativeEngine, sock: socket.socket, tls, *, client: bool, settings,
+                 on_request=None, name: str = "hbone", peer_identity=None):
+        self.engine = engine
+        self.loop = engine.loop
+        self.sock = sock
+        self.tls = tls
+        self.client = client
+        self.name = name
+        self.settings = settings
+        self.peer_identity = peer_identity
+        self.on_request = on_request
+        self.id = engine.next_token()
+        self.worker = engine.next_worker()
+        self.streams: dict[int, NativeStream] = {}
+        self.lost: Exception | None = None
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.closed: asyncio.Future = self.loop.create_future()
+        self.created = time.monotonic()
+        self.idle_since = time.monotonic()
+        self.streams_opened = 0
+        self._peer_max_streams = 2**31 - 1
+        self._next_sid = 1
+        self._started = False
+        self._tasks: set[asyncio.Task] = set()
+        # stateless HPACK encoder: a block the worker drops (stream gone) cannot desynchronise the peer
+        self._encoder = hpack.Encoder()
+        self._encoder.header_table_size = 0
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = settings.max_header_list_size
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        values = (s.stream_window, s.connection_window, s.max_frame_size, s.max_concurrent_streams,
+                  s.max_header_list_size, int(PING_INTERVAL * 1000), int(PING_TIMEOUT * 1000))
+        ssl = ssl_bridge.ssl_pointer(self.tls)
+        self.engine._conns[self.id] = self
+        self._started = True
+        self.engine.core.adopt(self.worker, self.id, self.sock.fileno(), ssl, self.client, values)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def max_streams(self, pool_limit: int) -> int:
+        return min(pool_limit, self._peer_max_streams)
+
+    def can_open(self, pool_limit: int) -> bool:
+        return (self.lost is None and not self.goaway_received and not self.goaway_sent
+                and self.active_streams < self.max_streams(pool_limit))
+
+    def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Graceful: no new streams; open streams finish; the worker closes when idle."""
+        if self.goaway_sent or self.lost is not None:
+            return
+        self.goaway_sent = True
+        if not self.streams:
+            self.close()
+        elif not self.engine._closed:
+            self.engine.core.goaway(self.worker, self.id, error_code)
+
+    def close(self, error: Exception | None = None) -> None:
+        if self.lost is not None:
+            return
+        self.lost = error or ConnectionLost("connection closed")
+        self._lose_streams()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self._started and not self.engine._closed and self.id in self.engine._conns:
+            self.engine.core.close_conn(self.worker, self.id, error is None)  # EV_CLOSED releases the socket
+        else:
+            self._release(error)
+
+    def _lose_streams(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.reset_code is None:
+                stream.reset_code = ErrorCodes.CANCEL
+            stream._fail_response(self.lost)
+        if not any(s.attached for s in self.streams.values()):
+            self.streams.clear()
+
+    def _release(self, error) -> None:
+        self.streams.clear()
+        self.tls = None  # the worker is done with the SSL*: pyOpenSSL may free it
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if not self.closed.done():
+            self.closed.set_result(error)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- client side ------------------------------------------------------------------------
+    def start_stream(self, headers: list[tuple[str, str]]) -> NativeStream:
+        if self.lost is not None:
+            raise self.lost
+        sid = self._next_sid
+        self._next_sid += 2
+        stream = NativeStream(self, sid, headers)
+        self.streams[sid] = stream
+        self.streams_opened += 1
+        self.engine.core.open_stream(self.worker, self.id, sid, self._encode(headers))
+        return stream
+
+    async def response(self, stream: NativeStream) -> None:
+        headers = await stream.response
+        status = int(dict(headers).get(":status", "0") or 0)
+        if status != 200:
+            stream.reset(ErrorCodes.CANCEL)
+            raise HttpStatus(status, _reason(status))
+
+    def _encode(self, headers) -> bytes:
+        return self._encoder.encode(headers)
+
+    # -- events from the worker -------------------------------------------------------------
+    def _fail(self, code: int, reason: str) -> None:
+        """A connection error found here (HPACK): the worker sends GOAWAY and closes."""
+        if not self.engine._closed:
+            self.engine.core.conn_error(self.worker, self.id, code, reason.encode()[:190])
+
+    def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
+        try:
+            raw = self._decoder.decode(block, raw=True)
+        except (hpack.HPACKError, ValueError, IndexError) as exc:
+            self._fail(ErrorCodes.COMPRESSION_ERROR, f"peer violated HTTP/2: undecodable header block ({exc})")
+            return
+        if flags & (HF_IGNORED | HF_TRAILERS):
+            return
+        if flags & HF_RESPONSE:
+            stream = self.streams.get(sid)
+            if stream is not None and not stream.response.done():
+                stream.response.set_result(_text(raw) or [(":status", "0")])
+            return
+        self._on_request(sid, raw, bool(flags & HF_END_STREAM))
+
+    def _on_request(self, sid: int, raw, eof: bool) -> None:
+        headers = _text(raw)
+        stream = NativeStream(self, sid, headers or [], eof=eof)
+        self.streams[sid] = stream
+        self.streams_opened += 1
+        if self.on_request is None or self.goaway_sent or self.lost is not None:
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        why = malformed_request(raw)
+        if why is not None:
+            log.warning("%s: reset stream %d (PROTOCOL_ERROR): malformed request: %s", self.name, sid, why)
+            stream.reset(ErrorCodes.PROTOCOL_ERROR)
+            return
+        if headers is None:
+            log.warning("%s: refused CONNECT with 400 Bad Request on stream %d: header block is not valid UTF-8",
+                        self.name, sid)
+            stream.respond(400, end=True)
+            return
+        self._spawn(self.on_request(stream), f"{self.name}-stream-{sid}")
+
+    def _on_stream_end(self, sid: int, kind: int, code: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            stream._on_end(kind, code)
+        if not self.streams:
+            self.idle_since = time.monotonic()
+
+    def _on_goaway(self, last: int, code: int, data: bytes) -> None:
+        self.goaway_received = True
+        if code:
+            log.info("%s: peer sent GOAWAY %s: %s", self.name, _code_name(code), data)
+
+    def _on_error(self, code: int, reason: str) -> None:
+        log.warning("%s: closing connection, %s (GOAWAY %s)", self.name, reason, _code_name(code))
+        self.goaway_sent = True
+        if self.lost is None:
+            self.lost = ConnectionLost(reason)
+            self._lose_streams()
+
+    def _on_closed(self, kind: int, err: int, reason: str) -> None:
+        error = self.lost
+        if error is None:
+            if kind == CLOSE_KEEPALIVE:
+                log.warning("%s: no PING ack for %.0fs, dropping connection", self.name, PING_TIMEOUT)
+            if kind == CLOSE_IO and err:
+                reason = f"{reason}: {_io_error(err)}"
+            elif kind == CLOSE_IO:
+                reason = _tls_reason(reason)
+            if kind not in (CLOSE_DRAINED, CLOSE_LOCAL):
+                error = ConnectionLost(reason if kind != CLOSE_GOAWAY or "error" in reason
+                                       else "peer sent GOAWAY NO_ERROR")
+            self.lost = error or ConnectionLost("connection closed")
+            self._lose_streams()
+        for stream in list(self.streams.values()):
+            stream._on_end(END_CONN, ErrorCodes.CANCEL)
+        for task in list(self._tasks):
+            task.cancel()
+        self._release(error if kind not in (CLOSE_LOCAL, CLOSE_DRAINED) else None)
+
+
+def _tls_reason(reason: str) -> str:
+    """'connection error: tlsv13 alert certificate required' -> the handshake module's wording."""
+    from ..tls.handshake import _REASONS
+
+    what, _, detail = reason.partition(": ")
+    phrase = _REASONS.get(detail.lower())
+    if phrase and "alert" in detail:
+        return f"peer rejected the connection: {phrase}"
+    return reason

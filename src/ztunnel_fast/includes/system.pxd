@@ -57,6 +57,16 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
 
 
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *set)
+    int pthread_sigmask(int how, const sigset_t *set, sigset_t *oldset)
+    enum:
+        SIG_BLOCK
+        SIG_SETMASK
+
+
 cdef extern from "<fcntl.h>" nogil:
     ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
     int pipe2(int pipefd[2], int flags)
@@ -77,11 +87,23 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
 
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t readv(int fd, const iovec *iov, int iovcnt)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+
 cdef extern from "<sys/socket.h>" nogil:
+    struct linger:
+        int l_onoff
+        int l_linger
     int shutdown(int sockfd, int how)
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int setsockopt(int sockfd, int level, int optname, const void *optval, unsigned int optlen)
+    int getsockopt(int sockfd, int level, int optname, void *optval, unsigned int *optlen)
     enum:
         SHUT_RD
         SHUT_WR
@@ -90,6 +112,7 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_DONTWAIT
         SOL_SOCKET
         SO_LINGER
+        SO_ERROR
 
 
 cdef extern from "<time.h>" nogil:
@@ -115,3 +138,25 @@ cdef extern from "<errno.h>" nogil:
         ENOTCONN
         ENOMEM
         ETIMEDOUT
+        EBADF
+        ENOENT
+        ENOSYS
+
+
+# OpenSSL entry points, called through the addresses of cryptography's bundled OpenSSL (never
+# linked: engine/ssl_bridge.py hands them over).  Values of SSL_get_error from openssl/ssl.h.
+ctypedef int (*ssl_read_fn)(void *ssl, void *buf, int num) noexcept nogil
+ctypedef int (*ssl_write_fn)(void *ssl, const void *buf, int num) noexcept nogil
+ctypedef int (*ssl_get_error_fn)(const void *ssl, int ret) noexcept nogil
+ctypedef int (*ssl_shutdown_fn)(void *ssl) noexcept nogil
+ctypedef void (*err_clear_error_fn)() noexcept nogil
+ctypedef unsigned long (*err_get_error_fn)() noexcept nogil
+ctypedef const char *(*err_reason_string_fn)(unsigned long e) noexcept nogil
+
+cdef enum:
+    SSL_ERROR_NONE = 0
+    SSL_ERROR_SSL = 1
+    SSL_ERROR_WANT_READ = 2
+    SSL_ERROR_WANT_WRITE = 3
+    SSL_ERROR_SYSCALL = 5
+    SSL_ERROR_ZERO_RETURN = 6

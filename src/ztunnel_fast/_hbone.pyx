@@ -1,0 +1,36 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The native engine: worker threads that own established tunnels and move their bytes without the GIL.
+
+Role: plain<->plain tunnels (splice(2), zero copy) and HBONE connections (HTTP/2 framing, flow
+control, TLS records through the SSL* pyOpenSSL handshook) run on N worker threads, each an
+edge-triggered epoll loop.  The event loop talks to them through per-worker command queues and
+hears back through one event queue whose eventfd it watches.  Only per-tunnel and per-header-block
+work ever reaches Python: never a Python frame per chunk of payload.
+
+Layout (each piece a .pxi included below, declarations in _hbone.pxd and includes/system.pxd):
+core (buffers, queues), frames (HTTP/2 wire constants and writers), splice (plain<->plain), conn
+(connection and stream lifecycle), parse + data (the frame parser, sans-IO), stream (a stream
+attached to a plain socket), tls (SSL_read / SSL_write, run loop, commands, timers), worker
+(threads and epoll), then the Python API (`Core`, and `FrameParser` for tests).
+
+Invariants: a worker's objects are touched only by that worker; nothing is freed while an epoll
+batch may point at it; memory per tunnel is bounded by flow-control windows and fixed buffers; a
+peer's bad input ends its connection (GOAWAY), never the process.
+"""
+
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memmove, memset, memcmp, strlen
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
+
+from .includes.system cimport *
+
+include "_hbone_core.pxi"
+include "_hbone_frames.pxi"
+include "_hbone_splice.pxi"
+include "_hbone_conn.pxi"
+include "_hbone_parse.pxi"
+include "_hbone_data.pxi"
+include "_hbone_stream.pxi"
+include "_hbone_tls.pxi"
+include "_hbone_worker.pxi"
+include "_hbone_api.pxi"

@@ -1,0 +1,355 @@
+# _hbone piece: the Python API.  `Core` owns the workers and the event queue; engine/native.py is
+# its only user.  Every method only queues a command (or drains events): nothing here blocks on a
+# worker except stop().
+
+DEF MAX_WORKERS = 64
+
+
+def set_ssl_functions(uintptr_t ssl_read, uintptr_t ssl_write, uintptr_t ssl_get_error,
+                      uintptr_t ssl_shutdown, uintptr_t err_clear_error, uintptr_t err_get_error,
+                      uintptr_t err_reason_string):
+    """Addresses of cryptography's bundled OpenSSL functions (engine/ssl_bridge.py finds them)."""
+    tls_set_functions(ssl_read, ssl_write, ssl_get_error, ssl_shutdown, err_clear_error,
+                      err_get_error, err_reason_string)
+
+
+cdef class Core:
+    """N worker threads plus the event queue the event loop drains (`event_fd`, `poll()`)."""
+
+    cdef EventQ evq
+    cdef Worker *workers
+    cdef int nworkers
+    cdef bint evq_ready
+    cdef bint stopped
+
+    def __cinit__(self):
+        self.workers = NULL
+        self.nworkers = 0
+        self.evq_ready = False
+        self.stopped = True
+
+    def __init__(self, int nworkers):
+        cdef int i, err
+        if nworkers < 1 or nworkers > MAX_WORKERS:
+            raise ValueError(f"worker threads must be 1..{MAX_WORKERS}, not {nworkers}")
+        memset(&self.evq, 0, sizeof(EventQ))
+        pthread_mutex_init(&self.evq.lock, NULL)
+        self.evq.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.evq.efd < 0:
+            raise OSError(errno, "eventfd failed")
+        self.evq_ready = True
+        self.workers = <Worker *>calloc(nworkers, sizeof(Worker))
+        if self.workers == NULL:
+            raise MemoryError()
+        self.stopped = False
+        for i in range(nworkers):
+            err = worker_init(&self.workers[i], i, &self.evq)
+            self.nworkers = i + 1
+            if err == 0:
+                err = pthread_create(&self.workers[i].tid, NULL, worker_main, &self.workers[i])
+                if err == 0:
+                    self.workers[i].started = True
+            if err:
+                self.stop()
+                raise OSError(err, "cannot start native worker thread")
+
+    @property
+    def workers_count(self):
+        return self.nworkers
+
+    @property
+    def event_fd(self):
+        return self.evq.efd
+
+    @property
+    def events_emitted(self):
+        """Events ever queued for the event loop (tests: no per-chunk events)."""
+        return self.evq.emitted
+
+    def poll(self):
+        """Every queued event, oldest first, as tuples
+        (kind, id, token, sid, code, flags, err, a, b, data)."""
+        cdef Event *e
+        cdef Event *nxt
+        cdef list out = []
+        if not self.evq_ready:
+            return out
+        e = evq_take_all(&self.evq)
+        while e != NULL:
+            nxt = e.next
+            data = e.data[:e.len] if e.data != NULL else None
+            out.append((e.kind, e.id, e.token, e.sid, e.code, e.flags, e.err, e.a, e.b, data))
+            event_free(e)
+            e = nxt
+        return out
+
+    cdef Worker *_worker(self, int index) except NULL:
+        if self.stopped:
+            raise RuntimeError("native engine stopped")
+        return &self.workers[index % self.nworkers]
+
+    cdef Cmd *_cmd(self, int kind, uint64_t id) except NULL:
+        cdef Cmd *c = <Cmd *>calloc(1, sizeof(Cmd))
+        if c == NULL:
+            raise MemoryError()
+        c.kind = kind
+        c.id = id
+        c.fd = -1
+        c.fd2 = -1
+        return c
+
+    cdef int _data(self, Cmd *c, bytes data) except -1:
+        cdef Py_ssize_t n = len(data)
+        if n:
+            c.data = <char *>malloc(n)
+            if c.data == NULL:
+                free(c)
+                raise MemoryError()
+            memcpy(c.data, <const char *>data, n)
+            c.len = n
+        return 0
+
+    def splice(self, int worker, uint64_t token, int fd_a, int fd_b):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_SPLICE, token)
+        c.token = token
+        c.fd = fd_a
+        c.fd2 = fd_b
+        worker_post(w, c)
+
+    def splice_cancel(self, int worker, uint64_t token):
+        cdef Worker *w = self._worker(worker)
+        worker_post(w, self._cmd(CMD_SPLICE_CANCEL, token))
+
+    def adopt(self, int worker, uint64_t conn_id, int fd, uintptr_t ssl, bint client, tuple settings):
+        """Hand a handshaken TLS connection to a worker.  settings: CS_* values in order."""
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_ADOPT, conn_id)
+        cdef int i
+        c.fd = fd
+        c.ssl = <void *>ssl
+        c.flags = 1 if client else 0
+        for i in range(min(len(settings), 8)):
+            c.settings[i] = settings[i]
+        worker_post(w, c)
+
+    def open_stream(self, int worker, uint64_t conn_id, uint32_t sid, bytes block):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_OPEN, conn_id)
+        c.sid = sid
+        self._data(c, block)
+        worker_post(w, c)
+
+    def respond(self, int worker, uint64_t conn_id, uint32_t sid, bytes block, bint end):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_RESPOND, conn_id)
+        c.sid = sid
+        c.flags = 1 if end else 0
+        self._data(c, block)
+        worker_post(w, c)
+
+    def attach(self, int worker, uint64_t conn_id, uint32_t sid, int fd, uint64_t token):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_ATTACH, conn_id)
+        c.sid = sid
+        c.fd = fd
+        c.token = token
+        worker_post(w, c)
+
+    def reset(self, int worker, uint64_t conn_id, uint32_t sid, int code):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_RESET, conn_id)
+        c.sid = sid
+        c.code = code
+        worker_post(w, c)
+
+    def goaway(self, int worker, uint64_t conn_id, int code):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_GOAWAY, conn_id)
+        c.code = code
+        worker_post(w, c)
+
+    def close_conn(self, int worker, uint64_t conn_id, bint graceful):
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_CLOSE, conn_id)
+        c.flags = 1 if graceful else 0
+        worker_post(w, c)
+
+    def conn_error(self, int worker, uint64_t conn_id, int code, bytes reason):
+        """A connection error the event loop found (HPACK, header rules): GOAWAY code, close."""
+        cdef Worker *w = self._worker(worker)
+        cdef Cmd *c = self._cmd(CMD_ERROR, conn_id)
+        c.code = code
+        self._data(c, reason)
+        worker_post(w, c)
+
+    def stop(self):
+        """Stop every worker (their connections and splices end, with events) and join them."""
+        cdef int i
+        cdef Cmd *c
+        if self.stopped:
+            return
+        self.stopped = True
+        for i in range(self.nworkers):
+            if self.workers[i].started:
+                c = <Cmd *>calloc(1, sizeof(Cmd))
+                if c != NULL:
+                    c.kind = CMD_STOP
+                    worker_post(&self.workers[i], c)
+        for i in range(self.nworkers):
+            if self.workers[i].started:
+                with nogil:
+                    pthread_join(self.workers[i].tid, NULL)
+                self.workers[i].started = False
+
+    def __dealloc__(self):
+        cdef int i
+        cdef Event *e
+        cdef Event *nxt
+        self.stop()
+        if self.workers != NULL:
+            for i in range(self.nworkers):
+                worker_destroy(&self.workers[i])
+            free(self.workers)
+            self.workers = NULL
+        if self.evq_ready:
+            e = evq_take_all(&self.evq)
+            while e != NULL:
+                nxt = e.next
+                event_free(e)
+                e = nxt
+            close(self.evq.efd)
+            pthread_mutex_destroy(&self.evq.lock)
+            self.evq_ready = False
+
+
+DEFAULT_SETTINGS = (4 << 20, 16 << 20, 1 << 20, 200, 64 << 10, 0, 0)
+
+
+cdef class FrameParser:
+    """One HTTP/2 connection of the engine without socket or TLS (sans-IO), for tests and fuzzing:
+    `feed(bytes)`, then `output()` (bytes we would send) and `events()` (what the event loop
+    would hear).  The same C code as on a worker, minus the I/O."""
+
+    cdef Conn *c
+    cdef EventQ evq
+
+    def __cinit__(self):
+        self.c = NULL
+        memset(&self.evq, 0, sizeof(EventQ))
+        pthread_mutex_init(&self.evq.lock, NULL)
+        self.evq.efd = -1
+
+    def __init__(self, bint client=False, tuple settings=DEFAULT_SETTINGS):
+        cdef int64_t s[8]
+        cdef int i
+        memset(s, 0, sizeof(s))
+        for i in range(min(len(settings), 8)):
+            s[i] = settings[i]
+        self.c = <Conn *>calloc(1, sizeof(Conn))
+        if self.c == NULL or conn_init(self.c, 1, client, s, &self.evq) != 0:
+            raise MemoryError()
+        self.c.flags |= CF_SANS_IO
+        if conn_start(self.c) != 0:
+            raise MemoryError()
+
+    def feed(self, bytes data):
+        if self.c.state >= CST_LINGER:
+            return
+        if buf_append(&self.c.rbuf, <const char *>data, len(data)) != 0:
+            raise MemoryError()
+        with nogil:
+            conn_parse(self.c)
+        self._reap()
+
+    cdef void _reap(self):
+        cdef Stream *s
+        while self.c.grave != NULL:
+            s = self.c.grave
+            self.c.grave = s.gnext
+            stream_free(s)
+
+    def output(self):
+        """Bytes queued for the peer since the last call."""
+        cdef bytes out = self.c.obuf.data[self.c.obuf.start:self.c.obuf.end] if buf_len(&self.c.obuf) else b""
+        self.c.obuf.start = 0
+        self.c.obuf.end = 0
+        return out
+
+    def events(self):
+        cdef Event *e = evq_take_all(&self.evq)
+        cdef Event *nxt
+        cdef list out = []
+        while e != NULL:
+            nxt = e.next
+            data = e.data[:e.len] if e.data != NULL else None
+            out.append((e.kind, e.id, e.token, e.sid, e.code, e.flags, e.err, e.a, e.b, data))
+            event_free(e)
+            e = nxt
+        return out
+
+    def _command(self, int kind, uint32_t sid=0, int code=0, int flags=0, bytes data=b""):
+        cdef Cmd cmd
+        memset(&cmd, 0, sizeof(Cmd))
+        cmd.kind = kind
+        cmd.id = 1
+        cmd.sid = sid
+        cmd.code = code
+        cmd.flags = flags
+        cmd.fd = -1
+        cmd.data = <char *>data
+        cmd.len = len(data)
+        conn_command(self.c, &cmd)
+        self._reap()
+
+    def open_stream(self, uint32_t sid, bytes block):
+        self._command(CMD_OPEN, sid, data=block)
+
+    def respond(self, uint32_t sid, bytes block, bint end=False):
+        self._command(CMD_RESPOND, sid, flags=1 if end else 0, data=block)
+
+    def reset(self, uint32_t sid, int code=H2_CANCEL):
+        self._command(CMD_RESET, sid, code=code)
+
+    def goaway(self, int code=H2_NO_ERROR):
+        self._command(CMD_GOAWAY, code=code)
+
+    @property
+    def state(self):
+        return ("preface", "settings", "open", "linger", "closed")[self.c.state]
+
+    @property
+    def streams(self):
+        return self.c.nstreams
+
+    @property
+    def frames_in(self):
+        return self.c.frames_in
+
+    @property
+    def buffered(self):
+        """Payload bytes held for streams with no plain socket (bounded by the stream windows)."""
+        cdef size_t total = 0
+        cdef Stream *s = self.c.s_head
+        while s != NULL:
+            total += s.rq.bytes
+            s = s.anext
+        return total
+
+    @property
+    def windows(self):
+        """(connection send window, connection receive window, peer max frame size)."""
+        return (self.c.send_window, self.c.recv_window, self.c.peer_max_frame)
+
+    def __dealloc__(self):
+        cdef Event *e
+        cdef Event *nxt
+        if self.c != NULL:
+            conn_free(self.c)
+            self.c = NULL
+        e = evq_take_all(&self.evq)
+        while e != NULL:
+            nxt = e.next
+            event_free(e)
+            e = nxt
+        pthread_mutex_destroy(&self.evq.lock)

@@ -1,0 +1,292 @@
+# _hbone piece: an HBONE connection on its worker: TLS records through the SSL* pyOpenSSL
+# handshook (SSL_read / SSL_write of cryptography's bundled OpenSSL, called through the addresses
+# engine/ssl_bridge.py found), the run loop, commands and timers.
+#
+# Invariants: SSL_* is called only from the owning worker thread; a write retried after WANT_WRITE
+# is never shorter than the attempt before (the output buffer only grows until SSL_write takes
+# it; ACCEPT_MOVING_WRITE_BUFFER lets it move); reading stops while OBUF_READ_STOP bytes wait to
+# be written (a peer that does not read cannot make us buffer without bound).
+
+DEF READ_BATCH = 256 * 1024          # parse once this much plaintext is buffered
+DEF RUN_BUDGET = 4 << 20             # bytes a connection moves per turn before others get theirs
+DEF OBUF_READ_STOP = 2 << 20         # stop reading the peer while this much output waits
+DEF WRITE_MAX = 1 << 20              # bytes offered to one SSL_write
+DEF RBUF_KEEP = 320 * 1024           # read buffer size kept between bursts
+DEF OBUF_KEEP = 1280 * 1024
+
+cdef ssl_read_fn g_ssl_read = NULL
+cdef ssl_write_fn g_ssl_write = NULL
+cdef ssl_get_error_fn g_ssl_get_error = NULL
+cdef ssl_shutdown_fn g_ssl_shutdown = NULL
+cdef err_clear_error_fn g_err_clear = NULL
+cdef err_get_error_fn g_err_get = NULL
+cdef err_reason_string_fn g_err_reason = NULL
+
+
+cdef void tls_set_functions(uintptr_t rd, uintptr_t wr, uintptr_t get_error, uintptr_t shut,
+                            uintptr_t clear, uintptr_t get_err, uintptr_t reason) noexcept nogil:
+    global g_ssl_read, g_ssl_write, g_ssl_get_error, g_ssl_shutdown, g_err_clear, g_err_get, g_err_reason
+    g_ssl_read = <ssl_read_fn>rd
+    g_ssl_write = <ssl_write_fn>wr
+    g_ssl_get_error = <ssl_get_error_fn>get_error
+    g_ssl_shutdown = <ssl_shutdown_fn>shut
+    g_err_clear = <err_clear_error_fn>clear
+    g_err_get = <err_get_error_fn>get_err
+    g_err_reason = <err_reason_string_fn>reason
+
+
+cdef bint tls_ready() noexcept nogil:
+    return g_ssl_read != NULL and g_ssl_write != NULL and g_ssl_get_error != NULL
+
+
+cdef void tls_fail(Conn *c, int ssl_err, int saved_errno, const char *what) noexcept nogil:
+    """A TLS-level failure (or EOF) ends the connection; no close_notify after it."""
+    cdef char msg[200]
+    cdef unsigned long e
+    cdef const char *reason = NULL
+    c.flags |= CF_TLS_FAILED
+    if ssl_err == SSL_ERROR_ZERO_RETURN or (ssl_err == SSL_ERROR_SYSCALL and saved_errno == 0):
+        conn_close(c, CLOSE_PEER, "peer closed the connection", False)
+        return
+    if ssl_err == SSL_ERROR_SYSCALL:
+        c.close_err = saved_errno
+        snprintf(msg, sizeof(msg), "%s", what)
+    else:
+        e = g_err_get() if g_err_get != NULL else 0
+        if e != 0 and g_err_reason != NULL:
+            reason = g_err_reason(e)
+        if reason == NULL:
+            reason = "TLS error"
+        snprintf(msg, sizeof(msg), "%s: %s", what, reason)
+    if g_err_clear != NULL:
+        g_err_clear()
+    conn_close(c, CLOSE_IO, msg, False)
+
+
+cdef size_t tls_read(Conn *c, size_t budget) noexcept nogil:
+    """SSL_read until WANT_READ (or the budget), parsing as plaintext accumulates."""
+    cdef size_t total = 0, space
+    cdef int n, err, saved
+    while total < budget and c.state < CST_LINGER:
+        if buf_len(&c.obuf) >= OBUF_READ_STOP:
+            break
+        if buf_reserve(&c.rbuf, 32768) != 0:
+            conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+            break
+        space = c.rbuf.cap - c.rbuf.end
+        if space > WRITE_MAX:
+            space = WRITE_MAX
+        g_err_clear()
+        n = g_ssl_read(c.ssl, c.rbuf.data + c.rbuf.end, <int>space)
+        saved = errno
+        if n > 0:
+            c.rbuf.end += <size_t>n
+            total += <size_t>n
+            if buf_len(&c.rbuf) >= READ_BATCH:
+                conn_parse(c)
+            continue
+        err = g_ssl_get_error(c.ssl, n)
+        if err == SSL_ERROR_WANT_READ:
+            c.flags &= ~CF_TLS_R
+            break
+        if err == SSL_ERROR_WANT_WRITE:
+            c.flags &= ~CF_TLS_R
+            c.flags |= CF_READ_WANTS_W
+            break
+        conn_parse(c)  # what arrived before the end still counts
+        if c.state != CST_CLOSED:
+            tls_fail(c, err, saved, "connection error")
+        return total
+    conn_parse(c)
+    if buf_len(&c.rbuf) == 0 and c.rbuf.cap > RBUF_KEEP:
+        buf_shrink(&c.rbuf, RBUF_KEEP)
+    return total
+
+
+cdef size_t tls_flush(Conn *c) noexcept nogil:
+    """SSL_write the output buffer until it is empty or the socket is full."""
+    cdef size_t written = 0, avail
+    cdef int n, err, saved
+    while buf_len(&c.obuf) > 0 and c.flags & CF_TLS_W and not c.flags & CF_TLS_FAILED:
+        avail = buf_len(&c.obuf)
+        if avail > WRITE_MAX:
+            avail = WRITE_MAX
+        g_err_clear()
+        n = g_ssl_write(c.ssl, c.obuf.data + c.obuf.start, <int>avail)
+        saved = errno
+        if n > 0:
+            buf_consume(&c.obuf, <size_t>n)
+            written += <size_t>n
+            continue
+        err = g_ssl_get_error(c.ssl, n)
+        if err == SSL_ERROR_WANT_WRITE:
+            c.flags &= ~CF_TLS_W
+        elif err == SSL_ERROR_WANT_READ:
+            c.flags &= ~CF_TLS_W
+            c.flags |= CF_WRITE_WANTS_R
+        else:
+            tls_fail(c, err, saved, "write failed")
+        break
+    if buf_len(&c.obuf) == 0 and c.obuf.cap > OBUF_KEEP:
+        buf_shrink(&c.obuf, OBUF_KEEP)
+    return written
+
+
+cdef void tls_shutdown(Conn *c) noexcept nogil:
+    """close_notify, once, without waiting for the peer's."""
+    if g_ssl_shutdown != NULL and c.ssl != NULL:
+        g_err_clear()
+        g_ssl_shutdown(c.ssl)
+        g_err_clear()
+
+
+cdef void conn_on_io(Conn *c, uint32_t events) noexcept nogil:
+    cdef bint bad = (events & (EPOLLERR | EPOLLHUP)) != 0
+    if events & (EPOLLIN | EPOLLRDHUP) or bad:
+        c.flags |= CF_TLS_R
+        if c.flags & CF_WRITE_WANTS_R:
+            c.flags = (c.flags | CF_TLS_W) & ~CF_WRITE_WANTS_R
+    if events & EPOLLOUT or bad:
+        c.flags |= CF_TLS_W
+        if c.flags & CF_READ_WANTS_W:
+            c.flags = (c.flags | CF_TLS_R) & ~CF_READ_WANTS_W
+
+
+cdef void conn_run(Conn *c) noexcept nogil:
+    """One turn: read and parse, plain sockets both ways, write; bounded by RUN_BUDGET."""
+    cdef size_t moved = 0, n
+    cdef bint progress = True
+    while progress and moved < RUN_BUDGET and c.state != CST_CLOSED:
+        progress = False
+        if c.state < CST_LINGER and c.flags & CF_TLS_R and buf_len(&c.obuf) < OBUF_READ_STOP:
+            n = tls_read(c, RUN_BUDGET - moved)
+            if n:
+                progress = True
+                moved += n
+            if c.state == CST_CLOSED:
+                return
+        if c.state == CST_OPEN:
+            conn_downloads(c)
+            n = conn_uploads(c, RUN_BUDGET - moved)
+            if n:
+                progress = True
+                moved += n
+        if buf_len(&c.obuf) > 0 and c.flags & CF_TLS_W:
+            if tls_flush(c):
+                progress = True
+            if c.state == CST_CLOSED:
+                return
+    if c.state < CST_LINGER:
+        conn_check_idle(c)
+    if moved >= RUN_BUDGET:
+        worker_queue(<Worker *>c.worker, &c.o)
+
+
+cdef void conn_adopt(Worker *w, Cmd *cmd) noexcept nogil:
+    cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
+    cdef epoll_event ev
+    cdef Event *e
+    if c == NULL or conn_init(c, cmd.id, cmd.flags & 1, cmd.settings, w.evq) != 0 or not tls_ready():
+        if c != NULL:
+            free(c.buckets)
+            free(c)
+        e = event_new(EV_CLOSED, cmd.id)
+        if e != NULL:
+            e.flags = CLOSE_IO
+            event_set_data(e, "native engine could not take the connection", 44)
+            evq_push(w.evq, e)
+        return
+    c.worker = w
+    c.fd = cmd.fd
+    c.ssl = cmd.ssl
+    worker_adopt(w, &c.o)
+    if conn_start(c) != 0:
+        conn_close(c, CLOSE_IO, "out of memory", False)
+        return
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    ev.data.ptr = &c.h
+    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, c.fd, &ev) != 0:
+        c.close_err = errno
+        c.flags |= CF_TLS_FAILED
+        conn_close(c, CLOSE_IO, "epoll_ctl failed", False)
+        return
+    # TLS may hold plaintext read during the handshake: try reading before the first edge
+    c.flags |= CF_EPOLL | CF_TLS_R | CF_TLS_W
+    worker_queue(w, &c.o)
+
+
+cdef void conn_command(Conn *c, Cmd *cmd) noexcept nogil:
+    cdef Stream *s
+    cdef Event *e
+    cdef char msg[200]
+    cdef size_t n
+    if c.state == CST_CLOSED:
+        return
+    if cmd.kind == CMD_OPEN:
+        if c.state >= CST_LINGER or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) or \
+                sid_is_peer(c, cmd.sid) or cmd.sid <= c.highest_local_sid or stream_new(c, cmd.sid, 0) == NULL:
+            e = event_new(EV_STREAM_END, c.o.id)
+            if e != NULL:
+                e.sid = cmd.sid
+                e.flags = END_REFUSED
+                e.code = H2_REFUSED_STREAM
+                evq_push(c.evq, e)
+            return
+        c.highest_local_sid = cmd.sid
+        if out_headers(&c.obuf, cmd.sid, cmd.data, cmd.len, False, <size_t>c.peer_max_frame) != 0:
+            conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+    elif cmd.kind == CMD_RESPOND:
+        s = stream_find(c, cmd.sid)
+        if s == NULL or c.state >= CST_LINGER:
+            return
+        if out_headers(&c.obuf, cmd.sid, cmd.data, cmd.len, cmd.flags & 1, <size_t>c.peer_max_frame) != 0:
+            conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+            return
+        s.flags |= SF_RESPONDED
+        if cmd.flags & 1:
+            s.flags |= SF_LOCAL_END
+            if not s.flags & SF_ATTACHED:
+                s.flags |= SF_DISCARD  # a refusal: what the peer still sends is dropped
+                if s.rq.bytes:
+                    stream_credit(c, s, <int64_t>s.rq.bytes)
+                chunkq_clear(&s.rq)
+            stream_maybe_done(c, s)
+    elif cmd.kind == CMD_ATTACH:
+        stream_attach(c, cmd.sid, cmd.fd, cmd.token)
+    elif cmd.kind == CMD_RESET:
+        s = stream_find(c, cmd.sid)
+        if s != NULL:
+            stream_reset(c, s, cmd.code, END_LOCAL_RESET, 0)
+    elif cmd.kind == CMD_GOAWAY:
+        if c.state < CST_LINGER and not c.flags & CF_GOAWAY_SENT:
+            out_goaway(&c.obuf, c.last_peer_sid, <uint32_t>cmd.code, NULL, 0)
+            c.flags |= CF_GOAWAY_SENT
+            c.goaway_last_sid = c.last_peer_sid
+    elif cmd.kind == CMD_CLOSE:
+        conn_close(c, CLOSE_LOCAL, "closed", cmd.flags & 1)
+        return
+    elif cmd.kind == CMD_ERROR:
+        n = cmd.len if cmd.len < sizeof(msg) - 1 else sizeof(msg) - 1
+        if n:
+            memcpy(msg, cmd.data, n)
+        msg[n] = 0
+        conn_error(c, cmd.code, msg)
+    worker_queue(<Worker *>c.worker, &c.o)
+
+
+cdef void conn_tick(Conn *c, int64_t now) noexcept nogil:
+    """Timers: the linger after an error GOAWAY, and the PING keepalive (10 s / 20 s)."""
+    if c.state == CST_LINGER:
+        if now >= c.linger_deadline:
+            conn_close(c, CLOSE_PROTOCOL, "closed after a protocol error", False)
+        return
+    if c.state == CST_CLOSED or c.ping_interval_ns <= 0:
+        return
+    if c.ping_sent_ns:
+        if now - c.ping_sent_ns > c.ping_timeout_ns:
+            conn_close(c, CLOSE_KEEPALIVE, "keepalive timeout", False)
+    elif now >= c.next_ping_ns:
+        out_ping(&c.obuf, 0, "ztunnelf")
+        c.ping_sent_ns = now
+        c.next_ping_ns = now + c.ping_interval_ns
+        worker_queue(<Worker *>c.worker, &c.o)
