@@ -64,7 +64,9 @@ class Inbound:
                 raise TlsError("peer certificate has no SPIFFE identity")
         except TlsError as exc:
             log.warning("%s", exc, extra={"span": span})
-            abort(sock)
+            # a plain close (FIN), not a reset: the TLS alert OpenSSL just wrote (unknown ca,
+            # certificate required, ...) must reach the peer, and an RST would discard it
+            sock.close()
             return
         except Exception as exc:  # noqa: BLE001 - a bad peer must never take the listener down
             log.error("tls setup failed: %s", exc, extra={"span": span})
