@@ -42,7 +42,7 @@ def connect(sid: int, end_stream=False) -> bytes:
                  block([(":method", "CONNECT"), (":authority", "10.0.0.1:80")]))
 
 
-def server() -> "_hbone.FrameParser":
+def server() -> _hbone.FrameParser:
     p = _hbone.FrameParser(client=False)
     p.feed(PREFACE + settings_frame())
     return p

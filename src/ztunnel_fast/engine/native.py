@@ -26,11 +26,19 @@ import os
 import socket
 import time
 
+import hpack
 from h2.errors import ErrorCodes
 
 from .. import _hbone  # ImportError here means "no native engine"
-from ..errors import StreamReset
-from ..hbone.connection import HboneStream
+from ..errors import HttpStatus, StreamReset
+from ..hbone.connection import (
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    ConnectionLost,
+    HboneStream,
+    _code_name,
+    _reason,
+)
 from . import ssl_bridge
 from .base import Completion
 from .pure import PureEngine
@@ -82,7 +90,7 @@ class NativeEngine:
         self._rr = itertools.cycle(range(workers))
         self._splices: dict[int, asyncio.Future] = {}
         self._tunnels: dict[int, asyncio.Future] = {}
-        self._conns: dict[int, "NativeConnection"] = {}
+        self._conns: dict[int, NativeConnection] = {}
         self._closed = False
         self._pure = PureEngine()
         self.loop.add_reader(self.core.event_fd, self._on_events)
@@ -102,7 +110,7 @@ class NativeEngine:
         for ev in self.core.poll():
             try:
                 self._dispatch(ev)
-            except Exception:  # noqa: BLE001 - one bad event must not stop the others
+            except Exception:
                 log.exception("native engine: failed to handle event %r", ev[:9])
 
     def _dispatch(self, ev) -> None:
@@ -136,6 +144,8 @@ class NativeEngine:
     # -- plain <-> plain --------------------------------------------------------------------------
     async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:
         start = time.monotonic()
+        if self._closed:
+            return Completion(0, 0, 0.0, error="native engine stopped", reset=True)
         token = self.next_token()
         worker = self.next_worker()
         fut = self.loop.create_future()
@@ -206,11 +216,6 @@ class NativeEngine:
 # ------------------------------------------------------------------------------------------------
 # HBONE connections owned by a worker
 # ------------------------------------------------------------------------------------------------
-import hpack  # noqa: E402 - grouped with the classes that use it
-
-from ..errors import HttpStatus  # noqa: E402
-from ..hbone.connection import PING_INTERVAL, PING_TIMEOUT, ConnectionLost, _code_name, _reason  # noqa: E402
-
 _REQUEST_PSEUDO = {b":method", b":scheme", b":authority", b":path", b":protocol"}
 _CONNECTION_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 CLOSE_LOCAL, CLOSE_PEER, CLOSE_IO, CLOSE_PROTOCOL, CLOSE_GOAWAY, CLOSE_KEEPALIVE, CLOSE_DRAINED, CLOSE_STOP = range(8)
@@ -256,7 +261,7 @@ def _text(raw) -> list[tuple[str, str]] | None:
 class NativeStream:
     """One CONNECT stream of a NativeConnection; its bytes move only through engine.tunnel()."""
 
-    def __init__(self, conn: "NativeConnection", stream_id: int, request_headers=None, eof: bool = False):
+    def __init__(self, conn: NativeConnection, stream_id: int, request_headers=None, eof: bool = False):
         self.conn = conn
         self.id = stream_id
         self.request_headers: list[tuple[str, str]] = request_headers or []
@@ -515,7 +520,7 @@ def _tls_reason(reason: str) -> str:
     """'connection error: tlsv13 alert certificate required' -> the handshake module's wording."""
     from ..tls.handshake import _REASONS
 
-    what, _, detail = reason.partition(": ")
+    _, _, detail = reason.partition(": ")
     phrase = _REASONS.get(detail.lower())
     if phrase and "alert" in detail:
         return f"peer rejected the connection: {phrase}"

@@ -53,7 +53,7 @@ def _check() -> dict[str, int]:
     addrs = {name: _address(name) for name in _FUNCTIONS}
     for mode in _MODES:
         if not isinstance(getattr(_lib, mode, None), int):
-            raise ImportError(f"native TLS bridge unavailable: {mode} missing")
+            raise ImportError(f"native TLS bridge unavailable: {mode} missing")  # noqa: TRY004 - import-time check
     return addrs
 
 
