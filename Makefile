@@ -56,4 +56,4 @@ bench: bench-system-deps build $(BENCH_STAMP)
 	$(PY) -m bench $(if $(filter 1 yes true,$(PROFILE)),--profile) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so
+	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so src/ztunnel_fast/includes/*.c

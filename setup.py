@@ -37,7 +37,7 @@ def extensions():
         print("warning: Cython not installed; the pure twin will be used", file=sys.stderr)
         return []
     return cythonize(
-        ["src/ztunnel_fast/_splice.pyx", "src/ztunnel_fast/_hbone.pyx"],
+        ["src/ztunnel_fast/_splice.pyx"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         quiet=True,
     )
@@ -49,7 +49,7 @@ setup(
     description="A per-node zero-trust tunnel for Istio ambient mesh, with a compiled data path",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"ztunnel_fast": ["*.pxd", "*.pyx"]},
+    package_data={"ztunnel_fast": ["*.pxd", "*.pyx", "*.pxi", "includes/*.pxd"]},
     python_requires=">=3.11,<3.13",
     install_requires=[
         "uvloop>=0.21,<0.24",

@@ -1,65 +1,237 @@
-# Declarations for the native engine (_splice.pyx).  C library declarations live here so the
-# implementation file reads as logic only.
+# Declarations for the native engine (_splice.pyx and its _splice_*.pxi pieces): the structures the
+# worker threads own.  C library declarations live in includes/system.pxd.
+#
+# Ownership: every Conn, Stream and Splice belongs to exactly one worker thread, which alone reads
+# and writes it; the event loop talks to a worker only through its command queue (Cmd) and hears
+# back only through the shared event queue (Event).  Structures are freed at the end of a worker
+# loop iteration (graveyard), never while an epoll batch may still point at them.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "<fcntl.h>" nogil:
-    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
-    int pipe2(int pipefd[2], int flags)
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        SPLICE_F_MOVE
-        SPLICE_F_NONBLOCK
-        O_NONBLOCK
-        O_CLOEXEC
-        F_SETPIPE_SZ
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-        POLLOUT
-        POLLERR
-        POLLHUP
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
-    ssize_t read(int fd, void *buf, size_t count)
-
-cdef extern from "<sys/socket.h>" nogil:
-    int shutdown(int sockfd, int how)
-    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
-    ssize_t send(int sockfd, const void *buf, size_t len, int flags)
-    enum:
-        SHUT_WR
-        MSG_NOSIGNAL
-
-cdef extern from "<errno.h>" nogil:
-    int errno
-    enum:
-        EAGAIN
-        EINTR
-        EINVAL
-        ECANCELED
+from .includes.system cimport pthread_t, pthread_mutex_t
 
 
-# One direction of a plain<->plain tunnel: bytes flow src -> pipe -> dst.
-cdef struct Leg:
+# Handle kinds: what an epoll event's data.ptr points at.
+cdef enum:
+    H_CMD = 1        # the worker's command eventfd
+    H_TLS = 2        # an HBONE connection's TLS socket
+    H_PLAIN = 3      # a tunnel's plain socket (an HBONE stream attached to it)
+    H_SPLICE_A = 4   # side a of a plain<->plain tunnel
+    H_SPLICE_B = 5   # side b
+
+
+cdef struct Handle:
+    int kind
+    void *owner
+
+
+# Growable byte buffer: live bytes are data[start:end].
+cdef struct Buf:
+    char *data
+    size_t start
+    size_t end
+    size_t cap
+
+
+# Received payload not yet written to the plain socket; bounded by the stream window we granted.
+cdef struct Chunk:
+    Chunk *next
+    size_t off
+    size_t len
+    char *data           # points just past the struct (one allocation)
+
+
+cdef struct ChunkQ:
+    Chunk *head
+    Chunk *tail
+    size_t bytes
+
+
+# Worker -> event loop.  `data` is malloc'd and owned by the event until Python takes it.
+cdef struct Event:
+    Event *next
+    int kind             # EV_*
+    uint64_t id          # connection id, or the token of a splice
+    uint64_t token       # tunnel token (EV_STREAM_END of an attached stream), else 0
+    uint32_t sid
+    int code
+    int flags
+    int err
+    int64_t a
+    int64_t b
+    char *data
+    size_t len
+
+
+cdef struct EventQ:
+    pthread_mutex_t lock
+    Event *head
+    Event *tail
+    int efd              # eventfd the event loop watches; -1: nobody to wake (sans-IO tests)
+    bint signalled       # efd written since the event loop last drained
+    uint64_t emitted     # events ever queued (tests assert no per-chunk events)
+
+
+# Event loop -> worker.
+cdef struct Cmd:
+    Cmd *next
+    int kind             # CMD_*
+    uint64_t id          # connection id or splice token
+    uint64_t token
+    uint32_t sid
+    int fd
+    int fd2
+    int code
+    int flags
+    void *ssl
+    char *data
+    size_t len
+    int64_t settings[8]  # CS_* indexes
+
+
+# Common head of what a worker owns and schedules (connections and splices).
+cdef struct Obj:
+    int kind             # H_TLS (Conn) or H_SPLICE_A (Splice)
+    uint64_t id
+    Obj *hnext           # id hash chain
+    Obj *lnext           # the worker's list of live objects
+    Obj *lprev
+    Obj *rnext           # run queue
+    Obj *gnext           # graveyard
+    bint queued
+    bint dead
+
+
+cdef struct Stream:
+    Handle h             # the plain socket's epoll handle
+    void *conn           # Conn*
+    uint32_t id
+    uint32_t flags       # SF_*
+    int64_t send_window
+    int64_t recv_window
+    int64_t recv_unacked
+    ChunkQ rq
+    int fd               # plain socket once attached, else -1
+    uint64_t token
+    int64_t sent         # plain -> stream payload bytes
+    int64_t received     # stream -> plain payload bytes
+    int end_kind         # END_*: the first thing that ended the tunnel
+    int end_code         # HTTP/2 error code of a reset
+    int end_err          # errno of a plain socket failure
+    Stream *hnext        # sid hash chain
+    Stream *anext        # the connection's list of streams
+    Stream *aprev
+    Stream *gnext        # graveyard
+
+
+cdef struct Conn:
+    Obj o
+    Handle h
+    void *worker         # Worker*, NULL in sans-IO mode
+    EventQ *evq
+    int fd
+    void *ssl
+    bint client
+    int state            # CST_*
+    uint32_t flags       # CF_*
+    Buf rbuf
+    Buf obuf
+    Buf hblock           # header block being reassembled (HEADERS + CONTINUATION)
+    uint32_t hb_sid
+    int hb_flags
+    int hb_frames
+    size_t preface_got
+    # a DATA frame whose payload is still arriving
+    uint32_t d_sid
+    size_t d_left        # payload bytes still to come
+    size_t d_pad         # padding bytes after them
+    bint d_end           # END_STREAM once the frame is complete
+    bint d_need_padlen   # PADDED: the pad length byte has not been read yet
+    # our settings (CS_*), then the peer's
+    int64_t local_stream_window
+    int64_t local_conn_window
+    int64_t local_max_frame
+    int64_t local_max_streams
+    int64_t local_max_header_list
+    int64_t peer_initial_window
+    int64_t peer_max_frame
+    int64_t peer_max_streams
+    int64_t send_window
+    int64_t recv_window
+    int64_t recv_unacked
+    uint32_t last_peer_sid
+    uint32_t highest_local_sid
+    uint32_t goaway_last_sid
+    int open_peer_streams
+    int nstreams
+    Stream **buckets
+    Stream *s_head
+    Stream *s_tail
+    Stream *rr           # where the next fair upload round starts
+    Stream *grave
+    int64_t reset_ring[128]
+    int reset_count
+    int reset_pos
+    int64_t ctl_window_start     # empty DATA frames counted since (flood limit)
+    int64_t ctl_count
+    int64_t refused_window_start # streams refused or ignored since (flood limit)
+    int64_t refused_count
+    int64_t ping_interval_ns
+    int64_t ping_timeout_ns
+    int64_t next_ping_ns
+    int64_t ping_sent_ns
+    int64_t linger_deadline
+    int64_t frames_in
+    int64_t data_frames_in
+    int close_err        # errno behind a CLOSE_IO (EV_CLOSED.err)
+
+
+# One direction of a plain<->plain tunnel on a worker.
+cdef struct SLeg:
     int src
     int dst
     int pipe_r
     int pipe_w
-    size_t pending      # bytes sitting in the pipe, not yet spliced to dst
-    size_t capacity     # the pipe's size: never ask src for more than fits
-    bint eof            # src returned 0 (FIN)
-    bint done           # eof seen, pipe drained, dst shut down for writing
-    int64_t moved       # bytes delivered to dst
+    size_t pending       # bytes in the pipe (or in buf) not yet written to dst
+    size_t capacity
+    bint eof
+    bint done
+    bint src_r           # edge-triggered readiness, cleared on EAGAIN
+    bint dst_w
+    int64_t moved
+    char *buf            # recv/send fallback when splice(2) refuses the socket pair
+    size_t boff
 
 
-cdef int leg_open(Leg *leg, int src, int dst, size_t pipe_size) noexcept nogil
-cdef void leg_close(Leg *leg) noexcept nogil
-cdef int splice_loop(Leg *ab, Leg *ba, int cancel_fd, size_t chunk) noexcept nogil
+cdef struct Splice:
+    Obj o
+    Handle ha
+    Handle hb
+    void *worker
+    int fa
+    int fb
+    SLeg ab
+    SLeg ba
+    int err
+
+
+cdef struct Worker:
+    int index
+    pthread_t tid
+    bint started
+    int epfd
+    int cmd_efd
+    Handle cmd_h
+    pthread_mutex_t lock
+    Cmd *cmd_head
+    Cmd *cmd_tail
+    EventQ *evq
+    Obj **objs           # id hash table
+    Obj *live
+    Obj *run_head
+    Obj *run_tail
+    Obj *grave
+    Stream *sgrave
+    bint stopping
+    int64_t next_tick
+    int64_t nobjs

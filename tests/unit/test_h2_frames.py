@@ -1,4 +1,4 @@
-"""The native engine's HTTP/2 frame parser, sans-IO (`_hbone.FrameParser`): the same C code a
+"""The native engine's HTTP/2 frame parser, sans-IO (`_splice.FrameParser`): the same C code a
 worker runs, fed bytes directly.  Rule by rule (RFC 9113 and the pure twin's limits), then fuzzed
 with hypothesis: whatever the bytes, it never crashes and always ends either still parsing frames
 or with exactly one GOAWAY carrying an RFC error code.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_hbone = pytest.importorskip("ztunnel_fast._hbone", reason="native engine not built")
+_splice = pytest.importorskip("ztunnel_fast._splice", reason="native engine not built")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = 2, 3, 4, 5, 6, 7
@@ -42,8 +42,8 @@ def connect(sid: int, end_stream=False) -> bytes:
                  block([(":method", "CONNECT"), (":authority", "10.0.0.1:80")]))
 
 
-def server() -> _hbone.FrameParser:
-    p = _hbone.FrameParser(client=False)
+def server() -> _splice.FrameParser:
+    p = _splice.FrameParser(client=False)
     p.feed(PREFACE + settings_frame())
     return p
 
@@ -75,7 +75,7 @@ def error_code(p) -> int | None:
 
 # ------------------------------------------------------------------------------------ start
 def test_server_sends_our_settings_and_raises_the_connection_window():
-    p = _hbone.FrameParser(client=False)
+    p = _splice.FrameParser(client=False)
     frames = parse_frames(p.output())
     assert frames[0][0] == SETTINGS
     values = dict(struct.unpack(">HI", frames[0][3][i:i + 6]) for i in range(0, len(frames[0][3]), 6))
@@ -84,7 +84,7 @@ def test_server_sends_our_settings_and_raises_the_connection_window():
 
 
 def test_client_sends_the_preface_first_and_disables_push():
-    p = _hbone.FrameParser(client=True)
+    p = _splice.FrameParser(client=True)
     out = p.output()
     assert out.startswith(PREFACE)
     values = dict(struct.unpack(">HI", parse_frames(out[24:])[0][3][i:i + 6]) for i in range(0, 24, 6))
@@ -92,7 +92,7 @@ def test_client_sends_the_preface_first_and_disables_push():
 
 
 def test_settings_and_ping_are_acknowledged_in_the_engine():
-    p = _hbone.FrameParser(client=False)
+    p = _splice.FrameParser(client=False)
     p.output()
     p.feed(PREFACE + settings_frame() + frame(PING, 0, 0, b"12345678"))
     frames = parse_frames(p.output())
@@ -124,7 +124,7 @@ def test_settings_and_ping_are_acknowledged_in_the_engine():
     (PREFACE + settings_frame() + frame(GOAWAY, 0, 1, b"\0" * 8), PROTOCOL),
 ])
 def test_violations_end_the_connection_with_the_right_goaway(data, code):
-    p = _hbone.FrameParser(client=False)
+    p = _splice.FrameParser(client=False)
     p.output()
     p.feed(data)
     assert error_code(p) == code
@@ -231,7 +231,7 @@ def test_padded_data_is_delivered_without_padding_and_credited():
 
 
 def test_client_side_response_and_goaway_refuse_later_streams():
-    p = _hbone.FrameParser(client=True)
+    p = _splice.FrameParser(client=True)
     p.output()
     p.feed(settings_frame(max_concurrent_streams=50))
     p.open_stream(1, block([(":method", "CONNECT"), (":authority", "a:1")]))
@@ -246,7 +246,7 @@ def test_client_side_response_and_goaway_refuse_later_streams():
 
 
 def test_client_ignores_frames_for_a_stream_it_already_reset():
-    p = _hbone.FrameParser(client=True)
+    p = _splice.FrameParser(client=True)
     p.feed(settings_frame())
     p.open_stream(1, block([(":method", "CONNECT"), (":authority", "a:1")]))
     p.reset(1)
@@ -279,7 +279,7 @@ def _check_outcome(p) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096), st.booleans())
 def test_fuzz_arbitrary_bytes(data, client):
-    p = _hbone.FrameParser(client=client)
+    p = _splice.FrameParser(client=client)
     p.feed(data)
     _check_outcome(p)
 
@@ -300,9 +300,9 @@ def test_fuzz_frame_sequences_fed_in_pieces(frames, step, client):
     of `step` bytes: the parser's state must not depend on how the bytes were cut."""
     start = settings_frame() if client else PREFACE + settings_frame()
     data = start + b"".join(frames)
-    whole = _hbone.FrameParser(client=client)
+    whole = _splice.FrameParser(client=client)
     whole.feed(data)
-    pieces = _hbone.FrameParser(client=client)
+    pieces = _splice.FrameParser(client=client)
     for i in range(0, len(data), step):
         pieces.feed(data[i:i + step])
     assert whole.state == pieces.state and whole.frames_in == pieces.frames_in

@@ -1,4 +1,4 @@
-"""The native engine: tunnels moved by compiled code (_hbone) on worker threads, GIL released.
+"""The native engine: tunnels moved by compiled code (_splice) on worker threads, GIL released.
 
 `NativeEngine` starts ZTUNNEL_WORKER_THREADS workers (each an edge-triggered epoll loop in C) and
 watches their event queue's eventfd from the asyncio loop.
@@ -29,7 +29,7 @@ import time
 import hpack
 from h2.errors import ErrorCodes
 
-from .. import _hbone  # ImportError here means "no native engine"
+from .. import _splice  # ImportError here means "no native engine"
 from ..errors import HttpStatus, StreamReset
 from ..hbone.connection import (
     PING_INTERVAL,
@@ -45,13 +45,13 @@ from .pure import PureEngine
 
 log = logging.getLogger(__name__)
 
-# _hbone event kinds (worker -> event loop)
+# _splice event kinds (worker -> event loop)
 EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = range(1, 8)
 # how a stream ended
 END_CLEAN, END_PEER_RESET, END_LOCAL_RESET, END_IO, END_CONN, END_REFUSED, END_NOSTREAM, END_PROTOCOL = range(8)
 ECANCELED = 125
 
-_hbone.set_ssl_functions(*ssl_bridge.functions())
+_splice.set_ssl_functions(*ssl_bridge.functions())
 
 
 def _io_error(err: int) -> str:
@@ -84,7 +84,7 @@ class NativeEngine:
 
     def __init__(self, workers: int = 2):
         self.loop = asyncio.get_running_loop()
-        self.core = _hbone.Core(workers)
+        self.core = _splice.Core(workers)
         self.workers = workers
         self._tokens = itertools.count(1)
         self._rr = itertools.cycle(range(workers))

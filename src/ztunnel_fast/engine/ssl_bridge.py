@@ -62,7 +62,7 @@ OPENSSL_VERSION = _ffi.string(_lib.OpenSSL_version(0)).decode("ascii", "replace"
 
 
 def functions() -> tuple[int, ...]:
-    """Function addresses in the order _hbone.set_ssl_functions takes them."""
+    """Function addresses in the order _splice.set_ssl_functions takes them."""
     return tuple(ADDRESSES[name] for name in _FUNCTIONS)
 
 

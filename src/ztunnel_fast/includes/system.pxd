@@ -1,4 +1,4 @@
-# C library declarations used by the native engine (_hbone.pyx).  Declarations only: no logic.
+# C library declarations used by the native engine (_splice.pyx).  Declarations only: no logic.
 # Kept apart so the implementation files read as logic (the uvloop layout).
 
 from libc.stdint cimport uint32_t, uint64_t

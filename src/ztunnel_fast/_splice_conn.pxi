@@ -1,4 +1,4 @@
-# _hbone piece: an HTTP/2 connection's state, its streams, and how streams and connections end.
+# _splice piece: an HTTP/2 connection's state, its streams, and how streams and connections end.
 # Sans-IO where it can be: frames go to c.obuf, events to c.evq; the TLS piece moves the bytes.
 #
 # Invariants: every stream end produces exactly one EV_STREAM_END (carrying the tunnel token when a

@@ -1,4 +1,4 @@
-# _hbone piece: the Python API.  `Core` owns the workers and the event queue; engine/native.py is
+# _splice piece: the Python API.  `Core` owns the workers and the event queue; engine/native.py is
 # its only user.  Every method only queues a command (or drains events): nothing here blocks on a
 # worker except stop().
 

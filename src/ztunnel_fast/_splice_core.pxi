@@ -1,4 +1,4 @@
-# _hbone piece 1: constants, clock, buffers, chunk queues, the event queue and the command queue.
+# _splice piece 1: constants, clock, buffers, chunk queues, the event queue and the command queue.
 # Everything here runs without the GIL and touches no Python object.
 
 # -- event kinds (worker -> event loop) ------------------------------------------------------------

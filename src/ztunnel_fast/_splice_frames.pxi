@@ -1,4 +1,4 @@
-# _hbone piece: HTTP/2 wire constants (RFC 9113) and the frame writers.  Writers append whole
+# _splice piece: HTTP/2 wire constants (RFC 9113) and the frame writers.  Writers append whole
 # frames to a connection's output buffer (Buf); they never do I/O.  A failed allocation returns -1
 # and the caller ends the connection.
 

@@ -1,4 +1,4 @@
-# _hbone piece: an HBONE stream attached to a plain socket (a tunnel), moved entirely in C.
+# _splice piece: an HBONE stream attached to a plain socket (a tunnel), moved entirely in C.
 #
 # plain -> stream: readv() straight into the connection's output buffer, between the 9-byte DATA
 # frame headers (up to the peer's max frame size, within both send windows); FIN -> an empty DATA

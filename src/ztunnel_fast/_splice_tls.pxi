@@ -1,4 +1,4 @@
-# _hbone piece: an HBONE connection on its worker: TLS records through the SSL* pyOpenSSL
+# _splice piece: an HBONE connection on its worker: TLS records through the SSL* pyOpenSSL
 # handshook (SSL_read / SSL_write of cryptography's bundled OpenSSL, called through the addresses
 # engine/ssl_bridge.py found), the run loop, commands and timers.
 #

@@ -1,4 +1,4 @@
-# _hbone piece 3: worker threads.  Each is an epoll loop (edge-triggered) with a command queue and
+# _splice piece 3: worker threads.  Each is an epoll loop (edge-triggered) with a command queue and
 # an eventfd; it owns the connections, streams and splices assigned to it.
 #
 # One loop iteration: wait; turn readiness edges into flags and queue the owners; run commands;

@@ -1,4 +1,4 @@
-# _hbone piece: the HTTP/2 frame parser (RFC 9113), sans-IO: bytes in c.rbuf, frames out to
+# _splice piece: the HTTP/2 frame parser (RFC 9113), sans-IO: bytes in c.rbuf, frames out to
 # c.obuf, events to c.evq, payload to streams.
 #
 # Invariants: a frame longer than our SETTINGS_MAX_FRAME_SIZE is refused from its 9-byte header

@@ -1,4 +1,4 @@
-# _hbone piece 2: plain <-> plain tunnels on a worker: splice(2) through one pipe per direction
+# _splice piece 2: plain <-> plain tunnels on a worker: splice(2) through one pipe per direction
 # (zero copy), recv/send through a fixed buffer when the kernel refuses to splice the pair.
 #
 # Invariants: a direction holds at most one pipe (or one buffer) of data: memory per tunnel is

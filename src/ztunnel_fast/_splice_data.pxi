@@ -1,4 +1,4 @@
-# _hbone piece: the frame loop (preface, frame headers, dispatch) and DATA frames, whose payload
+# _splice piece: the frame loop (preface, frame headers, dispatch) and DATA frames, whose payload
 # is passed to its stream as it arrives.
 #
 # Flow control (RFC 9113 6.9): a DATA frame's whole length counts against both receive windows as
