@@ -117,19 +117,10 @@ class EnvoyPair(Setup):
 def _certs(bl: BenchLab, side: str):
     """Key, chain and root for the pod's SPIFFE identity, issued by the Lab's CA."""
     from tests.certs import CertPaths
-    from ztunnel_fast.identity.ca import LocalCA
-    from ztunnel_fast.identity.spiffe import Identity
 
     pod = bl.client if side == "client" else bl.server
-    issued = LocalCA.load(bl.lab.ca_dir).issue(Identity.parse(pod.identity), 24 * 3600)
-    d = bl.workdir / "envoy-certs" / side
-    d.mkdir(parents=True, exist_ok=True)
-    paths = CertPaths(cert=d / "cert-chain.pem", key=d / "key.pem", root=d / "root-cert.pem")
-    paths.key.write_bytes(issued.key_pem)
-    paths.key.chmod(0o600)
-    paths.cert.write_bytes(b"".join(issued.chain_pem))
-    paths.root.write_bytes(issued.root_pem)
-    return paths
+    chain, key, root = bl.lab.identity_files(pod.identity, f"envoy-{side}")
+    return CertPaths(cert=chain, key=key, root=root)
 
 
 ALL = {"direct": Direct, "native": lambda: ZtunnelFast("native"), "pure": lambda: ZtunnelFast("pure"),

@@ -420,22 +420,27 @@ class Topology:
         _write_owner(ns)
         _run(None, ["ip", "netns", "add", ns])
 
-    def add_pod(self, name: str, ip: str | None = None) -> Pod:
-        """Create netns f"{prefix}-{name}" wired to the segment; returns the Pod."""
+    def _claim(self, name: str, ip: str | None, free_hosts, exhausted: str) -> str:
+        """Check a new pod's name and take its address: `ip`, or the next free one of `free_hosts`."""
         if not _POD_NAME_RE.match(name) or name == "net":
             raise ValueError(f"bad pod name {name!r} (lowercase letters, digits, '-'; not 'net')")
         if name in self.pods:
             raise ValueError(f"pod {name!r} exists")
         used = {p.ip for p in self.pods.values()}
         if ip is None:
-            ip = next((str(h) for h in self._free_hosts if str(h) not in used), None)
+            ip = next((str(h) for h in free_hosts if str(h) not in used), None)
             if ip is None:
-                raise ValueError(f"no free address left in {self.subnet}")
+                raise ValueError(exhausted)
+        elif ip in used:
+            raise ValueError(f"{ip} already used")
+        return ip
+
+    def add_pod(self, name: str, ip: str | None = None) -> Pod:
+        """Create netns f"{prefix}-{name}" wired to the segment; returns the Pod."""
+        ip = self._claim(name, ip, self._free_hosts, f"no free address left in {self.subnet}")
         addr = ipaddress.ip_address(ip)
         if addr not in self.subnet or addr in (self.subnet.network_address, self.subnet.broadcast_address):
             raise ValueError(f"{ip} is not a host address of {self.subnet}")
-        if ip in used:
-            raise ValueError(f"{ip} already used")
         self._ensure_segment()
         ns = f"{self.prefix}-{name}"
         peer = f"v{len(self.pods)}-{name}"[:IFNAMSIZ]  # bridge side; local to the net netns
@@ -486,19 +491,8 @@ class Topology:
         info = self.nodes.get(node.name if isinstance(node, Pod) else str(node))
         if info is None:
             raise ValueError(f"{node!r} is not a node of this topology (add_node first)")
-        if not _POD_NAME_RE.match(name) or name == "net":
-            raise ValueError(f"bad pod name {name!r} (lowercase letters, digits, '-'; not 'net')")
-        if name in self.pods:
-            raise ValueError(f"pod {name!r} exists")
-        used = {p.ip for p in self.pods.values()}
-        if ip is None:
-            ip = next((str(h) for h in info.free_hosts if str(h) not in used), None)
-            if ip is None:
-                raise ValueError(f"node {info.name} has no pod subnet or no free address left in it")
-        addr = ipaddress.ip_address(ip)
-        self._check_pod_subnet(ipaddress.ip_network(f"{addr}/32"))
-        if ip in used:
-            raise ValueError(f"{ip} already used")
+        ip = self._claim(name, ip, info.free_hosts, f"node {info.name} has no pod subnet or no free address left in it")
+        self._check_pod_subnet(ipaddress.ip_network(f"{ipaddress.ip_address(ip)}/32"))
         ns = f"{self.prefix}-{name}"
         node_if = f"p{len(self.pods)}-{name}"[:IFNAMSIZ]  # local to the node netns
         self._add_netns(ns)

@@ -11,7 +11,7 @@
   3. Half-close (client sends everything, FINs, then reads the whole echo) through both set-ups.
 
 The Envoy side gets its certificates from the same LocalCA root as the ztunnel-fast instances
-(``LocalCA.load(lab.ca_dir)``), so only the SAN checks decide the negative cases.
+(``lab.identity_files``), so only the SAN checks decide the negative cases.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.certs import CertPaths
 from tests.interop.envoy import hbone_originator, hbone_terminator, run_envoy, stat_total, validate_config, write_config
 from ztunnel_fast.demo.lab import Lab, LabPod, Ztunnel
-from ztunnel_fast.identity.ca import LocalCA
-from ztunnel_fast.identity.spiffe import Identity
 from ztunnel_fast.netns import echo_server_argv, send_recv_argv, wait_listening
 
 pytestmark = pytest.mark.interop
@@ -46,16 +43,8 @@ OTHER_ID = "spiffe://cluster.local/ns/default/sa/other"
 # ------------------------------------------------------------------------------------- helpers
 def _certs(lab: Lab, name: str, spiffe_uri: str) -> CertPaths:
     """Key, chain and root for `spiffe_uri`, issued by the Lab's CA (the ztunnels' trust root)."""
-    ca = LocalCA.load(lab.ca_dir)
-    issued = ca.issue(Identity.parse(spiffe_uri), 3600)
-    d = lab.workdir / "envoy-certs" / name
-    d.mkdir(parents=True, exist_ok=True)
-    paths = CertPaths(cert=d / "cert-chain.pem", key=d / "key.pem", root=d / "root-cert.pem")
-    paths.key.write_bytes(issued.key_pem)
-    paths.key.chmod(0o600)
-    paths.cert.write_bytes(b"".join(issued.chain_pem))
-    paths.root.write_bytes(issued.root_pem)
-    return paths
+    chain, key, root = lab.identity_files(spiffe_uri, name, ttl=3600)
+    return CertPaths(cert=chain, key=key, root=root)
 
 
 def _envoy(lab: Lab, pod: LabPod, name: str, config: dict) -> subprocess.Popen:

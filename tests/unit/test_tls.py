@@ -546,7 +546,6 @@ def test_intermediates_are_sent_and_verified(tmp_path, client_cert):
     root = x509.load_pem_x509_certificate((tmp_path / "root-cert.pem").read_bytes())
     root_key = serialization.load_pem_private_key((tmp_path / "root-key.pem").read_bytes(), None)
     inter_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
     inter_ski = x509.SubjectKeyIdentifier.from_public_key(inter_key.public_key())
     intermediate = (
         x509.CertificateBuilder()

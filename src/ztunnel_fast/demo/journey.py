@@ -94,8 +94,10 @@ def _kube_proxy(c: Cluster) -> None:
     choice, like iptables-mode kube-proxy).  Captured traffic skips it (nat ztunnel-PREROUTING)."""
     backends = c.pods("httpbin")
     for node in c.nodes.values():
-        run = lambda *a: netns.iptables(node.pod, "-t", "nat", *a)  # noqa: E731
-        run("-F", "KUBE-SERVICES") if _has_chain(c, node, "KUBE-SERVICES") else run("-N", "KUBE-SERVICES")
+        def run(*args: str, pod: netns.Pod = node.pod) -> None:
+            netns.iptables(pod, "-t", "nat", *args)
+
+        run("-F" if _has_chain(c, node, "KUBE-SERVICES") else "-N", "KUBE-SERVICES")
         if not _hooked(c, node):
             run("-A", "PREROUTING", "-j", "KUBE-SERVICES")
             run("-A", "OUTPUT", "-j", "KUBE-SERVICES")

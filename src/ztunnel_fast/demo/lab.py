@@ -204,6 +204,23 @@ class Lab:
         res = self.topology.run(p.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", *args], timeout=timeout)
         return json.loads(res.stdout.strip().splitlines()[-1])
 
+    def identity_files(self, spiffe_uri: str, name: str, ttl: float = 24 * 3600) -> tuple[Path, Path, Path]:
+        """Key, chain and root for `spiffe_uri`, issued by the Lab's CA (the ztunnels' trust root),
+        written under workdir/certs/<name> for peers that read files (Envoy, test clients).
+        Returns (chain, key, root)."""
+        from ..identity.ca import LocalCA
+        from ..identity.spiffe import Identity
+
+        issued = LocalCA.load(self.ca_dir).issue(Identity.parse(spiffe_uri), ttl)
+        d = self.workdir / "certs" / name
+        d.mkdir(parents=True, exist_ok=True)
+        chain, key, root = d / "cert-chain.pem", d / "key.pem", d / "root-cert.pem"
+        key.write_bytes(issued.key_pem)
+        key.chmod(0o600)
+        chain.write_bytes(b"".join(issued.chain_pem))
+        root.write_bytes(issued.root_pem)
+        return chain, key, root
+
     def client_background(self, p: LabPod, *args: str) -> tuple[subprocess.Popen, Path]:
         """Start a demo client without waiting; its JSON lines go to the returned file."""
         out_path = self.workdir / f"client-{p.name}-{len(list(self.workdir.glob('client-*')))}.out"

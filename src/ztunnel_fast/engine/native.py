@@ -35,6 +35,7 @@ from ..hbone.connection import (
     PING_INTERVAL,
     PING_TIMEOUT,
     ConnectionLost,
+    ConnectionState,
     HboneStream,
     _code_name,
     _reason,
@@ -309,36 +310,21 @@ class NativeStream:
             self._fail_response(StreamReset(self.reset_code if self.reset_code is not None else ErrorCodes.CANCEL))
 
 
-class NativeConnection:
+class NativeConnection(ConnectionState):
     """The control layer's handle on an HBONE connection a worker owns (same interface as the pure
     HboneConnection: start, start_stream, response, on_request, can_open, goaway, close, closed,
     lost, streams, idle_since, goaway_sent/received, peer_identity, name)."""
 
     def __init__(self, engine: NativeEngine, sock: socket.socket, tls, *, client: bool, settings,
                  on_request=None, name: str = "hbone", peer_identity=None):
+        super().__init__(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
+                         peer_identity=peer_identity)
         self.engine = engine
-        self.loop = engine.loop
-        self.sock = sock
-        self.tls = tls
-        self.client = client
-        self.name = name
-        self.settings = settings
-        self.peer_identity = peer_identity
-        self.on_request = on_request
         self.id = engine.next_token()
         self.worker = engine.next_worker()
-        self.streams: dict[int, NativeStream] = {}
-        self.lost: Exception | None = None
-        self.goaway_sent = False
-        self.goaway_received = False
-        self.closed: asyncio.Future = self.loop.create_future()
-        self.created = time.monotonic()
-        self.idle_since = time.monotonic()
-        self.streams_opened = 0
-        self._peer_max_streams = 2**31 - 1
+        self._peer_max_streams = 2**31 - 1  # until the peer's SETTINGS arrive (EV_SETTINGS)
         self._next_sid = 1
         self._started = False
-        self._tasks: set[asyncio.Task] = set()
         # stateless HPACK encoder: a block the worker drops (stream gone) cannot desynchronise the peer
         self._encoder = hpack.Encoder()
         self._encoder.header_table_size = 0
@@ -355,16 +341,8 @@ class NativeConnection:
         self._started = True
         self.engine.core.adopt(self.worker, self.id, self.sock.fileno(), ssl, self.client, values)
 
-    @property
-    def active_streams(self) -> int:
-        return len(self.streams)
-
-    def max_streams(self, pool_limit: int) -> int:
-        return min(pool_limit, self._peer_max_streams)
-
-    def can_open(self, pool_limit: int) -> bool:
-        return (self.lost is None and not self.goaway_received and not self.goaway_sent
-                and self.active_streams < self.max_streams(pool_limit))
+    def peer_max_streams(self) -> int:
+        return self._peer_max_streams
 
     def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful: no new streams; open streams finish; the worker closes when idle."""
@@ -406,12 +384,6 @@ class NativeConnection:
             pass
         if not self.closed.done():
             self.closed.set_result(error)
-
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # -- client side ------------------------------------------------------------------------
     def start_stream(self, headers: list[tuple[str, str]]) -> NativeStream:

@@ -252,7 +252,57 @@ class HboneStream:
 RequestHandler = Callable[[HboneStream], Awaitable[None]]
 
 
-class HboneConnection:
+class ConnectionState:
+    """What the pool and the listeners see of an HBONE connection, whichever engine drives it
+    (this module's hyper-h2 driver, or a native worker): identity, streams, GOAWAY and loss state,
+    capacity for new streams.  Subclasses say how many streams the peer allows."""
+
+    def __init__(self, sock: socket.socket, tls, *, client: bool, settings: "H2Settings",
+                 on_request: RequestHandler | None, name: str, peer_identity):
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.tls = tls
+        self.client = client
+        self.name = name
+        self.settings = settings
+        self.peer_identity = peer_identity
+        self.on_request = on_request
+        self.streams: dict = {}
+        self.lost: Exception | None = None
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.closed: asyncio.Future = self.loop.create_future()
+        self.created = time.monotonic()
+        self.idle_since = time.monotonic()
+        self.streams_opened = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def peer_max_streams(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def max_streams(self, pool_limit: int) -> int:
+        return min(pool_limit, self.peer_max_streams())
+
+    def can_open(self, pool_limit: int) -> bool:
+        return (
+            self.lost is None
+            and not self.goaway_received
+            and not self.goaway_sent
+            and self.active_streams < self.max_streams(pool_limit)
+        )
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+class HboneConnection(ConnectionState):
     """The HTTP/2 side of one mTLS connection, client or server."""
 
     def __init__(
@@ -266,32 +316,17 @@ class HboneConnection:
         name: str = "hbone",
         peer_identity=None,
     ):
-        self.loop = asyncio.get_running_loop()
-        self.sock = sock
-        self.tls = tls
-        self.client = client
-        self.name = name
-        self.settings = settings
-        self.peer_identity = peer_identity
-        self.on_request = on_request
+        super().__init__(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
+                         peer_identity=peer_identity)
         # Header values stay bytes inside h2 (header_encoding=None): a peer's non-UTF-8 bytes
         # are refused per stream (400) by us instead of raising out of the frame parser.
         self.h2 = _H2Connection(h2.config.H2Configuration(client_side=client, header_encoding=None))
         self.h2.incoming_buffer = _EagerFrameBuffer(server=not client)
-        self.streams: dict[int, HboneStream] = {}
-        self.lost: Exception | None = None
-        self.goaway_sent = False
-        self.goaway_received = False
-        self.closed: asyncio.Future = self.loop.create_future()
-        self.created = time.monotonic()
-        self.idle_since = time.monotonic()
-        self.streams_opened = 0
         self._out = bytearray()
         self._writer_active = False
         self._drain_waiters: list[asyncio.Future] = []
         self._ping_outstanding: float | None = None
         self._rapid_resets: collections.deque = collections.deque()
-        self._tasks: set[asyncio.Task] = set()
         self._fd = sock.fileno()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -322,26 +357,8 @@ class HboneConnection:
         # TLS may already hold decrypted bytes read during the handshake.
         self.loop.call_soon(self._on_readable)
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @property
-    def active_streams(self) -> int:
-        return len(self.streams)
-
-    def max_streams(self, pool_limit: int) -> int:
-        return min(pool_limit, self.h2.remote_settings.max_concurrent_streams)
-
-    def can_open(self, pool_limit: int) -> bool:
-        return (
-            self.lost is None
-            and not self.goaway_received
-            and not self.goaway_sent
-            and self.active_streams < self.max_streams(pool_limit)
-        )
+    def peer_max_streams(self) -> int:
+        return self.h2.remote_settings.max_concurrent_streams
 
     def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful: no new streams; open streams finish; the connection closes when idle."""
