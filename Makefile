@@ -18,10 +18,10 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=65,<81" wheel "Cython>=3.1,<3.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --upgrade "pip>=23" -c constraints.txt setuptools wheel Cython
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 build: $(STAMP)
@@ -49,7 +49,7 @@ bench-system-deps: system-deps
 	fi
 
 $(BENCH_STAMP): $(STAMP) setup.py
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[test,bench]"
 	touch $(BENCH_STAMP)
 
 bench: bench-system-deps build $(BENCH_STAMP)

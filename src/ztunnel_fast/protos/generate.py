@@ -1,0 +1,45 @@
+"""Regenerate the Python modules for every .proto in this folder (`python -m ztunnel_fast.protos.generate`).
+
+grpcio-tools' bundled protoc compiles each `<name>.proto` to `<name>_pb2.py` (and
+`<name>_pb2_grpc.py` for files that declare a service) next to it.  `generate(out_dir)` writes
+somewhere else, which is how the test checks that the committed code is current.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def proto_files() -> list[Path]:
+    return sorted(HERE.glob("*.proto"))
+
+
+def generate(out_dir: Path = HERE) -> list[Path]:
+    """Compile every .proto here into out_dir; returns the files written.  Raises RuntimeError
+    with protoc's exit status when compilation fails."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    include = Path(grpc_tools.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for proto in proto_files():
+        args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out_dir}", str(proto)]
+        if "service " in proto.read_text():
+            args.insert(-1, f"--grpc_python_out={out_dir}")
+        status = protoc.main(args)
+        if status != 0:
+            raise RuntimeError(f"protoc failed on {proto.name} (exit {status})")
+    return sorted(out_dir.glob("*_pb2*.py"))
+
+
+def main() -> int:
+    for path in generate():
+        print(path.relative_to(HERE.parent.parent.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
