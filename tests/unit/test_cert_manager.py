@@ -296,7 +296,7 @@ def test_failed_renewal_keeps_the_old_cert_until_it_expires(ca):
             await wait_for(lambda: len(source.calls) >= 3, timeout=3)  # renewal + one retry failed
             assert manager.state(ALICE) == "Available"
             assert (await manager.get(ALICE)) is cert
-            assert manager.snapshot()[0]["certChain"][0]["serialNumber"] == f"{cert.serial:x}"
+            assert manager.snapshot()[0]["certChain"][0]["serialNumber"] == str(cert.serial)
 
             clock["now"] = base + 3601  # the old certificate has expired
             assert manager.state(ALICE) == "Unavailable: CA unreachable"
@@ -311,7 +311,7 @@ def test_failed_renewal_keeps_the_old_cert_until_it_expires(ca):
 def test_failing_source_backs_off_then_recovers(ca):
     async def main():
         source = RecordingSource(ca, fail=2)
-        manager = CertificateManager(source, ttl=3600)
+        manager = CertificateManager(source, ttl=3600, rand=lambda: 0.5)  # no jitter: the base delays
         try:
             with pytest.raises(IdentityError, match=f"no certificate for {ALICE}: Unavailable: CA unreachable"):
                 await manager.get(ALICE)
@@ -417,8 +417,8 @@ def test_snapshot_shape(ca):
             leaf = entry["certChain"][0]
             assert set(leaf) == {"pem", "serialNumber", "validFrom", "expirationTime"}
             assert leaf["pem"].encode() == cert.issued.chain_pem[0]
-            assert leaf["serialNumber"] == format(cert.serial, "x")
-            assert int(leaf["serialNumber"], 16) == x509.load_pem_x509_certificate(leaf["pem"].encode()).serial_number
+            assert leaf["serialNumber"] == str(cert.serial)  # decimal, as ztunnel and istioctl
+            assert int(leaf["serialNumber"], 10) == x509.load_pem_x509_certificate(leaf["pem"].encode()).serial_number
             assert RFC3339_Z.match(leaf["validFrom"]) and RFC3339_Z.match(leaf["expirationTime"])
             assert leaf["validFrom"] == cert.issued.not_before.strftime("%Y-%m-%dT%H:%M:%SZ")
             assert leaf["expirationTime"] == cert.issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
