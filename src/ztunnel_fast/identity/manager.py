@@ -148,6 +148,11 @@ class CertificateManager:
                 return cert
         raise IdentityError(f"no certificate for {identity}: {self._state(entry)}")
 
+    def prefetch(self, identity: Identity) -> None:
+        """Start issuing `identity`'s certificate without waiting for it (a new local workload)."""
+        if not self._closed and identity not in self._entries:
+            self._start(identity)
+
     def state(self, identity: Identity) -> str | None:
         """The config_dump state of `identity`, or None when it is not managed."""
         entry = self._entries.get(identity)
