@@ -143,7 +143,7 @@ def test_rpc_error_keeps_status_code_and_message():
                                details="request impersonation authentication failure")
     err = istiod_ca.rpc_error(ALICE, exc)
     assert isinstance(err, IdentityError)
-    assert str(err) == ("istiod CA refused the certificate for spiffe://cluster.local/ns/shop/sa/alice: "
+    assert str(err) == ("istiod CA request for spiffe://cluster.local/ns/shop/sa/alice failed: "
                         "UNAUTHENTICATED: request impersonation authentication failure")
 
 

@@ -179,7 +179,7 @@ def rpc_error(identity: Identity, exc: grpc.aio.AioRpcError) -> IdentityError:
     """istiod's status as an IdentityError carrying its code name and message."""
     code = exc.code()
     name = code.name if code is not None else "UNKNOWN"
-    return IdentityError(f"istiod CA refused the certificate for {identity}: {name}: {exc.details() or ''}".rstrip())
+    return IdentityError(f"istiod CA request for {identity} failed: {name}: {exc.details() or ''}".rstrip())
 
 
 def _pem_certificates(identity: Identity, index: int, text) -> list[x509.Certificate]:
