@@ -82,9 +82,7 @@ def certificate(dump: dict, identity: str) -> dict:
 
 
 def pem_of(entry: dict) -> bytes:
-    # ztunnel's config_dump carries the PEM base64-encoded; accept the bare PEM as well.
-    text = entry["pem"]
-    return text.encode() if text.startswith("-----BEGIN") else base64.b64decode(text)
+    return base64.b64decode(entry["pem"])  # config_dump carries the PEM base64-encoded, as ztunnel
 
 
 def chains_to_istiod(pki: FakePki, entry: dict) -> bool:

@@ -7,6 +7,7 @@ hold an issuance open); renewal is observed on real TLS connections over socketp
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import time
@@ -416,13 +417,13 @@ def test_snapshot_shape(ca):
             assert len(entry["certChain"]) == 1 and len(entry["rootCerts"]) == 1
             leaf = entry["certChain"][0]
             assert set(leaf) == {"pem", "serialNumber", "validFrom", "expirationTime"}
-            assert leaf["pem"].encode() == cert.issued.chain_pem[0]
+            assert base64.b64decode(leaf["pem"]) == cert.issued.chain_pem[0]  # base64 of the PEM, as ztunnel
             assert leaf["serialNumber"] == str(cert.serial)  # decimal, as ztunnel and istioctl
-            assert int(leaf["serialNumber"], 10) == x509.load_pem_x509_certificate(leaf["pem"].encode()).serial_number
+            assert int(leaf["serialNumber"], 10) == x509.load_pem_x509_certificate(base64.b64decode(leaf["pem"])).serial_number
             assert RFC3339_Z.match(leaf["validFrom"]) and RFC3339_Z.match(leaf["expirationTime"])
             assert leaf["validFrom"] == cert.issued.not_before.strftime("%Y-%m-%dT%H:%M:%SZ")
             assert leaf["expirationTime"] == cert.issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-            assert entry["rootCerts"][0]["pem"].encode() == ca.root_pem
+            assert base64.b64decode(entry["rootCerts"][0]["pem"]) == ca.root_pem
             assert RFC3339_Z.match(entry["rootCerts"][0]["expirationTime"])
 
     run(main())

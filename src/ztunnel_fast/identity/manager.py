@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import random
@@ -283,7 +284,8 @@ def _rfc3339(when: datetime) -> str:
 
 def _dump(cert: x509.Certificate) -> dict:
     return {
-        "pem": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        # base64 of the PEM text, as ztunnel's config_dump carries it (istioctl decodes it).
+        "pem": base64.b64encode(cert.public_bytes(serialization.Encoding.PEM)).decode("ascii"),
         # Decimal, as ztunnel prints it (BigUint to_string) and istioctl parses it (base 10).
         "serialNumber": str(cert.serial_number),
         "validFrom": _rfc3339(cert.not_valid_before_utc),
