@@ -205,3 +205,29 @@ def test_manager_keeps_the_valid_certificate_through_a_ca_outage(pki, tmp_path):
                 await manager.close()
 
     run(main())
+
+
+def test_fake_ca_authenticates_before_it_reads_the_csr(pki, tmp_path):
+    """The double answers as istiod does: bad token first, then a bad CSR, by status code."""
+    import grpc
+
+    from ztunnel_fast.protos import ca_pb2, ca_pb2_grpc
+
+    async def main():
+        async with Harness(pki, tmp_path, callers={"jwt-1": Caller("shop/alice")}, impersonate=False) as h:
+            creds = grpc.ssl_channel_credentials(pki.root_path.read_bytes())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{h.server.port}", creds,
+                                               options=[("grpc.ssl_target_name_override", ISTIOD_NAME)]) as ch:
+                stub = ca_pb2_grpc.IstioCertificateServiceStub(ch)
+                bad = ca_pb2.IstioCertificateRequest(csr="not a csr", validity_duration=60)
+                codes = []
+                for token in ("wrong", "jwt-1"):
+                    md = (("authorization", f"Bearer {token}"), ("clusterid", "Kubernetes"))
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.CreateCertificate(bad, metadata=md)
+                    codes.append((err.value.code(), err.value.details()))
+                assert codes == [(grpc.StatusCode.UNAUTHENTICATED, "request authenticate failure"),
+                                 (grpc.StatusCode.INVALID_ARGUMENT, "CSR parsing error")]
+                assert [r.status for r in h.ca.requests] == ["UNAUTHENTICATED", "INVALID_ARGUMENT"]
+
+    run(main())

@@ -238,17 +238,17 @@ class FakeCA(ca_pb2_grpc.IstioCertificateServiceServicer):
         try:
             csr = x509.load_pem_x509_csr(request.csr.encode())
         except ValueError:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "CSR parsing error") from None
-        try:
-            rec.csr_sans = csr.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
-        except x509.ExtensionNotFound:
-            rec.csr_sans = []
-        key = csr.public_key()
-        rec.csr_key = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
-        if not csr.is_signature_valid:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "CSR signature is invalid")
+            csr = None
+        if csr is not None:
+            try:
+                rec.csr_sans = csr.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+            except x509.ExtensionNotFound:
+                rec.csr_sans = []
+            key = csr.public_key()
+            rec.csr_key = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
 
+        # istiod's order: authenticate the caller, authorize impersonation, then look at the CSR.
         auth = metadata.get("authorization", "")
         caller = self.callers.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
         if caller is None or metadata.get("clusterid") != self.cluster_id:
@@ -260,6 +260,10 @@ class FakeCA(ca_pb2_grpc.IstioCertificateServiceServicer):
         else:
             ns, sa = caller.service_account.split("/", 1)
             identity = f"spiffe://{self.pki.trust_domain}/ns/{ns}/sa/{sa}"
+        if csr is None:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "CSR parsing error")
+        if not csr.is_signature_valid:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "CSR signature is invalid")
         ttl = request.validity_duration or DEFAULT_TTL
         if ttl < 0:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"requested TTL {ttl} is negative")
