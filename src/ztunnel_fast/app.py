@@ -5,8 +5,12 @@ the local config (state), certificates for local workloads, the engine and the l
 process is ready when all of them are done.  An invalid config, a missing CA or a port that cannot
 be bound stops the process before any listener accepts.
 
-The local config file (LOCAL_XDS_PATH) is watched: a valid change replaces the state whole and
-re-authorizes live inbound connections; an invalid one is logged and ignored (the old state stays).
+Config sources feed one StateStore (state/store.py) and every applied change goes through
+ProxyContext.replace_state, which re-authorizes live inbound connections.  The local config file
+(LOCAL_XDS_PATH / LOCAL_XDS) wins when set and is watched: a valid change replaces its resources;
+an invalid one is logged and ignored (the old state stays).  Otherwise, with XDS_ADDRESS (or in a
+cluster), the xDS client applies istiod's deltas; readiness waits for its first sync, and istiod
+being unreachable only delays that (the client retries forever).
 
 Shutdown (SIGTERM, SIGINT, POST /quitquitquit) always goes through drain(): stop accepting,
 GOAWAY every HBONE connection, let tunnels finish until the deadline, then close and exit 0.
@@ -34,9 +38,11 @@ from .proxy.inbound import Inbound
 from .proxy.inbound_passthrough import InboundPassthrough
 from .proxy.outbound import Outbound
 from .state.dump import config_dump
-from .state.store import ProxyState
+from .state.store import LOCAL_SOURCE, XDS_SOURCE, ProxyState, Removal, Resource, StateStore
 from .state.workload import TunnelProtocol
 from .telemetry.metrics import Metrics
+from .xds.client import XdsClient
+from .xds.delta import DeltaSession, build_node
 from .xds.local import LocalConfig, load_local_config, parse_local_config
 
 log = logging.getLogger(__name__)
@@ -46,14 +52,13 @@ DEFAULT_DRAIN_DEADLINE = 5.0  # seconds, ztunnel's default when no grace period 
 READY_TASKS = ("state manager", "certificates", "proxy")
 
 
-def load_state(config: Config) -> ProxyState:
+def load_local(config: Config) -> LocalConfig:
+    """The local config (file or inline); empty when neither is set."""
     if config.local_xds_path is not None:
-        local = load_local_config(config.local_xds_path)
-    elif config.local_xds is not None:
-        local = parse_local_config(config.local_xds, "LOCAL_XDS")
-    else:
-        local = LocalConfig((), (), ())
-    return ProxyState.from_local(local)
+        return load_local_config(config.local_xds_path)
+    if config.local_xds is not None:
+        return parse_local_config(config.local_xds, "LOCAL_XDS")
+    return LocalConfig((), (), ())
 
 
 def drain_deadline(config: Config) -> float:
@@ -80,12 +85,18 @@ class App:
         self.engine_name = "unknown"
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task | None = None
+        self.store = StateStore()  # every config source applies its changes here
+        self._xds: asyncio.Task | None = None
 
     async def start(self) -> None:
         config = self.config
         await self._serve_operator_endpoints()
-        state = load_state(config)
-        self.readiness.done("state manager")
+        use_xds = config.local_xds_path is None and config.local_xds is None and config.xds is not None
+        if use_xds:
+            state = self.store.state  # empty until istiod's first responses
+        else:
+            state = self._replace_local(load_local(config))
+            self.readiness.done("state manager")
         if config.local_ca_dir is None:
             raise ConfigError("LOCAL_CA_DIR", "", "required (no istiod CA client yet): create one with `ztunnel-fast ca init DIR`")
         ca = LocalCA.load(config.local_ca_dir)
@@ -98,7 +109,7 @@ class App:
             max_frame_size=config.http2_frame_size,
         )
         ctx = ProxyContext(config=config, state=state, certs=certs, engine=engine, h2=h2, metrics=self.metrics)
-        if ctx.dedicated and ctx.own_workload() is None:
+        if ctx.dedicated and ctx.own_workload() is None and not use_xds:
             info = config.workload_info
             raise ConfigError("PROXY_WORKLOAD_INFO", "", f"workload {info.namespace}/{info.name} is not in the local config")
         outbound = Outbound(ctx)
@@ -108,6 +119,8 @@ class App:
             idle_timeout=config.pool_unused_release_timeout,
         )
         self.ctx = ctx
+        if use_xds:
+            self._start_xds()
         self.inbound = Inbound(ctx)
         passthrough = InboundPassthrough(ctx)
         for port, handler, name in (
@@ -160,7 +173,8 @@ class App:
     async def _prefetch_certificates(self) -> None:
         ctx = self.ctx
         if ctx.dedicated:
-            identities = {ctx.own_workload().identity}
+            own = ctx.own_workload()  # with xDS it may not have arrived yet: fetched on first use
+            identities = {own.identity} if own is not None else set()
         else:
             identities = {
                 w.identity
@@ -179,13 +193,38 @@ class App:
                 continue
             last = stamp
             try:
-                state = load_state(self.config)
+                state = self._replace_local(load_local(self.config))
             except ConfigError as exc:
                 log.error("local config change ignored, keeping the previous one: %s", exc)
                 continue
             closed = self.ctx.replace_state(state)
             log.info("local config reloaded: %d workloads, %d services, %d policies; %d connections closed by policy",
                      len(state.workloads()), len(state.services()), len(state.policies()), closed)
+
+    # -- config sources (one store, one replace_state path) ------------------------------------
+    def _replace_local(self, local: LocalConfig) -> ProxyState:
+        """The local file is a source that delivers complete sets: it replaces its own resources."""
+        return self.store.replace(LOCAL_SOURCE, local.workloads, local.services, local.policies)
+
+    def _start_xds(self) -> None:
+        config = self.config
+        node = build_node(instance_ip=config.instance_ip, pod_name=config.pod_name,
+                          pod_namespace=config.pod_namespace, node_name=config.node_name,
+                          proxy_metadata=config.proxy_metadata)
+        client = XdsClient(config.xds, DeltaSession(node), auth_token=config.auth_token,
+                           cluster_id=config.cluster_id, apply=self._apply_xds, metrics=self.metrics,
+                           on_synced=lambda: self.readiness.done("state manager"))
+        log.info("xds: connecting to %s as %s", config.xds.address, node.id)
+        self._xds = asyncio.get_running_loop().create_task(client.run(), name="xds-client")
+
+    def _apply_xds(self, upserts: list[Resource], removals: list[Removal]) -> None:
+        state = self.store.apply(XDS_SOURCE, upserts, removals)
+        closed = self.ctx.replace_state(state)
+        # Per push at debug (istiod pushes often); at info when the push closed connections.
+        log.log(logging.INFO if closed else logging.DEBUG,
+                "xds: applied %d updates, %d removals: %d workloads, %d services, %d policies; "
+                "%d connections closed by policy", len(upserts), len(removals), len(state.workloads()),
+                len(state.services()), len(state.policies()), closed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,6 +249,8 @@ class App:
         log.info("draining: no new connections, waiting up to %.1fs for %d open tunnels", deadline, len(ctx.tunnels))
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._xds is not None:
+            self._xds.cancel()
         for task in self.accept_tasks:
             task.cancel()
         for lsock in self.listeners:
