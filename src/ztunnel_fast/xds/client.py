@@ -23,9 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable, Iterable
 
-import grpc
+# gRPC core writes its own INFO lines (GOAWAY received, ...) to stderr in absl's format, which
+# would break our log format; errors only, unless the operator asks for more.  Read when gRPC
+# initialises (the first channel), so setting it at import is early enough.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message as pb_message
 
