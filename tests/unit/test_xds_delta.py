@@ -6,9 +6,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
-from google.rpc import code_pb2
 
-from ztunnel_fast.errors import ConfigError
 from ztunnel_fast.protos import authorization_pb2 as apb
 from ztunnel_fast.protos import workload_pb2 as wpb
 from ztunnel_fast.state.store import Removal, StateStore, XDS_SOURCE
@@ -52,9 +50,10 @@ def test_node_id_and_metadata_as_ztunnel_builds_them():
         "NAME": "ztunnel-abc", "NAMESPACE": "istio-system", "INSTANCE_IPS": "10.1.0.5", "NODE_NAME": "node1",
         "CLUSTER_ID": "c1", "ENABLE_HBONE": "true", "LABELS": {"app": "z", "n": [1.0, 2.0]}}
     assert delta.node_id("", "p", "ns") == "ztunnel~1.1.1.1~p.ns~ns.svc.cluster.local"
-    with pytest.raises(ConfigError, match="ISTIO_METAJSON_BAD"):
-        delta.build_node(instance_ip="", pod_name="", pod_namespace="", node_name="",
-                         proxy_metadata=(("json:BAD", "{nope"),))
+    # invalid JSON is left out (ztunnel logs it and carries on)
+    node = delta.build_node(instance_ip="", pod_name="", pod_namespace="", node_name="",
+                            proxy_metadata=(("json:BAD", "{nope"), ("json:GOOD", "true")))
+    assert "BAD" not in node.metadata.fields and node.metadata.fields["GOOD"].bool_value is True
 
 
 def test_initial_requests_subscribe_both_types_wildcard_with_node(session):
@@ -88,7 +87,7 @@ def test_nack_names_each_rejected_resource_and_applies_the_rest(session):
                                        nonce="n2"))
     assert [w.uid for w in out.upserts] == ["good"]
     assert out.nack and out.reply.response_nonce == "n2" and out.reply.type_url == ADDRESS_TYPE_URL
-    assert out.reply.error_detail.code == code_pb2.INVALID_ARGUMENT
+    assert out.reply.error_detail.code == 0  # ztunnel leaves the status code at its default
     message = out.reply.error_detail.message
     parts = message.split("; ")
     assert parts[0] == "bad-ip: workload.addresses[0]: invalid IP address: 3 bytes (expected 4 or 16)"
@@ -96,10 +95,15 @@ def test_nack_names_each_rejected_resource_and_applies_the_rest(session):
     assert parts[2].startswith("junk: cannot decode istio.workload.Address")
     assert parts[3] == ("ns/p: resource type 'type.googleapis.com/istio.security.Authorization' in a "
                         "type.googleapis.com/istio.workload.Address response")
-    assert session.versions[ADDRESS_TYPE_URL] == {"good": "v1"}
+    # every name istiod sent is known (announced on reconnect), accepted or not
+    assert session.known[ADDRESS_TYPE_URL] == {"good", "bad-ip", "legacy", "junk", "ns/p"}
+    # a NACKed first response does not count as synced (ready waits for an accepted one)
+    assert not out.first and ADDRESS_TYPE_URL not in session.synced
+    again = session.on_response(response(ADDRESS_TYPE_URL, [wl("good")], nonce="n3"))
+    assert again.first and not again.nack and ADDRESS_TYPE_URL in session.synced
 
 
-def test_rejected_update_keeps_the_previous_state_and_version(session):
+def test_rejected_update_keeps_the_previous_state(session):
     store = StateStore()
     out = session.on_response(response(ADDRESS_TYPE_URL, [wl("a")]))
     store.apply(XDS_SOURCE, out.upserts, out.removals)
@@ -108,10 +112,9 @@ def test_rejected_update_keeps_the_previous_state_and_version(session):
     out = session.on_response(response(ADDRESS_TYPE_URL, [broken]))
     state = store.apply(XDS_SOURCE, out.upserts, out.removals)
     assert out.nack and state.workload_by_ip("10.0.0.1").uid == "a"
-    assert session.versions[ADDRESS_TYPE_URL] == {"a": "v1"}
 
 
-def test_removals_and_versions_feed_initial_resource_versions_on_reconnect(session):
+def test_known_names_feed_initial_resource_versions_on_reconnect(session):
     session.on_response(response(ADDRESS_TYPE_URL, [wl("a"), wl("b", (10, 0, 0, 2))]))
     session.on_response(response(AUTHORIZATION_TYPE_URL, [policy("p", "7")]))
     out = session.on_response(response(ADDRESS_TYPE_URL, removed=["b"]))
@@ -119,8 +122,9 @@ def test_removals_and_versions_feed_initial_resource_versions_on_reconnect(sessi
     out = session.on_response(response(AUTHORIZATION_TYPE_URL, removed=["ns/gone"]))
     assert out.removals == [Removal("policy", "ns/gone")]
     reqs = {r.type_url: r for r in session.initial_requests()}
-    assert dict(reqs[ADDRESS_TYPE_URL].initial_resource_versions) == {"a": "v1"}
-    assert dict(reqs[AUTHORIZATION_TYPE_URL].initial_resource_versions) == {"ns/p": "7"}
+    # names with empty versions, as ztunnel sends them
+    assert dict(reqs[ADDRESS_TYPE_URL].initial_resource_versions) == {"a": ""}
+    assert dict(reqs[AUTHORIZATION_TYPE_URL].initial_resource_versions) == {"ns/p": ""}
     assert reqs[ADDRESS_TYPE_URL].node.id == session.node.id
 
 
@@ -141,15 +145,16 @@ def test_backoff_sequence_cap_and_resets():
     assert b.next_delay("Complete") == 0.01
 
 
-@pytest.mark.parametrize("code, details, reason", [
-    (None, "", "Complete"),
-    (grpc.StatusCode.UNKNOWN, "", "Reconnect"),
-    (grpc.StatusCode.CANCELLED, "", "Reconnect"),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "", "Reconnect"),
-    (grpc.StatusCode.UNAVAILABLE, "transport is closing", "Reconnect"),
-    (grpc.StatusCode.UNAVAILABLE, "Received prior GOAWAY", "Reconnect"),
-    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", "ConnectionError"),
-    (grpc.StatusCode.PERMISSION_DENIED, "no", "Error"),
+@pytest.mark.parametrize("code, details, connected, reason", [
+    (None, "", True, "Complete"),
+    (grpc.StatusCode.UNKNOWN, "", True, "Reconnect"),
+    (grpc.StatusCode.CANCELLED, "", False, "Reconnect"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "", True, "Reconnect"),
+    (grpc.StatusCode.UNAVAILABLE, "transport is closing", True, "Reconnect"),
+    (grpc.StatusCode.UNAVAILABLE, "Received prior GOAWAY", True, "Reconnect"),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", False, "ConnectionError"),
+    (grpc.StatusCode.UNAVAILABLE, "Socket closed", True, "Error"),
+    (grpc.StatusCode.PERMISSION_DENIED, "no", False, "Error"),
 ])
-def test_stream_end_classification(code, details, reason):
-    assert delta.classify(code, details) == reason
+def test_stream_end_classification(code, details, connected, reason):
+    assert delta.classify(code, details, connected=connected) == reason

@@ -58,7 +58,7 @@ class XdsClient:
         self.metrics = metrics
         self.on_synced = on_synced
         self.backoff = Backoff()
-        self.connected = False
+        self.connected = False  # this stream has received a response
         self.attempts = 0  # streams opened (for logs and tests)
         self._synced_reported = False
 
@@ -70,13 +70,15 @@ class XdsClient:
             self.connected = False
             self.metrics.xds_terminations.labels(reason=reason).inc()
             delay = self.backoff.next_delay(reason)
-            if reason in ("Complete", "Reconnect"):
-                log.debug("xds stream ended (%s%s), reconnecting in %s", reason, f": {detail}" if detail else "",
-                          _ms(delay))
+            held = sum(len(v) for v in self.session.known.values())
+            if reason == "Reconnect":
+                log.debug("XDS client terminated: %s, retrying in %s", detail, _ms(delay))
+            elif reason == "Complete":
+                log.warning("XDS client complete, reconnecting in %s", _ms(delay))
             else:
-                held = sum(len(v) for v in self.session.versions.values())
-                log.warning("XDS client connection error: %s, retrying in %s; serving the last state "
-                            "(%d resources)", detail, _ms(delay), held)
+                what = "connection error" if reason == "ConnectionError" else "error"
+                log.warning("XDS client %s: %s, retrying in %s; serving the last state (%d resources known)",
+                            what, detail, _ms(delay), held)
             await asyncio.sleep(delay)
 
     async def _stream_once(self) -> tuple[str, str]:
@@ -100,14 +102,15 @@ class XdsClient:
                     return "Complete", ""
                 if not self.connected:
                     self.connected = True
-                    log.info("xds stream established to %s", self.endpoint.address)
+                    log.info("Stream established to %s", self.endpoint.address)
                 reply = self._handle(raw)
                 if reply is None:
                     call.cancel()
                     return "Error", "istiod sent a message that is not a DeltaDiscoveryResponse"
                 await call.write(reply)
         except grpc.aio.AioRpcError as exc:
-            return classify(exc.code(), exc.details() or ""), f"{exc.code().name}: {exc.details()}"
+            reason = classify(exc.code(), exc.details() or "", connected=self.connected)
+            return reason, f"{exc.code().name}: {exc.details()}"
         except OSError as exc:
             return "ConnectionError", str(exc)
         finally:
@@ -122,13 +125,14 @@ class XdsClient:
         self.metrics.xds_messages.labels(url=url).inc()
         self.metrics.xds_message_bytes.labels(url=url).inc(len(raw))
         outcome = self.session.on_response(response)
-        log.debug("received response type_url=%s size=%d removes=%d", url, len(response.resources),
-                  len(response.removed_resources))
+        log.info("received response type_url=%s size=%d removes=%d", url, len(response.resources),
+                 len(response.removed_resources))
         if outcome.changes:
             self.apply(outcome.upserts, outcome.removals)
         if outcome.nack:
-            log.warning("xds: rejected %d of %d resources (NACK) type_url=%s: %s", len(outcome.rejected),
-                        len(response.resources), url, outcome.reply.error_detail.message)
+            log.error("sending response type_url=%s nonce=%s type=NACK error=%s (%d of %d resources rejected)",
+                      url, response.nonce, outcome.reply.error_detail.message, len(outcome.rejected),
+                      len(response.resources))
         if not self._synced_reported and self.session.all_synced:
             self._synced_reported = True
             log.info("xds: initial sync complete from %s", self.endpoint.address)

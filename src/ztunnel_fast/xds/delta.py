@@ -6,20 +6,24 @@ xds/client.py owns the gRPC stream and the clock and calls into this module; tes
 with messages only.
 
 Invariants:
-- One DeltaSession lives across reconnects: it remembers the version of every resource it
-  applied, so a new stream announces them in `initial_resource_versions` and istiod sends only
-  what changed (and removals for what disappeared while we were away).
+- One DeltaSession lives across reconnects: it remembers the name of every resource istiod sent
+  (accepted or not) until istiod removes it, and a new stream announces them in
+  `initial_resource_versions` with empty versions, as ztunnel does, so istiod sends removals for
+  what disappeared while we were away.
 - Every response gets exactly one answer: an ACK `{type_url, response_nonce}`, or a NACK that
-  adds `error_detail.message` = the rejections joined by "; ", each "<resource name>: <reason>".
-- Partial apply, as ztunnel does: the valid resources of a NACKed response are applied and
-  ACK-worthy on their own; a rejected resource keeps its previous state (and version).
-- `synced` gains a type URL when its first response has been handled (ready "state manager").
+  adds `error_detail` {code 0, message = the rejections joined by "; ", each "<name>: <reason>"}
+  (ztunnel leaves the status code at its default).
+- Partial apply, as ztunnel does: the valid resources of a NACKed response are applied; a
+  rejected resource keeps its previous state.
+- `synced` gains a type URL when a response of that type was ACKed (ztunnel's readiness: a NACKed
+  first response keeps "state manager" pending until istiod sends one that is accepted).
 - Wildcard subscriptions only (empty resource_names_subscribe): ztunnel's default, not on-demand.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,9 +32,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message as pb_message
 from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 
-from ..errors import ConfigError
 from ..protos import authorization_pb2, workload_pb2
 from ..state.store import Removal, Resource
 from .convert import (
@@ -40,6 +43,8 @@ from .convert import (
     address_from_proto,
     authorization_from_proto,
 )
+
+log = logging.getLogger(__name__)
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 DEFAULT_INSTANCE_IP = "1.1.1.1"  # ztunnel's INSTANCE_IP default in the node id
@@ -61,7 +66,8 @@ def build_node(*, instance_ip: str, pod_name: str, pod_namespace: str, node_name
                proxy_metadata: tuple[tuple[str, str], ...] = ()) -> base_pb2.Node:
     """The Node ztunnel sends: id as above; metadata NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, then
     the proxy metadata (ISTIO_META_<K> as strings, ISTIO_METAJSON_<K> as JSON values; config.py
-    marks the latter with a "json:" key prefix).  Raises ConfigError for invalid JSON."""
+    marks the latter with a "json:" key prefix).  An entry that is not valid JSON is left out with
+    an error line, as ztunnel does."""
     metadata: dict[str, object] = {
         "NAME": pod_name,
         "NAMESPACE": pod_namespace,
@@ -74,7 +80,7 @@ def build_node(*, instance_ip: str, pod_name: str, pod_namespace: str, node_name
             try:
                 metadata[name] = json.loads(value)
             except ValueError as exc:
-                raise ConfigError(f"ISTIO_METAJSON_{name}", "", f"not valid JSON: {exc}") from None
+                log.error("failed to parse ISTIO_METAJSON_%s=%s: %s", name, value, exc)
         else:
             metadata[key] = value
     struct = struct_pb2.Struct()
@@ -110,7 +116,7 @@ class Outcome:
     removals: list[Removal] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)  # left out; their old state stays
     reply: discovery_pb2.DeltaDiscoveryRequest | None = None  # the ACK or NACK to send
-    first: bool = False  # the first response of this type since the process started
+    first: bool = False  # the first ACKed response of this type since the process started
 
     @property
     def nack(self) -> bool:
@@ -127,8 +133,8 @@ class DeltaSession:
     def __init__(self, node: base_pb2.Node, handlers: tuple[TypeHandler, ...] = HANDLERS):
         self.node = node
         self.handlers = {h.type_url: h for h in handlers}
-        # type URL -> {resource name: version} of what was applied
-        self.versions: dict[str, dict[str, str]] = {h.type_url: {} for h in handlers}
+        # type URL -> names istiod sent and has not removed (announced on reconnect)
+        self.known: dict[str, set[str]] = {h.type_url: set() for h in handlers}
         self.synced: set[str] = set()
 
     @property
@@ -141,7 +147,8 @@ class DeltaSession:
             discovery_pb2.DeltaDiscoveryRequest(
                 node=self.node,
                 type_url=type_url,
-                initial_resource_versions=dict(self.versions[type_url]),
+                # Names only: ztunnel does not track versions (istiod needs the names for removals).
+                initial_resource_versions={name: "" for name in sorted(self.known[type_url])},
             )
             for type_url in self.handlers
         ]
@@ -154,23 +161,19 @@ class DeltaSession:
             outcome.rejected.append(Rejected(type_url or "(no type_url)", "type URL not subscribed"))
             outcome.reply = self._reply(response, outcome.rejected)
             return outcome
-        versions = self.versions[type_url]
-        applied: dict[str, str] = {}
+        known = self.known[type_url]
         for resource in response.resources:
+            known.add(resource.name)
             try:
-                obj = self._decode(handler, resource)
+                outcome.upserts.append(self._decode(handler, resource))
             except Rejected as rejection:
                 outcome.rejected.append(rejection)
-                continue
-            outcome.upserts.append(obj)
-            applied[resource.name] = resource.version
         for name in response.removed_resources:
             outcome.removals.append(Removal(handler.removal_kind, name))
-        for name in response.removed_resources:
-            versions.pop(name, None)
-        versions.update(applied)
-        outcome.first = type_url not in self.synced
-        self.synced.add(type_url)
+            known.discard(name)
+        if not outcome.rejected:
+            outcome.first = type_url not in self.synced
+            self.synced.add(type_url)
         outcome.reply = self._reply(response, outcome.rejected)
         return outcome
 
@@ -178,7 +181,7 @@ class DeltaSession:
     def _decode(handler: TypeHandler, resource: discovery_pb2.Resource) -> Resource:
         name = resource.name
         if not resource.HasField("resource"):
-            raise Rejected(name, "resource has no body")
+            raise Rejected(name, "XDS payload without resource")
         if resource.resource.type_url != handler.type_url:
             raise Rejected(name, f"resource type {resource.resource.type_url!r} in a {handler.type_url} response")
         msg = handler.message()
@@ -193,8 +196,7 @@ class DeltaSession:
                rejected: list[Rejected]) -> discovery_pb2.DeltaDiscoveryRequest:
         reply = discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
         if rejected:
-            reply.error_detail.CopyFrom(status_pb2.Status(
-                code=code_pb2.INVALID_ARGUMENT, message="; ".join(str(r) for r in rejected)))
+            reply.error_detail.CopyFrom(status_pb2.Status(message="; ".join(str(r) for r in rejected)))
         return reply
 
 
@@ -206,16 +208,16 @@ _ROUTINE_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.Statu
 _ROUTINE_UNAVAILABLE = ("transport is closing", "received prior goaway")
 
 
-def classify(code: grpc.StatusCode | None, details: str = "") -> str:
+def classify(code: grpc.StatusCode | None, details: str = "", *, connected: bool = True) -> str:
     """The `reason` label of istio_xds_connection_terminations_total for how a stream ended:
-    Complete (istiod ended it cleanly, code None), Reconnect (routine), ConnectionError
-    (Unavailable: could not connect or the connection broke), Error (any other status)."""
+    Complete (istiod ended it cleanly, code None), Reconnect (routine), ConnectionError (the
+    stream never got going: Unavailable before any response), Error (any other status)."""
     if code is None:
         return "Complete"
     text = (details or "").lower()
     if code in _ROUTINE_CODES or (code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _ROUTINE_UNAVAILABLE)):
         return "Reconnect"
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and not connected:
         return "ConnectionError"
     return "Error"
 
