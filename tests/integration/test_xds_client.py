@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from ipaddress import ip_address
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel_fast.config import IstiodEndpoint, parse_istiod_address
