@@ -78,6 +78,12 @@ class Istiod:
     def requests(self) -> list[dict]:
         return [e for e in self.events() if e["event"] == "request"]
 
+    def exempt(self, p) -> None:
+        """As in a cluster, ztunnel's own connection to istiod is not captured: exempt it from the
+        pod's outbound redirect (start_ztunnel appends the REDIRECT after this rule)."""
+        netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", self.pod.ip, "--dport", "15012",
+                       "-j", "RETURN")
+
     def env(self, p) -> dict[str, str]:
         return {
             "LOCAL_XDS_PATH": "",  # no local file: xDS is the source
@@ -127,10 +133,7 @@ def mesh_over_xds(lab):
     istiod.start()
     for port in (80, 81):
         lab.app(b, "serve", str(port), "echo", port=port)
-    # As in a cluster, ztunnel's own connection to istiod is not captured: exempt it from the
-    # pod's outbound redirect (added after this rule by start_ztunnel).
-    netns.iptables(a.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", istiod.pod.ip, "--dport", "15012",
-                   "-j", "RETURN")
+    istiod.exempt(a)
     za = lab.start_ztunnel(a, **istiod.env(a))
     zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b))
     for p in (a, b):
@@ -229,3 +232,26 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     status, body = lab.http(a, "http://127.0.0.1:15020/metrics")
     assert 'istio_xds_connection_terminations_total{reason="ConnectionError"}' in body
     assert 'istio_xds_message_total{url="type.googleapis.com/istio.workload.Address"}' in body
+
+
+def test_istiod_unreachable_at_start_is_not_fatal(lab):
+    """ztunnel-fast starts before istiod: it listens, stays not ready with `state manager` pending,
+    logs each attempt, and becomes ready once istiod answers."""
+    istiod = Istiod(lab)
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    istiod.write()
+    lab.app(b, "serve", "80", "echo", port=80)
+    zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b))  # "proxy ready" line: listeners are up
+    wait_for(lambda: len(zb.lines("XDS client connection error")) >= 2, what="retries while istiod is down")
+    status, body = lab.http(b, "http://127.0.0.1:15021/healthz/ready")
+    assert status == 500 and '"state manager"' in body
+    assert zb.proc.poll() is None
+    istiod.start()
+    wait_for(lambda: ready(lab, b), what="ready once istiod answers")
+    assert {w["uid"] for w in dump(lab, b)["workloads"]} == {"Kubernetes//Pod/demo/sleep", "Kubernetes//Pod/demo/httpbin"}
+    istiod.exempt(a)
+    lab.start_ztunnel(a, **istiod.env(a))
+    wait_for(lambda: ready(lab, a), what="client side ready")
+    assert_echo(lab.client(a, "echo", b.ip, "80", "--size", str(MiB)), MiB)
