@@ -103,3 +103,14 @@ def test_replace_matches_the_strict_constructor():
         assert [x.uid for x in s.workloads_on_node("n1")] == ["a"]
         assert [e.workload.uid for e in s.endpoints(s.service_by_key("ns/h"))] == ["a"]
         assert s.service_by_vip("10.96.0.1").key == "ns/h" and [p.key for p in s.policies()] == ["ns/p"]
+
+
+def test_policy_tuple_is_reused_until_a_policy_changes():
+    store = StateStore()
+    s1 = store.apply(XDS_SOURCE, [pol("p")])
+    s2 = store.apply(XDS_SOURCE, [w("a")])
+    assert s2.policies() is s1.policies()  # ProxyContext skips recompiling the policy index
+    s3 = store.apply(XDS_SOURCE, [pol("q")])
+    assert s3.policies() is not s2.policies() and [p.key for p in s3.policies()] == ["ns/p", "ns/q"]
+    s4 = store.apply(XDS_SOURCE, removals=[Removal("policy", "ns/missing")])
+    assert s4.policies() is s3.policies()

@@ -60,7 +60,8 @@ class StateIndex:
     """
 
     __slots__ = ("strict", "workloads", "by_ip", "by_node", "endpoints", "services", "by_vip",
-                 "policies", "_dirty_nodes", "_dirty_endpoints", "_node_tuples", "_endpoint_tuples")
+                 "policies", "_dirty_nodes", "_dirty_endpoints", "_node_tuples", "_endpoint_tuples",
+                 "_policy_tuple")
 
     def __init__(self, strict: bool = False):
         self.strict = strict
@@ -76,6 +77,8 @@ class StateIndex:
         self._endpoint_tuples: dict[str, tuple[Endpoint, ...]] = {}
         self._dirty_nodes: set[str] = set()
         self._dirty_endpoints: set[str] = set()
+        # The same tuple object while no policy changes, so consumers can skip recompiling.
+        self._policy_tuple: tuple[Authorization, ...] | None = None
 
     # -- workloads ---------------------------------------------------------------------------
     def upsert_workload(self, w: Workload) -> None:
@@ -150,9 +153,13 @@ class StateIndex:
 
     def upsert_policy(self, p: Authorization) -> None:
         self.policies[p.key] = p
+        self._policy_tuple = None
 
     def remove_policy(self, key: str) -> Authorization | None:
-        return self.policies.pop(key, None)
+        old = self.policies.pop(key, None)
+        if old is not None:
+            self._policy_tuple = None
+        return old
 
     # -- snapshots ------------------------------------------------------------------------------
     def snapshot(self) -> "ProxyState":
@@ -179,7 +186,9 @@ class StateIndex:
         self._dirty_endpoints.clear()
         state._workloads = tuple(self.workloads.values())
         state._services = tuple(self.services.values())
-        state._policies = tuple(self.policies.values())
+        if self._policy_tuple is None:
+            self._policy_tuple = tuple(self.policies.values())
+        state._policies = self._policy_tuple
         state._by_uid = dict(self.workloads)
         state._by_ip = dict(self.by_ip)
         state._by_key = dict(self.services)
