@@ -217,3 +217,27 @@ def test_wrong_root_is_a_connection_error_and_never_syncs(tmp_path):
             await asyncio.gather(task, return_exceptions=True)
             await h.server.stop(0)
     run(body())
+
+
+def test_a_failing_apply_ends_the_stream_not_the_client(tmp_path):
+    """A bug while applying is logged and the client reconnects; the process keeps its xDS."""
+    async def body():
+        h = Harness(tmp_path, tls=False)
+        h.server.xds.set_state([wl("a", "10.0.0.1")], [], [])
+        calls = []
+
+        def flaky(upserts, removals):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            h.store.apply(XDS_SOURCE, upserts, removals)
+
+        try:
+            await h.start()
+            h.client.apply = flaky
+            await h.server.xds.wait(lambda: h.state.workload_by_uid("a"), what="applied on the second stream")
+            assert h.metric("istio_xds_connection_terminations_total", reason="Error") == 1
+            assert not h.task.done()
+        finally:
+            await h.close()
+    run(body())

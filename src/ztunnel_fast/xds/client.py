@@ -111,8 +111,14 @@ class XdsClient:
         except grpc.aio.AioRpcError as exc:
             reason = classify(exc.code(), exc.details() or "", connected=self.connected)
             return reason, f"{exc.code().name}: {exc.details()}"
+        except asyncio.InvalidStateError:
+            # grpc.aio refuses a write after istiod ended the call with OK: a clean end.
+            return "Complete", ""
         except OSError as exc:
             return "ConnectionError", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end xDS for the process
+            log.exception("xds stream failed unexpectedly")
+            return "Error", f"{type(exc).__name__}: {exc}"
         finally:
             await channel.close()
 
