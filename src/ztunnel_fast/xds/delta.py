@@ -18,6 +18,8 @@ Invariants:
 - `synced` gains a type URL when a response of that type was ACKed (ztunnel's readiness: a NACKed
   first response keeps "state manager" pending until istiod sends one that is accepted).
 - Wildcard subscriptions only (empty resource_names_subscribe): ztunnel's default, not on-demand.
+- A response for a type URL we did not subscribe to is NACKed ("type URL not subscribed");
+  ztunnel ACKs it with an error log, but istiod never sends one, and a NACK tells it why.
 """
 
 from __future__ import annotations
