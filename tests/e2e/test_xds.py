@@ -146,7 +146,7 @@ def test_workloads_only_from_xds_carry_hbone_and_a_pushed_policy_denies_new_conn
     assert "local-config.yaml" not in za.log()
 
     # HBONE through the service VIP, with workloads known only from xDS
-    assert_echo(lab.client(a, "echo", "198.19.0.10", "8000", "--size", str(4 * MiB)), 4 * MiB)
+    assert_echo(lab.client(a, "echo", "198.19.0.10", "8000", "--size", str(64 * MiB)), 64 * MiB)
     assert za.lines(f"proxy to {b.ip}:80 using HBONE")
 
     # what istiod saw: token, clusterid, extra header, node id and metadata, ACKs for both types
@@ -214,7 +214,7 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     # istiod back: the new stream announces what is held, and a removal while away is applied
     sleep_uid = "Kubernetes//Pod/demo/sleep"
     httpbin_uid = "Kubernetes//Pod/demo/httpbin"
-    del lab.pods["httpbin"]
+    removed_pod, removed_services = lab.pods.pop("httpbin"), list(lab.services)
     lab.services.clear()
     istiod.write()
     before = len(istiod.requests())
@@ -227,6 +227,15 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     # httpbin is now unknown to sleep's ztunnel-fast: plain passthrough, no HBONE
     assert_echo(lab.client(a, "echo", b.ip, "80", "--size", "1024"), 1024)
     assert za.lines(f"proxy to {b.ip}:80 using TCP via {b.ip}:80 type Passthrough")
+
+    # added back live: routing changes to HBONE through the VIP again
+    hbone_before = len(za.lines(f"proxy to {b.ip}:80 using HBONE"))
+    lab.pods["httpbin"] = removed_pod
+    lab.services.extend(removed_services)
+    istiod.write()
+    wait_for(lambda: dump(lab, a)["services"], what="service back")
+    assert_echo(lab.client(a, "echo", "198.19.0.10", "8000", "--size", str(MiB)), MiB)
+    assert len(za.lines(f"proxy to {b.ip}:80 using HBONE")) == hbone_before + 1
     assert not za.lines(f"dst.addr={istiod.pod.ip}:15012")  # istiod's stream never went through the proxy
     assert not [line for line in za.log().splitlines() if "chttp2" in line]  # gRPC's own log lines stay quiet
     status, body = lab.http(a, "http://127.0.0.1:15020/metrics")
