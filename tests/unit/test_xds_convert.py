@@ -187,3 +187,17 @@ def test_policy_rejections(policy, reason):
     with pytest.raises(Rejected) as info:
         convert.authorization_from_proto("ns/p", policy)
     assert str(info.value) == reason
+
+
+def test_waypoints_show_in_config_dump_in_the_local_config_shape():
+    from ztunnel_fast.state.dump import service_json, workload_json
+    from ztunnel_fast.state.store import ProxyState
+
+    w = convert.address_from_proto("u", wpb.Address(workload=wpb.Workload(uid="u", waypoint=wpb.GatewayAddress(
+        address=wpb.NetworkAddress(network="n1", address=bytes([10, 1, 0, 1])), hbone_mtls_port=15009))))
+    assert workload_json(w)["waypoint"] == {"destination": "n1/10.1.0.1", "hboneMtlsPort": 15009}
+    s = convert.address_from_proto("ns/h", wpb.Address(service=wpb.Service(namespace="ns", hostname="h", waypoint=(
+        wpb.GatewayAddress(hostname=wpb.NamespacedHostname(namespace="ns", hostname="wp"))))))
+    assert service_json(s, ProxyState())["waypoint"] == {"destination": "ns/wp", "hboneMtlsPort": 15008}
+    plain = convert.address_from_proto("v", wpb.Address(workload=wpb.Workload(uid="v")))
+    assert "waypoint" not in workload_json(plain)
