@@ -59,13 +59,11 @@ class XdsClient:
         self.on_synced = on_synced
         self.backoff = Backoff()
         self.connected = False  # this stream has received a response
-        self.attempts = 0  # streams opened (for logs and tests)
         self._synced_reported = False
 
     async def run(self) -> None:
         """Forever: one stream, then the backoff, then the next (cancel to stop)."""
         while True:
-            self.attempts += 1
             reason, detail = await self._stream_once()
             self.connected = False
             self.metrics.xds_terminations.labels(reason=reason).inc()
