@@ -1,8 +1,8 @@
 """ztunnel-fast configured only over xDS by the fake istiod, end to end in network namespaces.
 
-Topology: an `istiod` pod (not a workload) runs the fake istiod (fakes/xds_server.py) on 15012
-with TLS for istiod.istio-system.svc signed by a test root; each mesh pod runs ztunnel-fast in
-dedicated mode with ztunnel's variables (XDS_ADDRESS, XDS_ROOT_CA, ALT_XDS_HOSTNAME, AUTH_TOKEN,
+Topology: an `istiod` pod (not a workload) runs the fake istiod (fakes/xds_server.py, through
+demo.lab.LabIstiod) on 15012 with TLS for istiod.istio-system.svc signed by a test root; each
+mesh pod runs ztunnel-fast in dedicated mode with ztunnel's variables (XDS_ADDRESS, XDS_ROOT_CA, ALT_XDS_HOSTNAME, AUTH_TOKEN,
 POD_*, INSTANCE_IP) and no local config; certificates still come from LOCAL_CA_DIR.  The fake's
 config file has the local-config shape; rewriting it pushes deltas.  Both engines; payloads are
 checked by sha256.
@@ -11,14 +11,12 @@ checked by sha256.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
 import yaml
 
-from ztunnel_fast import netns
-from ztunnel_fast.fakes.xds_server import ISTIOD_NAME, make_serving_tls
+from ztunnel_fast.demo.lab import LabIstiod
 from ztunnel_fast.state.dump import policy_json, service_json, workload_json
 from ztunnel_fast.state.store import ProxyState
 from ztunnel_fast.xds.local import parse_local_config
@@ -29,74 +27,6 @@ MiB = 1024 * 1024
 TOKEN = "e2e-bearer-token"
 DENY_PORT_81 = {"name": "deny-81", "namespace": "demo", "scope": "Namespace", "action": "Deny",
                 "rules": [[[{"destinationPorts": [81]}]]]}
-
-
-class Istiod:
-    """The fake istiod as a process in its own pod; its config file is the source of truth."""
-
-    def __init__(self, lab):
-        self.lab = lab
-        self.pod = lab.pod("istiod", namespace="istio-system", workload=False)
-        self.tls = make_serving_tls(lab.workdir / "istiod-tls", (ISTIOD_NAME,))
-        self.config_path = lab.workdir / "istiod-config.yaml"
-        self.log_path = lab.workdir / "istiod.log"
-        self.token_path = lab.workdir / "istio-token"
-        self.token_path.write_text(TOKEN + "\n")
-        self.proc = None
-        self.policies: list[dict] = []
-        self.malformed: list[dict] = []
-
-    def write(self) -> None:
-        doc = {**self.lab.config(), "policies": list(self.policies)}
-        if self.malformed:
-            doc["malformed"] = list(self.malformed)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(self.config_path)
-
-    def start(self) -> None:
-        if not self.config_path.exists():
-            self.write()
-        out = open(self.log_path, "ab")
-        self.proc = self.lab.topology.popen(
-            self.pod.pod, [sys.executable, "-m", "ztunnel_fast.fakes.xds_server", "--config", str(self.config_path),
-                           "--listen", f"{self.pod.ip}:15012", "--tls-dir", str(self.tls.root.parent)],
-            stdout=out, stderr=out)
-        out.close()
-        wait_for(lambda: '"listening"' in self.log_path.read_text(), what="fake istiod listening")
-
-    def stop(self) -> None:
-        self.lab.topology.stop(self.proc)
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-    def requests(self) -> list[dict]:
-        return [e for e in self.events() if e["event"] == "request"]
-
-    def exempt(self, p) -> None:
-        """As in a cluster, ztunnel's own connection to istiod is not captured: exempt it from the
-        pod's outbound redirect (start_ztunnel appends the REDIRECT after this rule)."""
-        netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", self.pod.ip, "--dport", "15012",
-                       "-j", "RETURN")
-
-    def env(self, p) -> dict[str, str]:
-        return {
-            "LOCAL_XDS_PATH": "",  # no local file: xDS is the source
-            "XDS_ADDRESS": f"{self.pod.ip}:15012",  # scheme optional: https:// assumed
-            "ALT_XDS_HOSTNAME": ISTIOD_NAME,
-            "XDS_ROOT_CA": str(self.tls.root),
-            "AUTH_TOKEN": str(self.token_path),
-            "XDS_HEADER_X_TEST_RUN": "e2e",
-            "POD_NAME": f"ztunnel-{p.name}",
-            "POD_NAMESPACE": "istio-system",
-            "INSTANCE_IP": p.ip,
-            "ISTIO_META_CLUSTER_ID": "Kubernetes",
-        }
 
 
 def wait_for(predicate, timeout=20.0, what="condition"):
@@ -125,7 +55,7 @@ def assert_echo(out, size):
 
 
 def mesh_over_xds(lab):
-    istiod = Istiod(lab)
+    istiod = LabIstiod(lab, token=TOKEN)
     a = lab.pod("sleep", namespace="demo")
     b = lab.pod("httpbin", namespace="demo")
     lab.service("httpbin", "demo", "198.19.0.10", {8000: 80}, [b])
@@ -134,8 +64,8 @@ def mesh_over_xds(lab):
     for port in (80, 81):
         lab.app(b, "serve", str(port), "echo", port=port)
     istiod.exempt(a)
-    za = lab.start_ztunnel(a, **istiod.env(a))
-    zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b))
+    za = lab.start_ztunnel(a, **istiod.env(a, XDS_HEADER_X_TEST_RUN="e2e"))
+    zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b, XDS_HEADER_X_TEST_RUN="e2e"))
     for p in (a, b):
         wait_for(lambda p=p: ready(lab, p), what=f"{p.name} ready after the xDS sync")
     return istiod, a, b, za, zb
@@ -246,13 +176,13 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
 def test_istiod_unreachable_at_start_is_not_fatal(lab):
     """ztunnel-fast starts before istiod: it listens, stays not ready with `state manager` pending,
     logs each attempt, and becomes ready once istiod answers."""
-    istiod = Istiod(lab)
+    istiod = LabIstiod(lab, token=TOKEN)
     a = lab.pod("sleep", namespace="demo")
     b = lab.pod("httpbin", namespace="demo")
     lab.write_config()
     istiod.write()
     lab.app(b, "serve", "80", "echo", port=80)
-    zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b))  # "proxy ready" line: listeners are up
+    zb = lab.start_ztunnel(b, redirect=False, **istiod.env(b, XDS_HEADER_X_TEST_RUN="e2e"))  # "proxy ready" line: listeners are up
     wait_for(lambda: len(zb.lines("XDS client connection error")) >= 2, what="retries while istiod is down")
     status, body = lab.http(b, "http://127.0.0.1:15021/healthz/ready")
     assert status == 500 and '"state manager"' in body
@@ -261,6 +191,6 @@ def test_istiod_unreachable_at_start_is_not_fatal(lab):
     wait_for(lambda: ready(lab, b), what="ready once istiod answers")
     assert {w["uid"] for w in dump(lab, b)["workloads"]} == {"Kubernetes//Pod/demo/sleep", "Kubernetes//Pod/demo/httpbin"}
     istiod.exempt(a)
-    lab.start_ztunnel(a, **istiod.env(a))
+    lab.start_ztunnel(a, **istiod.env(a, XDS_HEADER_X_TEST_RUN="e2e"))
     wait_for(lambda: ready(lab, a), what="client side ready")
     assert_echo(lab.client(a, "echo", b.ip, "80", "--size", str(MiB)), MiB)
