@@ -25,12 +25,14 @@ import socket
 
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
 from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
+from .config import ProxyMode
 from .engine import create_engine
-from .errors import ConfigError
+from .errors import ConfigError, ZtunnelError
 from .hbone.connection import H2Settings
 from .hbone.pool import HbonePool
 from .identity.ca import LocalCA
 from .identity.manager import CertificateManager
+from .identity.spiffe import Identity
 from .proxy import sockets
 from .proxy.common import accept_loop
 from .proxy.context import ProxyContext
@@ -61,6 +63,16 @@ def load_local(config: Config) -> LocalConfig:
     return LocalConfig((), (), ())
 
 
+def local_identities(state: ProxyState, config: Config) -> set[Identity]:
+    """Identities this proxy serves, hence needs certificates for: its own workload in dedicated
+    mode (PROXY_WORKLOAD_INFO), else the HBONE workloads on NODE_NAME (all of them without it)."""
+    info = config.workload_info
+    if config.proxy_mode is ProxyMode.DEDICATED and info is not None:
+        return {w.identity for w in state.workloads() if w.namespace == info.namespace and w.name == info.name}
+    return {w.identity for w in state.workloads()
+            if w.protocol is TunnelProtocol.HBONE and (not config.node_name or w.node == config.node_name)}
+
+
 def drain_deadline(config: Config) -> float:
     """CONNECTION_TERMINATION_DEADLINE, else from TERMINATION_GRACE_PERIOD_SECONDS as ztunnel
     derives it (grace - 5 s above 10 s, else grace - 1 s), else 5 s."""
@@ -87,6 +99,7 @@ class App:
         self._watcher: asyncio.Task | None = None
         self.store = StateStore()  # every config source applies its changes here
         self._xds: asyncio.Task | None = None
+        self._prefetches: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         config = self.config
@@ -171,17 +184,9 @@ class App:
             self.accept_tasks.append(task)
 
     async def _prefetch_certificates(self) -> None:
+        # With xDS the state may still be empty: _sync_certificates fetches as workloads arrive.
         ctx = self.ctx
-        if ctx.dedicated:
-            own = ctx.own_workload()  # with xDS it may not have arrived yet: fetched on first use
-            identities = {own.identity} if own is not None else set()
-        else:
-            identities = {
-                w.identity
-                for w in ctx.state.workloads()
-                if w.protocol is TunnelProtocol.HBONE and (not self.config.node_name or w.node == self.config.node_name)
-            }
-        await asyncio.gather(*(ctx.certs.get(i) for i in identities))
+        await asyncio.gather(*(ctx.certs.get(i) for i in local_identities(ctx.state, self.config)))
 
     async def _watch_config(self) -> None:
         path = self.config.local_xds_path
@@ -197,7 +202,7 @@ class App:
             except ConfigError as exc:
                 log.error("local config change ignored, keeping the previous one: %s", exc)
                 continue
-            closed = self.ctx.replace_state(state)
+            closed = self._install(state)
             log.info("local config reloaded: %d workloads, %d services, %d policies; %d connections closed by policy",
                      len(state.workloads()), len(state.services()), len(state.policies()), closed)
 
@@ -217,9 +222,30 @@ class App:
         log.info("xds: connecting to %s as %s", config.xds.address, node.id)
         self._xds = asyncio.get_running_loop().create_task(client.run(), name="xds-client")
 
+    def _install(self, state: ProxyState) -> int:
+        """Every source's new snapshot takes this path: swap it in (re-authorizing live inbound
+        connections), then fetch certificates for local identities that appeared and forget those
+        whose last local workload left (ztunnel's prefetch on xDS add).  Returns connections closed."""
+        before = local_identities(self.ctx.state, self.config)
+        closed = self.ctx.replace_state(state)
+        after = local_identities(state, self.config)
+        for identity in after - before:
+            task = asyncio.get_running_loop().create_task(self._prefetch(identity), name=f"prefetch {identity}")
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+        for identity in before - after:
+            self.ctx.certs.forget(identity)
+        return closed
+
+    async def _prefetch(self, identity) -> None:
+        try:
+            await self.ctx.certs.get(identity)
+        except ZtunnelError as exc:  # retried by the manager; a connection would report it too
+            log.warning("certificate prefetch for %s failed: %s", identity, exc)
+
     def _apply_xds(self, upserts: list[Resource], removals: list[Removal]) -> None:
         state = self.store.apply(XDS_SOURCE, upserts, removals)
-        closed = self.ctx.replace_state(state)
+        closed = self._install(state)
         # Per push at debug (istiod pushes often); at info when the push closed connections.
         log.log(logging.INFO if closed else logging.DEBUG,
                 "xds: applied %d updates, %d removals: %d workloads, %d services, %d policies; "

@@ -154,6 +154,8 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     assert any(httpbin_uid in r["initialResourceVersions"] and sleep_uid in r["initialResourceVersions"]
                for r in reopened)
     assert dump(lab, a)["services"] == []
+    # httpbin's own ztunnel-fast forgot the certificate of its removed workload
+    wait_for(lambda: dump(lab, b)["certificates"] == [], what="certificate forgotten")
     # httpbin is now unknown to sleep's ztunnel-fast: plain passthrough, no HBONE
     assert_echo(lab.client(a, "echo", b.ip, "80", "--size", "1024"), 1024)
     assert za.lines(f"proxy to {b.ip}:80 using TCP via {b.ip}:80 type Passthrough")
@@ -164,6 +166,7 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     lab.services.extend(removed_services)
     istiod.write()
     wait_for(lambda: dump(lab, a)["services"], what="service back")
+    wait_for(lambda: [c for c in dump(lab, b)["certificates"] if c["state"] == "Available"], what="certificate back")
     assert_echo(lab.client(a, "echo", "198.19.0.10", "8000", "--size", str(MiB)), MiB)
     assert len(za.lines(f"proxy to {b.ip}:80 using HBONE")) == hbone_before + 1
     assert not za.lines(f"dst.addr={istiod.pod.ip}:15012")  # istiod's stream never went through the proxy
@@ -190,6 +193,10 @@ def test_istiod_unreachable_at_start_is_not_fatal(lab):
     istiod.start()
     wait_for(lambda: ready(lab, b), what="ready once istiod answers")
     assert {w["uid"] for w in dump(lab, b)["workloads"]} == {"Kubernetes//Pod/demo/sleep", "Kubernetes//Pod/demo/httpbin"}
+    # the certificate of the workload xDS just delivered is fetched before any connection needs it
+    certs = wait_for(lambda: [c for c in dump(lab, b)["certificates"] if c["state"] == "Available"],
+                     what="prefetched certificate")
+    assert [c["identity"] for c in certs] == ["spiffe://cluster.local/ns/demo/sa/httpbin"]
     istiod.exempt(a)
     lab.start_ztunnel(a, **istiod.env(a, XDS_HEADER_X_TEST_RUN="e2e"))
     wait_for(lambda: ready(lab, a), what="client side ready")
