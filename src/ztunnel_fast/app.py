@@ -6,7 +6,8 @@ process is ready when all of them are done.  An invalid config, a missing CA or 
 be bound stops the process before any listener accepts.
 
 Config sources feed one StateStore (state/store.py) and every applied change goes through
-ProxyContext.replace_state, which re-authorizes live inbound connections.  The local config file
+App._install: ProxyContext.replace_state, which re-authorizes live inbound connections, then
+certificates for local identities that appeared (prefetch) or left (forget).  The local config file
 (LOCAL_XDS_PATH / LOCAL_XDS) wins when set and is watched: a valid change replaces its resources;
 an invalid one is logged and ignored (the old state stays).  Otherwise, with XDS_ADDRESS (or in a
 cluster), the xDS client applies istiod's deltas; readiness waits for its first sync, and istiod
