@@ -5,8 +5,13 @@ the local config (state), certificates for local workloads, the engine and the l
 process is ready when all of them are done.  An invalid config, a missing CA or a port that cannot
 be bound stops the process before any listener accepts.
 
-The local config file (LOCAL_XDS_PATH) is watched: a valid change replaces the state whole and
-re-authorizes live inbound connections; an invalid one is logged and ignored (the old state stays).
+Config sources feed one StateStore (state/store.py) and every applied change goes through
+App._install: ProxyContext.replace_state, which re-authorizes live inbound connections, then
+certificates for local identities that appeared (prefetch) or left (forget).  The local config file
+(LOCAL_XDS_PATH / LOCAL_XDS) wins when set and is watched: a valid change replaces its resources;
+an invalid one is logged and ignored (the old state stays).  Otherwise, with XDS_ADDRESS (or in a
+cluster), the xDS client applies istiod's deltas; readiness waits for its first sync, and istiod
+being unreachable only delays that (the client retries forever).
 
 Shutdown (SIGTERM, SIGINT, POST /quitquitquit) always goes through drain(): stop accepting,
 GOAWAY every HBONE connection, let tunnels finish until the deadline, then close and exit 0.
@@ -20,13 +25,14 @@ import signal
 import socket
 
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
-from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
+from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
 from .engine import create_engine
-from .errors import ConfigError
+from .errors import ConfigError, ZtunnelError
 from .hbone.connection import H2Settings
 from .hbone.pool import HbonePool
 from .identity.ca import CertificateSource, LocalCA
-from .identity.manager import AVAILABLE, CertificateManager
+from .identity.manager import CertificateManager
+from .identity.spiffe import Identity
 from .proxy import sockets
 from .proxy.common import accept_loop
 from .proxy.context import ProxyContext
@@ -34,9 +40,11 @@ from .proxy.inbound import Inbound
 from .proxy.inbound_passthrough import InboundPassthrough
 from .proxy.outbound import Outbound
 from .state.dump import config_dump
-from .state.store import ProxyState
+from .state.store import LOCAL_SOURCE, XDS_SOURCE, ProxyState, Removal, Resource, StateStore
 from .state.workload import TunnelProtocol
 from .telemetry.metrics import Metrics
+from .xds.client import XdsClient
+from .xds.delta import DeltaSession, build_node
 from .xds.local import LocalConfig, load_local_config, parse_local_config
 
 log = logging.getLogger(__name__)
@@ -44,17 +52,25 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_INTERVAL = 1.0  # seconds between checks of LOCAL_XDS_PATH for changes
 DEFAULT_DRAIN_DEADLINE = 5.0  # seconds, ztunnel's default when no grace period is given
 READY_TASKS = ("state manager", "certificates", "proxy")
-CERT_READY_POLL = 0.5  # seconds between checks that late certificates arrived (readiness only)
 
 
-def load_state(config: Config) -> ProxyState:
+def load_local(config: Config) -> LocalConfig:
+    """The local config (file or inline); empty when neither is set."""
     if config.local_xds_path is not None:
-        local = load_local_config(config.local_xds_path)
-    elif config.local_xds is not None:
-        local = parse_local_config(config.local_xds, "LOCAL_XDS")
-    else:
-        local = LocalConfig((), (), ())
-    return ProxyState.from_local(local)
+        return load_local_config(config.local_xds_path)
+    if config.local_xds is not None:
+        return parse_local_config(config.local_xds, "LOCAL_XDS")
+    return LocalConfig((), (), ())
+
+
+def local_identities(state: ProxyState, config: Config) -> set[Identity]:
+    """Identities this proxy serves, hence needs certificates for: its own workload in dedicated
+    mode (PROXY_WORKLOAD_INFO), else the HBONE workloads on NODE_NAME (all of them without it)."""
+    info = config.workload_info
+    if config.proxy_mode is ProxyMode.DEDICATED and info is not None:
+        return {w.identity for w in state.workloads() if w.namespace == info.namespace and w.name == info.name}
+    return {w.identity for w in state.workloads()
+            if w.protocol is TunnelProtocol.HBONE and (not config.node_name or w.node == config.node_name)}
 
 
 def certificate_source(config: Config) -> CertificateSource:
@@ -95,13 +111,19 @@ class App:
         self.engine_name = "unknown"
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task | None = None
-        self._cert_waiter: asyncio.Task | None = None
+        self.store = StateStore()  # every config source applies its changes here
+        self._xds: asyncio.Task | None = None
+        self._prefetches: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         config = self.config
         await self._serve_operator_endpoints()
-        state = load_state(config)
-        self.readiness.done("state manager")
+        use_xds = config.local_xds_path is None and config.local_xds is None and config.xds is not None
+        if use_xds:
+            state = self.store.state  # empty until istiod's first responses
+        else:
+            state = self._replace_local(load_local(config))
+            self.readiness.done("state manager")
         certs = CertificateManager(certificate_source(config), config.secret_ttl)
         engine = create_engine(config.engine, workers=config.worker_threads)
         self.engine_name = engine.name
@@ -111,7 +133,7 @@ class App:
             max_frame_size=config.http2_frame_size,
         )
         ctx = ProxyContext(config=config, state=state, certs=certs, engine=engine, h2=h2, metrics=self.metrics)
-        if ctx.dedicated and ctx.own_workload() is None:
+        if ctx.dedicated and ctx.own_workload() is None and not use_xds:
             info = config.workload_info
             raise ConfigError("PROXY_WORKLOAD_INFO", "", f"workload {info.namespace}/{info.name} is not in the local config")
         outbound = Outbound(ctx)
@@ -121,6 +143,8 @@ class App:
             idle_timeout=config.pool_unused_release_timeout,
         )
         self.ctx = ctx
+        if use_xds:
+            self._start_xds()
         self.inbound = Inbound(ctx)
         passthrough = InboundPassthrough(ctx)
         for port, handler, name in (
@@ -131,6 +155,7 @@ class App:
             self._bind(port, handler, name)
         self.readiness.done("proxy")
         await self._prefetch_certificates()
+        self.readiness.done("certificates")
         if config.local_xds_path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="local-config-watcher")
         log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
@@ -169,54 +194,18 @@ class App:
             )
             self.accept_tasks.append(task)
 
-    # -- certificates of local workloads ---------------------------------------------------------
-
-    def _local_identities(self) -> set:
-        """Identities of the workloads this instance serves (HBONE workloads of its node)."""
-        ctx = self.ctx
-        if ctx.dedicated:
-            own = ctx.own_workload()
-            return {own.identity} if own is not None else set()
-        return {
-            w.identity
-            for w in ctx.state.workloads()
-            if w.protocol is TunnelProtocol.HBONE and (not self.config.node_name or w.node == self.config.node_name)
-        }
-
     async def _prefetch_certificates(self) -> None:
-        """Issue every local identity's certificate before ready.  A CA that fails (istiod
-        unreachable) is not fatal: the manager keeps retrying with backoff and readiness says
-        `certificates` is pending until they are all available."""
+        """One attempt at every local identity's certificate before ready.  A failure (istiod
+        unreachable, impersonation refused) is not fatal and does not hold readiness, as in
+        ztunnel: the manager retries with backoff, config_dump shows the identity Unavailable and
+        connections that need it fail with that reason.  With xDS the state may still be empty:
+        _install fetches as workloads arrive."""
         ctx = self.ctx
-        identities = self._local_identities()
+        identities = sorted(local_identities(ctx.state, self.config), key=str)
         results = await asyncio.gather(*(ctx.certs.get(i) for i in identities), return_exceptions=True)
-        failed = [i for i, r in zip(identities, results) if isinstance(r, BaseException)]
-        if not failed:
-            self.readiness.done("certificates")
-            return
         for identity, result in zip(identities, results):
             if isinstance(result, BaseException):
                 log.warning("certificate for %s not available yet, retrying: %s", identity, result)
-        self._cert_waiter = asyncio.get_running_loop().create_task(
-            self._certificates_ready(failed), name="certificates-ready")
-
-    async def _certificates_ready(self, identities) -> None:
-        pending = set(identities)
-        while pending:
-            await asyncio.sleep(CERT_READY_POLL)
-            pending = {i for i in pending if self.ctx.certs.state(i) not in (AVAILABLE, None)}
-        self.readiness.done("certificates")
-        log.info("certificates of all local workloads are available")
-
-    def _sync_certificates(self) -> None:
-        """After a config change: fetch certificates of new local identities, forget those whose
-        last local workload left (ztunnel's prefetch / forget_certificate)."""
-        wanted = self._local_identities()
-        certs = self.ctx.certs
-        for identity in certs.identities() - wanted:
-            certs.forget(identity)
-        for identity in wanted - certs.identities():
-            certs.prefetch(identity)
 
     async def _watch_config(self) -> None:
         path = self.config.local_xds_path
@@ -228,14 +217,59 @@ class App:
                 continue
             last = stamp
             try:
-                state = load_state(self.config)
+                state = self._replace_local(load_local(self.config))
             except ConfigError as exc:
                 log.error("local config change ignored, keeping the previous one: %s", exc)
                 continue
-            closed = self.ctx.replace_state(state)
-            self._sync_certificates()
+            closed = self._install(state)
             log.info("local config reloaded: %d workloads, %d services, %d policies; %d connections closed by policy",
                      len(state.workloads()), len(state.services()), len(state.policies()), closed)
+
+    # -- config sources (one store, one replace_state path) ------------------------------------
+    def _replace_local(self, local: LocalConfig) -> ProxyState:
+        """The local file is a source that delivers complete sets: it replaces its own resources."""
+        return self.store.replace(LOCAL_SOURCE, local.workloads, local.services, local.policies)
+
+    def _start_xds(self) -> None:
+        config = self.config
+        node = build_node(instance_ip=config.instance_ip, pod_name=config.pod_name,
+                          pod_namespace=config.pod_namespace, node_name=config.node_name,
+                          proxy_metadata=config.proxy_metadata)
+        client = XdsClient(config.xds, DeltaSession(node), auth_token=config.auth_token,
+                           cluster_id=config.cluster_id, apply=self._apply_xds, metrics=self.metrics,
+                           on_synced=lambda: self.readiness.done("state manager"))
+        log.info("xds: connecting to %s as %s", config.xds.address, node.id)
+        self._xds = asyncio.get_running_loop().create_task(client.run(), name="xds-client")
+
+    def _install(self, state: ProxyState) -> int:
+        """Every source's new snapshot takes this path: swap it in (re-authorizing live inbound
+        connections), then fetch certificates for local identities that appeared and forget those
+        whose last local workload left (ztunnel's prefetch on xDS add).  Returns connections closed."""
+        before = local_identities(self.ctx.state, self.config)
+        closed = self.ctx.replace_state(state)
+        after = local_identities(state, self.config)
+        for identity in after - before:
+            task = asyncio.get_running_loop().create_task(self._prefetch(identity), name=f"prefetch {identity}")
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+        for identity in before - after:
+            self.ctx.certs.forget(identity)
+        return closed
+
+    async def _prefetch(self, identity) -> None:
+        try:
+            await self.ctx.certs.get(identity)
+        except ZtunnelError as exc:  # retried by the manager; a connection would report it too
+            log.warning("certificate prefetch for %s failed: %s", identity, exc)
+
+    def _apply_xds(self, upserts: list[Resource], removals: list[Removal]) -> None:
+        state = self.store.apply(XDS_SOURCE, upserts, removals)
+        closed = self._install(state)
+        # Per push at debug (istiod pushes often); at info when the push closed connections.
+        log.log(logging.INFO if closed else logging.DEBUG,
+                "xds: applied %d updates, %d removals: %d workloads, %d services, %d policies; "
+                "%d connections closed by policy", len(upserts), len(removals), len(state.workloads()),
+                len(state.services()), len(state.policies()), closed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -260,8 +294,8 @@ class App:
         log.info("draining: no new connections, waiting up to %.1fs for %d open tunnels", deadline, len(ctx.tunnels))
         if self._watcher is not None:
             self._watcher.cancel()
-        if self._cert_waiter is not None:
-            self._cert_waiter.cancel()
+        if self._xds is not None:
+            self._xds.cancel()
         for task in self.accept_tasks:
             task.cancel()
         for lsock in self.listeners:

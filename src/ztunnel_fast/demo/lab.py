@@ -239,3 +239,92 @@ class Lab:
 
     def stop_ztunnel(self, zt: Ztunnel) -> int | None:
         return self.topology.stop(zt.proc)
+
+
+class LabIstiod:
+    """The fake istiod's xDS side (fakes/xds_server.py) as a process in its own pod, fed from a
+    file in the local-config shape built from the Lab (its pods and services) plus `policies`.
+
+    `write()` pushes the Lab's current mesh (the fake re-reads the file and sends deltas);
+    `stop()`/`start()` restart it on the same address; `requests()` returns what it received
+    (node, metadata, ACK/NACK) from its JSON log.  `env(pod)` gives the ztunnel variables of a
+    ztunnel-fast that serves `pod` from it (no local config file).  TLS: a serving certificate for
+    istiod.istio-system.svc signed by a test root (XDS_ROOT_CA), reached by IP with
+    ALT_XDS_HOSTNAME.
+    """
+
+    PORT = 15012  # istiod's xDS/CA port
+    START_TIMEOUT = 20.0  # seconds for the fake to listen
+
+    def __init__(self, lab: Lab, *, token: str = "lab-bearer-token"):
+        from ..fakes.xds_server import ISTIOD_NAME, make_serving_tls
+
+        self.lab = lab
+        self.server_name = ISTIOD_NAME
+        self.pod = lab.pod("istiod", namespace="istio-system", workload=False)
+        self.tls = make_serving_tls(lab.workdir / "istiod-tls", (ISTIOD_NAME,))
+        self.config_path = lab.workdir / "istiod-config.yaml"
+        self.log_path = lab.workdir / "istiod.log"
+        self.token = token
+        self.token_path = lab.workdir / "istio-token"
+        self.token_path.write_text(token + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.policies: list[dict] = []
+        self.malformed: list[dict] = []  # raw resources for tests: {typeUrl, name, hex}
+
+    def write(self) -> None:
+        doc = {**self.lab.config(), "policies": list(self.policies)}
+        if self.malformed:
+            doc["malformed"] = list(self.malformed)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        tmp.replace(self.config_path)  # atomic: the fake never reads half a file
+
+    def start(self) -> None:
+        if not self.config_path.exists():
+            self.write()
+        out = open(self.log_path, "ab")
+        self.proc = self.topology_popen(out)
+        out.close()
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while '"listening"' not in self.log_path.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake istiod did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def topology_popen(self, out) -> subprocess.Popen:
+        return self.lab.topology.popen(
+            self.pod.pod, [sys.executable, "-m", "ztunnel_fast.fakes.xds_server", "--config", str(self.config_path),
+                           "--listen", f"{self.pod.ip}:{self.PORT}", "--tls-dir", str(self.tls.root.parent)],
+            stdout=out, stderr=out)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.lab.topology.stop(self.proc)
+
+    def requests(self) -> list[dict]:
+        import json
+
+        events = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+        return [e for e in events if e["event"] == "request"]
+
+    def exempt(self, p: LabPod) -> None:
+        """As in a cluster, ztunnel's own connection to istiod is not captured: exempt it from the
+        pod's outbound redirect (start_ztunnel appends the REDIRECT after this rule)."""
+        netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", self.pod.ip,
+                       "--dport", str(self.PORT), "-j", "RETURN")
+
+    def env(self, p: LabPod, **extra: str) -> dict[str, str]:
+        """ztunnel's variables for a ztunnel-fast serving `p` from this istiod."""
+        return {
+            "LOCAL_XDS_PATH": "",  # no local file: xDS is the source
+            "XDS_ADDRESS": f"{self.pod.ip}:{self.PORT}",  # scheme optional: https:// assumed
+            "ALT_XDS_HOSTNAME": self.server_name,
+            "XDS_ROOT_CA": str(self.tls.root),
+            "AUTH_TOKEN": str(self.token_path),
+            "POD_NAME": f"ztunnel-{p.name}",
+            "POD_NAMESPACE": "istio-system",
+            "INSTANCE_IP": p.ip,
+            "ISTIO_META_CLUSTER_ID": "Kubernetes",
+            **extra,
+        }

@@ -1,3 +1,2 @@
-"""Test doubles of what cannot run here (istiod, istio-cni, ...), speaking the real protocols.
-
-They live in the package, not under tests/, because the demo runs the same code path."""
+"""Test doubles of what cannot run here (istiod, istio-cni), speaking the real protocols over
+real transports; used by the tests and the demo, never by the product path."""

@@ -28,7 +28,9 @@ def generate(out_dir: Path = HERE) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for proto in proto_files():
         args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out_dir}", str(proto)]
-        if "service " in proto.read_text():
+        # Only a top-level `service X {` declaration needs gRPC stubs (a field named `service`
+        # or the word in a comment does not).
+        if re.search(r"^service\s+\w+\s*\{", proto.read_text(), re.MULTILINE):
             args.insert(-1, f"--grpc_python_out={out_dir}")
         status = protoc.main(args)
         if status != 0:

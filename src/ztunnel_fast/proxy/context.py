@@ -46,8 +46,9 @@ class ProxyContext:
     def replace_state(self, state: ProxyState) -> int:
         """Swap in a new snapshot (config reload); live inbound connections are authorized
         again and those now denied are closed.  Returns how many were closed."""
+        if state.policies() is not self.state.policies():  # the store keeps the tuple while unchanged
+            self.policies = PolicyIndex.build(state.policies())
         self.state = state
-        self.policies = PolicyIndex.build(state.policies())
         return self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
 
     def authorize(self, workload: Workload, info: ConnectionInfo, span=None) -> Decision:

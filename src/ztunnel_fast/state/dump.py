@@ -15,7 +15,7 @@ from typing import Any
 from .policy import Authorization, Match, ServiceAccountMatch, StringMatch, StringMatchKind
 from .service import Service
 from .store import ProxyState
-from .workload import Workload
+from .workload import GatewayAddress, Workload
 
 
 def workload_json(w: Workload) -> dict[str, Any]:
@@ -43,11 +43,17 @@ def workload_json(w: Workload) -> dict[str, Any]:
         out["services"] = {key: {str(p): t for p, t in ports.items()} for key, ports in w.services.items()}
     if w.authorization_policies:
         out["authorizationPolicies"] = list(w.authorization_policies)
+    if w.waypoint is not None:
+        out["waypoint"] = gateway_json(w.waypoint)
     return out
 
 
+def gateway_json(g: GatewayAddress) -> dict[str, Any]:
+    return {"destination": g.destination, "hboneMtlsPort": g.hbone_mtls_port}
+
+
 def service_json(s: Service, state: ProxyState) -> dict[str, Any]:
-    return {
+    out = {
         "name": s.name,
         "namespace": s.namespace,
         "hostname": s.hostname,
@@ -61,6 +67,9 @@ def service_json(s: Service, state: ProxyState) -> dict[str, Any]:
         "subjectAltNames": list(s.subject_alt_names),
         "canonical": s.canonical,
     }
+    if s.waypoint is not None:
+        out["waypoint"] = gateway_json(s.waypoint)
+    return out
 
 
 def _string_match(m: StringMatch) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .workload import IpAddress
+from .workload import GatewayAddress, IpAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class Service:
     ports: Mapping[int, int] = field(default_factory=dict)
     subject_alt_names: tuple[str, ...] = ()
     canonical: bool = False
+    waypoint: GatewayAddress | None = None
 
     @property
     def key(self) -> str:

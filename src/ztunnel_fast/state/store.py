@@ -1,19 +1,21 @@
-"""ProxyState: one immutable snapshot of workloads, services and policies, with pure lookups.
+"""ProxyState: one immutable snapshot of workloads, services and policies, with pure lookups;
+StateStore: the one place every config source (local file, xDS) applies its changes.
 
 Role: the routing decision asks this module "who is at this IP", "which service owns this VIP",
 "which endpoints does this service have".  A new configuration produces a new ProxyState; nobody
-edits one in place, so a decision always sees a consistent snapshot.
+edits one in place, so a decision always sees a consistent snapshot.  The StateStore keeps the
+mutable indexes (StateIndex) and hands out a new snapshot per applied change set.
 
 Invariants:
-- Indexes are built once in the constructor and never change; lookups are dict reads.
-- Indexes are unambiguous: two workloads on one (network, IP), two workloads with one uid, two
-  services on one (network, VIP) or with one "namespace/hostname" key raise ValueError.  (The
-  local config parser refuses those earlier with user-facing errors; this guards other sources.)
+- A snapshot's indexes never change; lookups are dict reads.
+- Snapshots built by the constructor are unambiguous: two workloads on one (network, IP), two
+  workloads with one uid, two services on one (network, VIP) or with one "namespace/hostname" key raise ValueError.  (The
+  local config parser refuses those earlier with user-facing errors.)  The StateStore's lenient
+  index lets the last writer win instead, as ztunnel does while pods churn.
 - IPs are stored and looked up in canonical form: IPv4-mapped IPv6 (::ffff:a.b.c.d), which dual
   stack sockets report for IPv4 peers, is the IPv4 address.
-- Endpoints of a service come from workloads' `services` maps, in workload config order.
-- RoundRobin is the only mutable object here: it holds one counter per service and is meant for
-  the single control thread.
+- Endpoints of a service come from workloads' `services` maps, in the order workloads arrived.
+- RoundRobin, StateIndex and StateStore are mutable and belong to the single control thread.
 """
 
 from __future__ import annotations
@@ -48,6 +50,153 @@ class Endpoint:
     ports: Mapping[int, int]
 
 
+class StateIndex:
+    """The mutable indexes behind ProxyState, updated one object at a time.
+
+    `strict` refuses ambiguity (ValueError) as the ProxyState constructor always has; a lenient
+    index (the StateStore's) lets the last writer of a (network, IP) or VIP take it, as ztunnel's
+    stores do while pods churn (a new pod may reuse an IP before the old one's removal arrives).
+    A removal only drops an IP or VIP entry that still points at the removed object.
+    """
+
+    __slots__ = ("strict", "workloads", "by_ip", "by_node", "endpoints", "services", "by_vip",
+                 "policies", "_dirty_nodes", "_dirty_endpoints", "_node_tuples", "_endpoint_tuples",
+                 "_policy_tuple")
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.workloads: dict[str, Workload] = {}
+        self.by_ip: dict[tuple[str, IpAddress], Workload] = {}
+        self.by_node: dict[str, dict[str, Workload]] = {}
+        self.endpoints: dict[str, dict[str, Endpoint]] = {}
+        self.services: dict[str, Service] = {}
+        self.by_vip: dict[tuple[str, IpAddress], Service] = {}
+        self.policies: dict[str, Authorization] = {}
+        # Tuple views handed to snapshots, rebuilt only for the keys a change touched.
+        self._node_tuples: dict[str, tuple[Workload, ...]] = {}
+        self._endpoint_tuples: dict[str, tuple[Endpoint, ...]] = {}
+        self._dirty_nodes: set[str] = set()
+        self._dirty_endpoints: set[str] = set()
+        # The same tuple object while no policy changes, so consumers can skip recompiling.
+        self._policy_tuple: tuple[Authorization, ...] | None = None
+
+    # -- workloads ---------------------------------------------------------------------------
+    def upsert_workload(self, w: Workload) -> None:
+        old = self.workloads.get(w.uid)
+        if old is not None:
+            if self.strict:
+                raise ValueError(f"duplicate workload uid {w.uid!r}")
+            self._unindex_workload(old)
+        for ip in w.workload_ips:
+            key = (w.network, canonical_ip(ip))
+            other = self.by_ip.get(key)
+            if self.strict and other is not None and other is not w:
+                raise ValueError(f"{key[1]} on network {w.network!r}: workloads {other.uid!r} and {w.uid!r}")
+            self.by_ip[key] = w
+        self.workloads[w.uid] = w
+        self.by_node.setdefault(w.node, {})[w.uid] = w
+        self._dirty_nodes.add(w.node)
+        for service_key, ports in w.services.items():
+            self.endpoints.setdefault(service_key, {})[w.uid] = Endpoint(w, ports)
+            self._dirty_endpoints.add(service_key)
+
+    def remove_workload(self, uid: str) -> Workload | None:
+        old = self.workloads.pop(uid, None)
+        if old is not None:
+            self._unindex_workload(old)
+        return old
+
+    def _unindex_workload(self, w: Workload) -> None:
+        for ip in w.workload_ips:
+            key = (w.network, canonical_ip(ip))
+            if self.by_ip.get(key) is w:
+                del self.by_ip[key]
+        on_node = self.by_node.get(w.node)
+        if on_node is not None:
+            on_node.pop(w.uid, None)
+            if not on_node:
+                del self.by_node[w.node]
+            self._dirty_nodes.add(w.node)
+        for service_key in w.services:
+            eps = self.endpoints.get(service_key)
+            if eps is not None:
+                eps.pop(w.uid, None)
+                if not eps:
+                    del self.endpoints[service_key]
+                self._dirty_endpoints.add(service_key)
+
+    # -- services and policies -----------------------------------------------------------------
+    def upsert_service(self, s: Service) -> None:
+        old = self.services.get(s.key)
+        if old is not None:
+            if self.strict:
+                raise ValueError(f"duplicate service {s.key!r}")
+            self._unindex_service(old)
+        for vip in s.vips:
+            key = (vip.network, canonical_ip(vip.address))
+            if self.strict and key in self.by_vip:
+                raise ValueError(f"VIP {vip} on services {self.by_vip[key].key!r} and {s.key!r}")
+            self.by_vip[key] = s
+        self.services[s.key] = s
+
+    def remove_service(self, key: str) -> Service | None:
+        old = self.services.pop(key, None)
+        if old is not None:
+            self._unindex_service(old)
+        return old
+
+    def _unindex_service(self, s: Service) -> None:
+        for vip in s.vips:
+            key = (vip.network, canonical_ip(vip.address))
+            if self.by_vip.get(key) is s:
+                del self.by_vip[key]
+
+    def upsert_policy(self, p: Authorization) -> None:
+        self.policies[p.key] = p
+        self._policy_tuple = None
+
+    def remove_policy(self, key: str) -> Authorization | None:
+        old = self.policies.pop(key, None)
+        if old is not None:
+            self._policy_tuple = None
+        return old
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def snapshot(self) -> "ProxyState":
+        """An immutable ProxyState of the current content: shallow copies of the dicts plus the
+        tuple views of the node and endpoint lists this change touched."""
+        state = object.__new__(ProxyState)
+        self._fill(state)
+        return state
+
+    def _fill(self, state: "ProxyState") -> None:
+        for node in self._dirty_nodes:
+            ws = self.by_node.get(node)
+            if ws:
+                self._node_tuples[node] = tuple(ws.values())
+            else:
+                self._node_tuples.pop(node, None)
+        for key in self._dirty_endpoints:
+            eps = self.endpoints.get(key)
+            if eps:
+                self._endpoint_tuples[key] = tuple(eps.values())
+            else:
+                self._endpoint_tuples.pop(key, None)
+        self._dirty_nodes.clear()
+        self._dirty_endpoints.clear()
+        state._workloads = tuple(self.workloads.values())
+        state._services = tuple(self.services.values())
+        if self._policy_tuple is None:
+            self._policy_tuple = tuple(self.policies.values())
+        state._policies = self._policy_tuple
+        state._by_uid = dict(self.workloads)
+        state._by_ip = dict(self.by_ip)
+        state._by_key = dict(self.services)
+        state._by_vip = dict(self.by_vip)
+        state._by_node = dict(self._node_tuples)
+        state._endpoints = dict(self._endpoint_tuples)
+
+
 class ProxyState:
     __slots__ = ("_workloads", "_services", "_policies", "_by_ip", "_by_uid", "_by_vip",
                  "_by_key", "_endpoints", "_by_node")
@@ -58,43 +207,15 @@ class ProxyState:
         services: Iterable[Service] = (),
         policies: Iterable[Authorization] = (),
     ):
-        self._workloads = tuple(workloads)
-        self._services = tuple(services)
-        self._policies = tuple(policies)
-
-        self._by_uid: dict[str, Workload] = {}
-        self._by_ip: dict[tuple[str, IpAddress], Workload] = {}
-        by_node: dict[str, list[Workload]] = {}
-        endpoints: dict[str, list[Endpoint]] = {}
-        for w in self._workloads:
-            if w.uid in self._by_uid:
-                raise ValueError(f"duplicate workload uid {w.uid!r}")
-            self._by_uid[w.uid] = w
-            for ip in w.workload_ips:
-                key = (w.network, canonical_ip(ip))
-                other = self._by_ip.get(key)
-                if other is not None and other is not w:
-                    raise ValueError(f"{key[1]} on network {w.network!r}: workloads "
-                                     f"{other.uid!r} and {w.uid!r}")
-                self._by_ip[key] = w
-            by_node.setdefault(w.node, []).append(w)
-            for service_key, ports in w.services.items():
-                endpoints.setdefault(service_key, []).append(Endpoint(w, ports))
-
-        self._by_key: dict[str, Service] = {}
-        self._by_vip: dict[tuple[str, IpAddress], Service] = {}
-        for s in self._services:
-            if s.key in self._by_key:
-                raise ValueError(f"duplicate service {s.key!r}")
-            self._by_key[s.key] = s
-            for vip in s.vips:
-                key = (vip.network, canonical_ip(vip.address))
-                if key in self._by_vip:
-                    raise ValueError(f"VIP {vip} on services {self._by_vip[key].key!r} and {s.key!r}")
-                self._by_vip[key] = s
-
-        self._by_node = {node: tuple(ws) for node, ws in by_node.items()}
-        self._endpoints = {key: tuple(eps) for key, eps in endpoints.items()}
+        """A snapshot of exactly these objects; ambiguous indexes raise ValueError."""
+        index = StateIndex(strict=True)
+        for w in workloads:
+            index.upsert_workload(w)
+        for s in services:
+            index.upsert_service(s)
+        for p in policies:
+            index.upsert_policy(p)
+        index._fill(self)
 
     @classmethod
     def from_local(cls, cfg: "LocalConfig") -> "ProxyState":
@@ -173,3 +294,99 @@ class RoundRobin:
         index = self._next.get(service.key, 0) % len(candidates)
         self._next[service.key] = index + 1
         return candidates[index]
+
+
+# --- the state store: several sources, one state -------------------------------------------------
+
+LOCAL_SOURCE = "local"  # the local config file (LOCAL_XDS_PATH / LOCAL_XDS)
+XDS_SOURCE = "xds"  # istiod over delta xDS
+
+Resource = Workload | Service | Authorization
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """Remove one resource by its xDS name.  `kind` is "address" (a workload uid or a service's
+    "<namespace>/<hostname>": Address resources share one name space, as in ztunnel), "workload",
+    "service" or "policy" ("<namespace>/<name>")."""
+
+    kind: str
+    name: str
+
+
+class StateStore:
+    """Resources of every source, applied as typed changes; each applied change set yields a new
+    ProxyState snapshot (what ProxyContext.replace_state takes).
+
+    Invariants:
+    - One mutable StateIndex, updated per resource: a change set costs what it touches, plus
+      shallow dict copies for the snapshot; nothing is rebuilt from all resources.
+    - Each resource is owned by the source that last upserted it.  A source's removal only
+      removes what it owns, and `replace` (a source that delivers complete sets, like the local
+      file) removes only its own leftovers, so two sources never erase each other's resources.
+    - Removals of a change set are applied before its upserts, so a removed pod's IP reused by a
+      new pod in the same change ends up with the new pod.
+    - Single-threaded: the control loop owns the store.
+    """
+
+    def __init__(self) -> None:
+        self._index = StateIndex()
+        self._owner: dict[tuple[str, str], str] = {}
+        self.state: ProxyState = self._index.snapshot()
+
+    def apply(self, source: str, upserts: Iterable[Resource] = (), removals: Iterable[Removal] = ()) -> ProxyState:
+        """Apply one change set from `source`; returns (and keeps) the new snapshot."""
+        for r in removals:
+            self._remove(source, r)
+        for obj in upserts:
+            self._upsert(source, obj)
+        self.state = self._index.snapshot()
+        return self.state
+
+    def replace(self, source: str, workloads: Iterable[Workload], services: Iterable[Service],
+                policies: Iterable[Authorization]) -> ProxyState:
+        """Make `source`'s resources exactly these (a full set, e.g. a reloaded local file)."""
+        new = [*workloads, *services, *policies]
+        keep = {_key(obj) for obj in new}
+        stale = [Removal(kind, name) for (kind, name), owner in self._owner.items()
+                 if owner == source and (kind, name) not in keep]
+        return self.apply(source, new, stale)
+
+    def owned(self, source: str) -> dict[str, set[str]]:
+        """{kind: names} of what `source` holds now (kinds "workload", "service", "policy")."""
+        out: dict[str, set[str]] = {"workload": set(), "service": set(), "policy": set()}
+        for (kind, name), owner in self._owner.items():
+            if owner == source:
+                out[kind].add(name)
+        return out
+
+    def _upsert(self, source: str, obj: Resource) -> None:
+        kind, name = _key(obj)
+        if isinstance(obj, Workload):
+            self._index.upsert_workload(obj)
+        elif isinstance(obj, Service):
+            self._index.upsert_service(obj)
+        else:
+            self._index.upsert_policy(obj)
+        self._owner[(kind, name)] = source
+
+    def _remove(self, source: str, r: Removal) -> None:
+        kinds = ("workload", "service") if r.kind == "address" else (r.kind,)
+        for kind in kinds:
+            if self._owner.get((kind, r.name)) != source:
+                continue
+            del self._owner[(kind, r.name)]
+            if kind == "workload":
+                self._index.remove_workload(r.name)
+            elif kind == "service":
+                self._index.remove_service(r.name)
+            else:
+                self._index.remove_policy(r.name)
+
+
+def _key(obj: Resource) -> tuple[str, str]:
+    if isinstance(obj, Workload):
+        return "workload", obj.uid
+    if isinstance(obj, Service):
+        return "service", obj.key
+    return "policy", obj.key

@@ -34,6 +34,25 @@ class Locality:
     subzone: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayAddress:
+    """Where a waypoint (or network gateway) is: an address on a network, or a service by
+    namespace/hostname; kept as istiod sends it (waypoint routing itself is not implemented yet)."""
+
+    network: str = ""
+    address: "IpAddress | None" = None  # set for an address destination
+    namespace: str = ""  # set with hostname for a service destination
+    hostname: str = ""
+    hbone_mtls_port: int = 15008  # HBONE port of the waypoint
+
+    @property
+    def destination(self) -> str:
+        """"<network>/<ip>" or "<namespace>/<hostname>" (the local-config and config_dump form)."""
+        if self.address is not None:
+            return f"{self.network}/{self.address}"
+        return f"{self.namespace}/{self.hostname}"
+
+
 def _frozen(mapping: Mapping | None) -> Mapping:
     return MappingProxyType(dict(mapping or {}))
 
@@ -60,6 +79,7 @@ class Workload:
     services: Mapping[str, Mapping[int, int]] = field(default_factory=lambda: _frozen({}))
     authorization_policies: tuple[str, ...] = ()
     capacity: int = 1
+    waypoint: GatewayAddress | None = None
 
     @property
     def identity(self) -> Identity:

@@ -120,6 +120,12 @@ class Metrics:
         self.sent = Counter("istio_tcp_sent_bytes", "Bytes sent during response (server to client)", LABELS, registry=r)
         self.failed = Counter("istio_tcp_connections_failed", "Connections that failed", LABELS, registry=r)
         self.sockets_open = Gauge("istio_tcp_sockets_open", "Open tunnels", ["reporter"], registry=r)
+        # xDS (reference M9, M10): why streams to istiod ended; messages and bytes per type URL.
+        self.xds_terminations = Counter("istio_xds_connection_terminations",
+                                        "Connection terminations of the xDS stream", ["reason"], registry=r)
+        self.xds_messages = Counter("istio_xds_message", "xDS responses received", ["url"], registry=r)
+        self.xds_message_bytes = Counter("istio_xds_message_bytes", "Bytes of xDS responses received",
+                                         ["url"], registry=r)
         build = Gauge("istio_build", "Build information", ["component", "tag"], registry=r)
         build.labels(component="ztunnel", tag=__version__).set(1)
         ProcessCollector(registry=r)
