@@ -25,7 +25,7 @@ import signal
 import socket
 
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
-from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
+from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
 from .engine import create_engine
 from .errors import ConfigError, ZtunnelError
 from .hbone.connection import H2Settings

@@ -62,18 +62,27 @@ def test_config_change_prefetches_new_and_forgets_departed_identities(tmp_path):
     def workload(identity, node="node1", protocol=TunnelProtocol.HBONE):
         return SimpleNamespace(identity=identity, node=node, protocol=protocol)
 
+    def state(*workloads):
+        return SimpleNamespace(workloads=lambda: list(workloads))
+
     async def main():
         source = CountingSource(LocalCA.load(tmp_path / "ca"))
         certs = CertificateManager(source, ttl=3600)
         app = App(Config.from_env({**BASE, "NODE_NAME": "node1"}))
-        workloads = [workload(a), workload(b), workload(c, node="node2"), workload(c, protocol=TunnelProtocol.TCP)]
-        app.ctx = SimpleNamespace(dedicated=False, certs=certs, state=SimpleNamespace(workloads=lambda: workloads))
+
+        def replace_state(new):
+            app.ctx.state = new
+            return 0
+
+        app.ctx = SimpleNamespace(dedicated=False, certs=certs, state=state(), replace_state=replace_state)
         try:
-            app._sync_certificates()
-            assert certs.identities() == {a, b}  # c is on another node / not HBONE
-            await asyncio.sleep(0)
-            workloads[:] = [workload(b), workload(c)]  # a's last workload left, c arrived
-            app._sync_certificates()
+            # c is on another node / not HBONE: no certificate for it
+            app._install(state(workload(a), workload(b), workload(c, node="node2"),
+                               workload(c, protocol=TunnelProtocol.TCP)))
+            await asyncio.gather(*app._prefetches)
+            assert certs.identities() == {a, b}
+            app._install(state(workload(b), workload(c)))  # a's last workload left, c arrived
+            await asyncio.gather(*app._prefetches)
             assert certs.identities() == {b, c}
             assert certs.state(a) is None
             assert (await certs.get(c)).identity == c
