@@ -257,3 +257,25 @@ def test_protocol_errors_are_nacked_and_the_process_keeps_serving(lab, mesh):
     prefix = f"/run/netns/{lab.topology.prefix}-"
     assert sorted(link for link in links if link.startswith(prefix)) == sorted(
         f"/run/netns/{p.pod.netns}" for p in (m.sleep, m.web, m.spare))
+
+
+def test_a_pod_unknown_to_the_state_stays_pending_until_its_workload_appears(lab, mesh):
+    m = mesh
+    late = lab.pod("late", namespace="demo", node="node1", workload=False)  # not in the config yet
+    install_inpod_rules(late.pod.netns)
+    lab.app(late, "serve", "80", "echo", port=80)
+    start_both(m)
+    error = m.add(late)
+    assert error.startswith(f"pod {uid(late)} pending: workload demo/late (service account late) not found"), error
+    assert m.http("node1", "/healthz/ready")[0] == 500
+    assert m.workload_state("node1")[uid(late)]["state"] == "Pending"
+    assert not listening(lab, late, 15008)
+    # the workload shows up in the state (local config reload here; xDS the same way): retried
+    lab.pods["late"] = late
+    lab.write_config()
+    m.wait(lambda: m.http("node1", "/healthz/ready")[0] == 200, "the pending pod to start")
+    assert m.workload_state("node1")[uid(late)]["state"] == "Up"
+    assert listening(lab, late, 15008)
+    assert m.metric("node1", "workload_manager_pending_proxy_count") == 0
+    assert_echo(lab.client(late, "echo", m.echo.ip, "80", "--size", str(MiB)), MiB)
+    assert m.zt["node1"].lines(f"proxy to {m.echo.ip}:80 using HBONE via {m.echo.ip}:15008 type Direct")
