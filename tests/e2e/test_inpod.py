@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
 WAIT_S = 30.0  # bound of every poll (reconnects, drains)
+HOLD_S = 12  # seconds a held connection stays idle: long enough to span the events under test
 SLEEP_ID = "spiffe://cluster.local/ns/demo/sa/sleep"
 
 
@@ -158,19 +159,31 @@ def test_pod_to_pod_over_hbone_from_inside_the_pods(lab, mesh):
     assert state[uid(m.web)]["state"] == "Up"
     assert state[uid(m.web)]["info"] == {"name": "web", "namespace": "demo", "serviceAccount": "web"}
     assert z1.lines(f"pod demo/web (uid {uid(m.web)}) proxy started in netns net:[")
+    # SIGTERM: the one drain path, through every pod
+    assert lab.stop_ztunnel(z1) == 0
+    assert z1.lines("shutdown complete") and z1.lines(f"pod demo/web (uid {uid(m.web)}) proxy stopped")
+    assert not listening(lab, m.web, 15008)
 
 
 def test_delete_a_pod_while_another_pod_has_a_tunnel_open(lab, mesh):
     m = mesh
     start_both(m)
-    held, held_out = lab.client_background(m.sleep, "hold", m.echo.ip, "80", "--seconds", "4")
+    held, held_out = lab.client_background(m.sleep, "hold", m.echo.ip, "80", "--seconds", str(HOLD_S))
     m.wait(lambda: '"established"' in held_out.read_text(), "the held connection")
     # a pod added and deleted live on the same node as the held connection's source
     assert m.add(m.spare) == ""
     assert_echo(lab.client(m.sleep, "echo", m.spare.ip, "80", "--size", str(MiB)), MiB)
+    # the held connection as `istioctl ztunnel-config connections` sees it, on both sides
+    out = m.workload_state("node1")[uid(m.sleep)]["connections"]["outbound"]
+    assert [(c["originalDst"], c["actualDst"], c["protocol"]) for c in out] == [
+        (f"{m.echo.ip}:80", f"{m.echo.ip}:15008", "HBONE")]
+    assert out[0]["src"].startswith(f"{m.sleep.ip}:")
+    inb = m.workload_state("node2")[uid(m.echo)]["connections"]["inbound"]
+    assert [(c["src"], c["originalDst"], c["protocol"]) for c in inb] == [(m.sleep.ip, f"{m.echo.ip}:80", "HBONE")]
     assert m.cni["node1"].delete(uid(m.spare)) == ""
     m.wait(lambda: not listening(lab, m.spare, 15008), "spare's listeners to close")
     assert m.cni["node1"].delete(uid(m.spare)) == ""  # deleting twice is harmless
+    assert held.poll() is None  # the delete happened while the other tunnel was open
     assert held.wait(60) == 0
     result = json.loads(held_out.read_text().splitlines()[-1])
     assert result["echo"] == "ping" and result["ended"] == "timeout", result  # never cut
@@ -184,7 +197,7 @@ def test_istio_cni_restart_keeps_pods_and_drops_the_stale_one(lab, mesh):
     m = mesh
     start_both(m)
     assert m.add(m.spare) == ""
-    held, held_out = lab.client_background(m.sleep, "hold", m.echo.ip, "80", "--seconds", "4")
+    held, held_out = lab.client_background(m.sleep, "hold", m.echo.ip, "80", "--seconds", str(HOLD_S))
     m.wait(lambda: '"established"' in held_out.read_text(), "the held connection")
     z1 = m.zt["node1"]
 
@@ -203,6 +216,7 @@ def test_istio_cni_restart_keeps_pods_and_drops_the_stale_one(lab, mesh):
     assert set(m.workload_state("node1")) == {uid(m.sleep), uid(m.web)}
     assert m.metric("node1", "workload_manager_proxies_started_total") == 3  # no restart of sleep/web
     assert z1.lines("disconnected from istio-cni")
+    assert held.poll() is None  # the restart happened while the tunnel was open
 
     assert held.wait(60) == 0
     result = json.loads(held_out.read_text().splitlines()[-1])

@@ -31,6 +31,7 @@ from ..proxy.context import ProxyContext
 from ..proxy.inbound import Inbound
 from ..proxy.inbound_passthrough import InboundPassthrough
 from ..proxy.outbound import Outbound
+from ..proxy.route import Kind
 from ..state.workload import IpAddress, Workload
 from .netns import NetnsThread, PodNetns
 from .protocol import WorkloadInfo
@@ -101,6 +102,29 @@ class PodScope:
         self._parent.track(task)  # the process-wide drain waits for it too
 
 
+class PodOutbound(Outbound):
+    """Outbound for one pod, noting each connection's route for `workloadState` (the decision
+    itself is the shared one)."""
+
+    def __init__(self, scope: PodScope, open_connections: dict[int, dict[str, str]]):
+        super().__init__(scope)
+        self._open = open_connections
+
+    def _note(self, route, actual) -> None:
+        entry = self._open.get(id(asyncio.current_task()))
+        if entry is not None and actual is not None:
+            entry["actualDst"] = hbone_headers.format_addr(*actual)
+            entry["protocol"] = "HBONE" if route.kind is Kind.HBONE else "TCP"
+
+    async def _hbone(self, sock, route, *args):
+        self._note(route, route.next_hop)
+        return await super()._hbone(sock, route, *args)
+
+    async def _plain(self, sock, route, *args):
+        self._note(route, route.target)
+        return await super()._plain(sock, route, *args)
+
+
 class PodProxy:
     def __init__(self, ctx: ProxyContext, uid: str, info: WorkloadInfo, netns: PodNetns, thread: NetnsThread):
         self.uid = uid
@@ -122,7 +146,7 @@ class PodProxy:
         ipv6 = scope.config.ipv6_enabled
         mark = scope.config.packet_mark
         self.listeners = await self._thread.run(scope.netns, lambda: _bind_all(ipv6, mark))
-        outbound = Outbound(scope)
+        outbound = PodOutbound(scope, self.outbound_open)
         scope.pool = HbonePool(outbound.connect_hbone, max_streams=scope.config.pool_max_streams_per_connection,
                                idle_timeout=scope.config.pool_unused_release_timeout)
         self.inbound = Inbound(scope)
