@@ -151,6 +151,11 @@ def test_pod_to_pod_over_hbone_from_inside_the_pods(lab, mesh):
     assert len(z1.lines(f"got CONNECT request to {m.web.ip}:80")) == 1000
     assert len(z1.lines(f"proxy to {m.web.ip}:80 using HBONE via {m.web.ip}:15008")) == 1000
 
+    # plaintext from outside the mesh into web: captured by web's own 15006
+    plain = lab.pod("plain", namespace="legacy", node="node3", workload=False)
+    assert_echo(lab.client(plain, "echo", m.web.ip, "80", "--size", str(MiB)), MiB)
+    assert z1.lines(f"proxying plaintext to {m.web.ip}:80")
+
     assert m.metric("node1", "workload_manager_active_proxy_count") == 2
     assert m.metric("node1", "workload_manager_pending_proxy_count") == 0
     assert m.metric("node1", "workload_manager_proxies_started_total") == 2
