@@ -112,11 +112,18 @@ def ca_init(directory: Path, trust_domain: str, force: bool) -> None:
 @click.option("--engine", type=click.Choice(["auto", "native", "pure"]), default="auto", show_default=True)
 @click.option("--keep", is_flag=True, help="leave the topology up for exploring")
 @click.option("--step", default=None, metavar="NAME",
-              help="run one step: before, label, after, logs, proxy-config, ipset, iptables, scale")
-def demo(engine: str, keep: bool, step: str | None) -> None:
+              help="run one step: before, label, after, logs, proxy-config, ipset, iptables, scale "
+                   "(--mode inpod: before, enable, after, logs, workload-state, remove, cni-restart)")
+@click.option("--mode", type=click.Choice(["node", "inpod"]), default="node", show_default=True,
+              help="node: node-level redirection; inpod: istio-cni (a double) hands pods over ZDS")
+def demo(engine: str, keep: bool, step: str | None, mode: str) -> None:
     """The user guide's ambient journey on one machine: nodes and pods as network namespaces,
     one ztunnel-fast per node, redirection, curl before and after ambient, logs, tables, scaling.
     Needs root; everything is torn down at the end."""
+    if mode == "inpod":
+        from .demo.inpod_journey import run_inpod_demo
+
+        sys.exit(run_inpod_demo(engine=engine, keep=keep, step=step))
     from .demo.journey import run_demo
 
     sys.exit(run_demo(engine=engine, keep=keep, step=step))

@@ -298,3 +298,25 @@ def test_a_pod_unknown_to_the_state_stays_pending_until_its_workload_appears(lab
     assert m.metric("node1", "workload_manager_pending_proxy_count") == 0
     assert_echo(lab.client(late, "echo", m.echo.ip, "80", "--size", str(MiB)), MiB)
     assert m.zt["node1"].lines(f"proxy to {m.echo.ip}:80 using HBONE via {m.echo.ip}:15008 type Direct")
+
+
+def test_inpod_demo_journey(engine):
+    import re
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ztunnel_fast", "demo", "--mode", "inpod", "--engine", engine],
+                         capture_output=True, text=True, timeout=300)
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    for step in ("Before ambient", "Enable ambient", "After ambient", "ztunnel-fast logs", "workloadState",
+                 "Remove a pod from the mesh", "istio-cni restarts"):
+        assert f"## {step}" in out, step
+    assert out.count("<title>httpbin.org</title>") == 3  # before, after, after the istio-cni restart
+    assert re.search(r"proxy to 198\.18\.0\.\d+:80 using HBONE via 198\.18\.0\.\d+:15008 type Direct", out)
+    assert '"protocol": "HBONE"' in out and "workload_manager_proxies_stopped_total 1.0" in out
+    prefix = re.search(r"namespaces (ztf-demo-\d+)-\*", out).group(1)
+    workdir = re.search(r"workdir (\S+),", out).group(1)
+    assert f"torn down: no namespace, rule, socket or process of {prefix} left" in out
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not Path(workdir).exists()
