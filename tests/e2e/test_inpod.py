@@ -208,6 +208,7 @@ def test_istio_cni_restart_keeps_pods_and_drops_the_stale_one(lab, mesh):
     # istio-cni on node1 restarts: the socket file is recreated, ztunnel-fast reconnects
     m.cni["node1"].close()
     m.wait(lambda: m.http("node1", "/healthz/ready")[0] == 500, "not ready while istio-cni is away")
+    assert "workload proxy manager" in m.http("node1", "/healthz/ready")[1]
     m.cni["node1"] = FakeCni(m.socket_path("node1"))
     m.cni["node1"].accept()
     assert m.add(m.sleep) == ""  # same netns: kept as it is

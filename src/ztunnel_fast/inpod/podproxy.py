@@ -184,7 +184,7 @@ class PodProxy:
         """Live connections in the shape `istioctl ztunnel-config connections` reads."""
         w = self.scope.workload()
         inbound = []
-        for entry in list(self.scope.connections._tracked):
+        for entry in self.scope.connections.entries():
             if w is None or entry.workload.uid != w.uid:
                 continue
             i = entry.info
