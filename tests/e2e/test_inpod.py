@@ -320,3 +320,19 @@ def test_inpod_demo_journey(engine):
     assert f"torn down: no namespace, rule, socket or process of {prefix} left" in out
     assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not Path(workdir).exists()
+
+
+def test_ztunnel_started_before_istio_cni_keeps_retrying(lab, mesh):
+    m = mesh
+    host = lab.pod("zt-node1", node="node1", workload=False)
+    m.nodes["node1"] = host
+    path = m.socket_path("node1")
+    # INPOD_UDS alone selects in-pod mode; nobody listens there yet
+    m.zt["node1"] = lab.start_ztunnel(host, redirect=False, shared=True, INPOD_UDS=str(path))
+    assert "workload proxy manager" in m.http("node1", "/healthz/ready")[1]
+    assert not path.exists()
+    m.cni["node1"] = FakeCni(path)
+    m.cni["node1"].accept()  # the retry loop finds it
+    assert m.add(m.web) == "" and m.cni["node1"].snapshot_sent() == ""
+    assert m.http("node1", "/healthz/ready") == (200, "ready\n")
+    assert listening(lab, m.web, 15008)
