@@ -110,8 +110,8 @@ def mesh(lab):
         assert not any(sockdir.parent.glob(sockdir.name)), "socket dir left behind"
 
 
-def start_both(m: Mesh) -> None:
-    m.start_node("node1")
+def start_both(m: Mesh, **node1_env) -> None:
+    m.start_node("node1", **node1_env)
     m.start_node("node2")
     assert m.http("node1", "/healthz/ready")[0] == 500  # no snapshot yet
     assert m.add(m.sleep) == "" and m.add(m.web) == ""
@@ -336,3 +336,20 @@ def test_ztunnel_started_before_istio_cni_keeps_retrying(lab, mesh):
     assert m.add(m.web) == "" and m.cni["node1"].snapshot_sent() == ""
     assert m.http("node1", "/healthz/ready") == (200, "ready\n")
     assert listening(lab, m.web, 15008)
+
+
+def test_a_deleted_pod_lets_its_own_tunnels_finish(lab, mesh):
+    m = mesh
+    start_both(m, CONNECTION_TERMINATION_DEADLINE="60s")  # the bound is not what is tested here
+    assert m.add(m.spare) == ""
+    size = 8 * MiB  # paced: 32 chunks of 256 KiB, 0.2 s apart, so the delete lands mid-transfer
+    proc, out_path = lab.client_background(m.sleep, "echo", m.spare.ip, "80", "--size", str(size),
+                                           "--chunk-delay", "0.2")
+    m.wait(lambda: m.zt["node1"].lines(f"got CONNECT request to {m.spare.ip}:80"), "the transfer to start")
+    assert m.cni["node1"].delete(uid(m.spare)) == ""
+    m.wait(lambda: not listening(lab, m.spare, 15008), "spare's listeners to close")
+    assert proc.poll() is None  # the listeners closed while the tunnel was still moving bytes
+    assert proc.wait(120) == 0
+    assert_echo(json.loads(out_path.read_text().splitlines()[-1]), size)
+    stopped = m.wait(lambda: m.zt["node1"].lines(f"pod demo/spare (uid {uid(m.spare)}) proxy stopped"), "the stop")
+    assert len(stopped) == 1 and not m.zt["node1"].lines("drain deadline reached")
