@@ -159,6 +159,9 @@ class WorkloadManager:
             reason = f"pod {pod.uid} pending: {exc}"
         except OSError as exc:
             reason = f"pod {pod.uid} pending: cannot bind listeners in its network namespace: {exc.strerror or exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug must leave the pod pending, not stop the retries
+            log.exception("starting the proxy of pod %s failed", pod.uid)
+            reason = f"pod {pod.uid} pending: internal error: {exc}"
         finally:
             self._starting.discard(pod.uid)
         if not reason:
