@@ -353,3 +353,16 @@ def test_a_deleted_pod_lets_its_own_tunnels_finish(lab, mesh):
     assert_echo(json.loads(out_path.read_text().splitlines()[-1]), size)
     stopped = m.wait(lambda: m.zt["node1"].lines(f"pod demo/spare (uid {uid(m.spare)}) proxy stopped"), "the stop")
     assert len(stopped) == 1 and not m.zt["node1"].lines("drain deadline reached")
+
+
+def test_a_pod_whose_ports_are_taken_is_nacked_and_others_keep_working(lab, mesh):
+    m = mesh
+    start_both(m)
+    lab.app(m.spare, "serve", "15008", "echo", port=15008)  # an app squatting on the HBONE port
+    error = m.add(m.spare)
+    assert error.startswith(f"pod {uid(m.spare)} pending: cannot bind listeners in its network namespace"), error
+    assert not listening(lab, m.spare, 15001)  # nothing half-bound is left behind
+    assert m.metric("node1", "workload_manager_pending_proxy_count") == 1
+    assert_echo(lab.client(m.sleep, "echo", m.web.ip, "80", "--size", str(MiB)), MiB)
+    assert m.cni["node1"].delete(uid(m.spare)) == ""
+    assert m.metric("node1", "workload_manager_pending_proxy_count") == 0
