@@ -366,3 +366,20 @@ def test_a_pod_whose_ports_are_taken_is_nacked_and_others_keep_working(lab, mesh
     assert_echo(lab.client(m.sleep, "echo", m.web.ip, "80", "--size", str(MiB)), MiB)
     assert m.cni["node1"].delete(uid(m.spare)) == ""
     assert m.metric("node1", "workload_manager_pending_proxy_count") == 0
+
+
+def test_upstream_sockets_are_created_inside_the_pod(lab, mesh):
+    """Without source spoofing (ENABLE_ORIG_SRC=false) a socket's address tells where it was
+    created: a pod's address only inside the pod's namespace, the node's address otherwise."""
+    m = mesh
+    start_both(m, ENABLE_ORIG_SRC="false")
+    assert m.add(m.spare) == ""
+    lab.app(m.spare, "serve", "81", "whoami", "--name", "spare", port=81)
+    # outbound: sleep's HBONE connection to echo's 15008 comes from sleep's address
+    assert_echo(lab.client(m.sleep, "echo", m.echo.ip, "80", "--size", str(MiB)), MiB)
+    got = m.zt["node2"].lines(f"got CONNECT request to {m.echo.ip}:80")
+    assert got and f"peer_ip={m.sleep.ip} " in got[-1]
+    # inbound: spare's ztunnel-fast dials the app from inside spare (its own address), not the node
+    name, peer = lab.client(m.echo, "whoami", m.spare.ip, "81", "--count", "1")["names"][0].split()
+    assert (name, peer) == ("spare", m.spare.ip)
+    assert m.nodes["node1"].ip != m.spare.ip
