@@ -49,6 +49,7 @@ class InpodCluster:
         self.httpbin = lab.pod("httpbin", namespace=NS, node=NODES[1])
         lab.write_config()
         lab.app(self.httpbin, "serve", "80", "http", "--name", "httpbin", port=80)
+        lab.app(self.httpbin, "serve", "81", "echo", port=81)  # for a long-lived connection to show
         for name, node in self.nodes.items():
             sock = self.socket(name)
             self.cni[name] = FakeCni(sock)
@@ -131,7 +132,7 @@ def step_logs(c: InpodCluster) -> None:
 
 
 def step_workload_state(c: InpodCluster) -> None:
-    held = c.topo.popen(c.sleep.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", "hold", c.httpbin.ip, "80",
+    held = c.topo.popen(c.sleep.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", "hold", c.httpbin.ip, "81",
                                       "--seconds", "5"], stdout=subprocess.DEVNULL)
     try:
         state = {}
