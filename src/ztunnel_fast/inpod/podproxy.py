@@ -47,9 +47,8 @@ class WorkloadNotFound(Exception):
 
 def find_workload(state, info: WorkloadInfo, node: str) -> Workload | None:
     """The local workload of a pod: on `node` (when set), same namespace, service account, name."""
-    for w in state.workloads():
-        if (w.namespace == info.namespace and w.name == info.name and w.service_account == info.service_account
-                and (not node or w.node == node)):
+    for w in state.workloads_on_node(node) if node else state.workloads():
+        if w.namespace == info.namespace and w.name == info.name and w.service_account == info.service_account:
             return w
     return None
 
@@ -77,6 +76,7 @@ class PodScope:
         return await self._thread.run(self.netns, lambda: socket.socket(family, socket.SOCK_STREAM))
 
     def workload(self) -> Workload | None:
+        # cached per state snapshot: ProxyContext replaces `state` whole and never mutates it
         state = self._parent.state
         if self._cached[0] is not state:
             self._cached = (state, find_workload(state, self.info, self._parent.config.node_name))
