@@ -158,6 +158,9 @@ class PodProxy:
                 accept_loop(lsock, handlers[name], scope.track, name), name=f"accept-{name}-{self.uid}"))
         log.info("pod %s/%s (uid %s) proxy started in netns net:[%d] as %s", info.namespace, info.name, self.uid,
                  scope.netns.inode, workload.identity)
+        # the pod's certificate before its first connection needs it (ztunnel prefetches too)
+        prefetch = loop.create_task(scope.certs.get(workload.identity), name=f"prefetch-cert-{self.uid}")
+        prefetch.add_done_callback(_log_prefetch_failure)
 
     @property
     def listeners_named(self) -> list[tuple[socket.socket, str]]:
@@ -220,6 +223,11 @@ class PodProxy:
         if self.scope.pool is not None:
             self.scope.pool.close()
         log.info("pod %s/%s (uid %s) proxy stopped", info.namespace, info.name, self.uid)
+
+
+def _log_prefetch_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("certificate prefetch failed (retried on first use): %s", task.exception())
 
 
 def _bind_all(ipv6: bool, mark: int) -> list[socket.socket]:
