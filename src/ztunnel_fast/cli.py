@@ -38,6 +38,9 @@ RUN_FLAGS = [
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
     ("--log-format", "LOG_FORMAT", "text or json"),
+    # in-pod mode (istio-cni over ZDS)
+    ("--inpod-enabled", "INPOD_ENABLED", "true: shared mode serves the pods istio-cni hands over (in-pod mode)"),
+    ("--inpod-uds", "INPOD_UDS", "istio-cni's ZDS socket (default /var/run/ztunnel/ztunnel.sock); enables in-pod"),
 ]
 
 
