@@ -114,6 +114,7 @@ class App:
         self.store = StateStore()  # every config source applies its changes here
         self._xds: asyncio.Task | None = None
         self._prefetches: set[asyncio.Task] = set()
+        self.workload_manager = None  # in-pod mode: inpod.workloadmanager.WorkloadManager
 
     async def start(self) -> None:
         config = self.config
@@ -147,18 +148,35 @@ class App:
             self._start_xds()
         self.inbound = Inbound(ctx)
         passthrough = InboundPassthrough(ctx)
-        for port, handler, name in (
-            (OUTBOUND_PORT, outbound.handle, "outbound"),
-            (INBOUND_PORT, self.inbound.handle, "inbound"),
-            (INBOUND_PLAINTEXT_PORT, passthrough.handle, "inbound_passthrough"),
-        ):
-            self._bind(port, handler, name)
+        if config.inpod:
+            self._start_inpod()
+        else:
+            for port, handler, name in (
+                (OUTBOUND_PORT, outbound.handle, "outbound"),
+                (INBOUND_PORT, self.inbound.handle, "inbound"),
+                (INBOUND_PLAINTEXT_PORT, passthrough.handle, "inbound_passthrough"),
+            ):
+                self._bind(port, handler, name)
         self.readiness.done("proxy")
         await self._prefetch_certificates()
         self.readiness.done("certificates")
         if config.local_xds_path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="local-config-watcher")
-        log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
+        if config.inpod:
+            log.info("proxy ready: mode=%s (in-pod, istio-cni at %s) engine=%s", config.proxy_mode.value,
+                     config.inpod_socket, engine.name)
+        else:
+            log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
+
+    # --- in-pod mode (istio-cni over ZDS) ---------------------------------------------------------
+    def _start_inpod(self) -> None:
+        """Instead of node-level listeners: connect to istio-cni, which hands over pod namespaces;
+        each pod gets its own listeners there (inpod/)."""
+        from .inpod.workloadmanager import WorkloadManager
+
+        self.workload_manager = WorkloadManager(self.ctx, self.config.inpod_socket, self.readiness, self.metrics,
+                                                drain_deadline(self.config))
+        self.workload_manager.start()
 
     async def _serve_operator_endpoints(self) -> None:
         def dump() -> dict:
@@ -166,8 +184,11 @@ class App:
             if ctx is None:
                 return {"workloads": [], "services": [], "policies": [], "certificates": [],
                         "version": version_info(self.engine_name)}
-            return config_dump(ctx.state, config=self.config, certificates=ctx.certs.snapshot(),
-                               version=version_info(self.engine_name))
+            dumped = config_dump(ctx.state, config=self.config, certificates=ctx.certs.snapshot(),
+                                 version=version_info(self.engine_name))
+            if self.workload_manager is not None:  # in-pod mode
+                dumped["workloadState"] = self.workload_manager.workload_state()
+            return dumped
 
         try:
             await self.servers.serve(readiness_app(self.readiness), None, READINESS_PORT)
@@ -300,6 +321,8 @@ class App:
             task.cancel()
         for lsock in self.listeners:
             lsock.close()
+        if self.workload_manager is not None:  # in-pod mode: every pod drains its own tunnels
+            await self.workload_manager.drain(deadline)
         if ctx.pool is not None:
             ctx.pool.goaway_all()
         if self.inbound is not None:

@@ -38,6 +38,9 @@ RUN_FLAGS = [
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
     ("--log-format", "LOG_FORMAT", "text or json"),
+    # in-pod mode (istio-cni over ZDS)
+    ("--inpod-enabled", "INPOD_ENABLED", "true: shared mode serves the pods istio-cni hands over (in-pod mode)"),
+    ("--inpod-uds", "INPOD_UDS", "istio-cni's ZDS socket (default /var/run/ztunnel/ztunnel.sock); enables in-pod"),
 ]
 
 
@@ -112,11 +115,18 @@ def ca_init(directory: Path, trust_domain: str, force: bool) -> None:
 @click.option("--engine", type=click.Choice(["auto", "native", "pure"]), default="auto", show_default=True)
 @click.option("--keep", is_flag=True, help="leave the topology up for exploring")
 @click.option("--step", default=None, metavar="NAME",
-              help="run one step: before, label, after, logs, proxy-config, ipset, iptables, scale")
-def demo(engine: str, keep: bool, step: str | None) -> None:
+              help="run one step: before, label, after, logs, proxy-config, ipset, iptables, scale "
+                   "(--mode inpod: before, enable, after, logs, workload-state, remove, cni-restart)")
+@click.option("--mode", type=click.Choice(["node", "inpod"]), default="node", show_default=True,
+              help="node: node-level redirection; inpod: istio-cni (a double) hands pods over ZDS")
+def demo(engine: str, keep: bool, step: str | None, mode: str) -> None:
     """The user guide's ambient journey on one machine: nodes and pods as network namespaces,
     one ztunnel-fast per node, redirection, curl before and after ambient, logs, tables, scaling.
     Needs root; everything is torn down at the end."""
+    if mode == "inpod":
+        from .demo.inpod_journey import run_inpod_demo
+
+        sys.exit(run_inpod_demo(engine=engine, keep=keep, step=step))
     from .demo.journey import run_demo
 
     sys.exit(run_demo(engine=engine, keep=keep, step=step))

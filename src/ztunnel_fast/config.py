@@ -38,6 +38,7 @@ READINESS_PORT = 15021  # GET /healthz/ready
 # Connecting to these would loop a connection back into ztunnel itself (errors.SelfCall).
 SELF_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT})
 
+DEFAULT_INPOD_UDS = Path("/var/run/ztunnel/ztunnel.sock")  # istio-cni's ZDS socket (chart hostPath)
 DEFAULT_CLUSTER_ID = "Kubernetes"  # what istiod calls a single cluster
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
@@ -284,6 +285,9 @@ class Config:
     instance_ip: str = ""  # INSTANCE_IP
     service_account: str = ""  # SERVICE_ACCOUNT
     proxy_metadata: tuple[tuple[str, str], ...] = ()  # ISTIO_META_* / ISTIO_METAJSON_* ("json:" key prefix)
+    # --- in-pod mode (istio-cni over ZDS); see `inpod` below
+    inpod_enabled: bool = False  # INPOD_ENABLED: Istio's chart sets "true"
+    inpod_uds: Path | None = None  # INPOD_UDS: istio-cni's ZDS socket; setting it also enables in-pod mode
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -372,7 +376,22 @@ class Config:
             instance_ip=get("INSTANCE_IP") or "",
             service_account=get("SERVICE_ACCOUNT") or "",
             proxy_metadata=proxy_metadata(env),
+            # in-pod mode (ZDS)
+            inpod_enabled=parsed("INPOD_ENABLED", parse_bool, False),
+            inpod_uds=parsed("INPOD_UDS", lambda s, v: Path(v), None),
         )
+
+    # --- in-pod mode (ZDS) -------------------------------------------------------------------
+    @property
+    def inpod(self) -> bool:
+        """In-pod mode: a shared proxy that serves the pods istio-cni hands over (listeners in each
+        pod's netns) instead of binding node-level listeners.  On with INPOD_ENABLED=true, as
+        Istio's chart sets it, or when INPOD_UDS is set; dedicated mode never is."""
+        return self.proxy_mode is ProxyMode.SHARED and (self.inpod_enabled or self.inpod_uds is not None)
+
+    @property
+    def inpod_socket(self) -> Path:
+        return self.inpod_uds if self.inpod_uds is not None else DEFAULT_INPOD_UDS
 
     def identity(self) -> Identity | None:
         """The one identity a dedicated proxy serves; None in shared mode (identities per workload)."""

@@ -52,6 +52,10 @@ class ConnectionManager:
     def __len__(self) -> int:
         return len(self._tracked)
 
+    def entries(self) -> list[Tracked]:
+        """The live tracked connections (admin views such as config_dump's workloadState)."""
+        return list(self._tracked)
+
     def reevaluate(self, index: PolicyIndex, lookup: Callable[[Workload], Workload | None]) -> int:
         """Apply a new policy snapshot to live connections; returns how many were closed."""
         closed = 0

@@ -20,6 +20,7 @@ from ..state.service import Service
 from ..state.store import ProxyState, RoundRobin
 from ..state.workload import IpAddress, Workload
 from ..telemetry.metrics import Metrics
+from . import sockets
 from .connections import ConnectionManager
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ProxyContext:
     metrics: Metrics = field(default_factory=Metrics)
     connections: ConnectionManager = field(default_factory=ConnectionManager)
     policies: PolicyIndex | None = None
+    socket_factory: "sockets.SocketFactory | None" = None  # None: upstream sockets in our own netns
 
     def __post_init__(self) -> None:
         if self.policies is None:

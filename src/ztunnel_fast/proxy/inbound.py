@@ -136,7 +136,8 @@ class Inbound:
         spoof = peer_ip if ctx.orig_src else None
         try:
             upstream = await sockets.connect(
-                checked.ip, checked.port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof
+                checked.ip, checked.port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof,
+                factory=ctx.socket_factory,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             reason = f"io error: {exc.strerror} (os error {exc.errno})" if isinstance(exc, OSError) else "connect timed out"

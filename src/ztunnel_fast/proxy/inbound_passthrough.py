@@ -74,7 +74,8 @@ class InboundPassthrough:
         spoof = peer_ip if ctx.orig_src else None
         try:
             upstream = await sockets.connect(dst_ip, dst_port, mark=ctx.config.packet_mark,
-                                             timeout=ctx.config.connect_timeout, source=spoof)
+                                             timeout=ctx.config.connect_timeout, source=spoof,
+                                             factory=ctx.socket_factory)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("failed dur=%s err=connect to %s: %s", format_duration(time.monotonic() - start), target, exc,
                         extra={"span": span})

@@ -43,7 +43,7 @@ class Outbound:
         addr = hbone_headers.format_addr(ip, port)
         try:
             sock = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout,
-                                         source=key.src_ip)
+                                         source=key.src_ip, factory=ctx.socket_factory)
         except asyncio.TimeoutError:
             raise ConnectTimeout(addr) from None
         except OSError as exc:
@@ -172,7 +172,8 @@ class Outbound:
             kind = "Passthrough" if route.kind is Kind.PASSTHROUGH else "Direct"
             log.info("proxy to %s using TCP via %s type %s", target, target, kind, extra={"span": span})
         try:
-            upstream = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof)
+            upstream = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout,
+                                             source=spoof, factory=ctx.socket_factory)
         except asyncio.TimeoutError:
             raise UpstreamConnectError(f"connection timed out connecting to {target}") from None
         except OSError as exc:

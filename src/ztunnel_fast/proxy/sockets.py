@@ -10,8 +10,13 @@ import asyncio
 import socket
 import struct
 from ipaddress import ip_address
+from typing import Awaitable, Callable
 
 from ..state.workload import IpAddress
+
+# Creates an unconnected TCP socket of the given family.  In-pod mode passes one per pod so that
+# upstream sockets are born inside the pod's network namespace; None = this process's namespace.
+SocketFactory = Callable[[int], Awaitable[socket.socket]]
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; the same number at SOL_IPV6 (IP6T_SO_ORIGINAL_DST)
 IP_TRANSPARENT = 19  # linux/in.h
@@ -67,10 +72,13 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
-def listener(host: str, port: int, *, transparent: bool = False, backlog: int = 1024) -> socket.socket:
+def listener(host: str, port: int, *, transparent: bool = False, backlog: int = 1024,
+             mark: int | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -106,11 +114,13 @@ async def connect(
     mark: int | None,
     timeout: float,
     source: IpAddress | None = None,
+    factory: SocketFactory | None = None,
 ) -> socket.socket:
     """A marked, tuned, non-blocking TCP connection; `source` spoofs the client's address
-    (IP_TRANSPARENT), which needs the return route that redirection installs."""
+    (IP_TRANSPARENT), which needs the return route that redirection installs; `factory` creates
+    the socket (in a pod's network namespace), else it is created here."""
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = await factory(family) if factory is not None else socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if mark:
