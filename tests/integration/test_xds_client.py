@@ -163,6 +163,10 @@ def test_reconnect_keeps_state_and_sends_initial_resource_versions(tmp_path):
             xds.set_state([wl("a", "10.0.0.1"), wl("d", "10.0.0.4")], [SVC], [DENY])
             await h.server.start()
             await xds.wait(lambda: h.state.workload_by_uid("d") is not None, timeout=30, what="resync")
+            # the two types resync on separate responses: wait for both before looking at either
+            await xds.wait(lambda: all(h.metric("istio_xds_message_total", url=u) >= 2
+                                       for u in (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL)),
+                           timeout=30, what="both resync responses")
             assert h.state.workload_by_uid("b") is None and h.state.workload_by_uid("a") is not None
             reopened = [r.request for r in xds.received if r.stream > 1 and not r.request.response_nonce]
             versions = {r.type_url: dict(r.initial_resource_versions) for r in reopened}
