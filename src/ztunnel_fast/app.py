@@ -80,6 +80,7 @@ class App:
         self.engine_name = "unknown"
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task | None = None
+        self.node_redirection = None  # NodeRedirection when ZTUNNEL_REDIRECTION=node
 
     async def start(self) -> None:
         config = self.config
@@ -116,12 +117,29 @@ class App:
             (INBOUND_PLAINTEXT_PORT, passthrough.handle, "inbound_passthrough"),
         ):
             self._bind(port, handler, name)
+        await self._start_node_redirection()
         self.readiness.done("proxy")
         await self._prefetch_certificates()
         self.readiness.done("certificates")
         if config.local_xds_path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="local-config-watcher")
         log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
+
+    async def _start_node_redirection(self) -> None:
+        """ZTUNNEL_REDIRECTION=node: install the node rules if missing and keep the ipset
+        ztunnel-pods-ips following the state (redirect/node_sync.py), after every state change."""
+        if self.config.redirection != "node":
+            return
+        from .redirect.install import RedirectError
+        from .redirect.node_sync import NodeRedirection
+
+        self.node_redirection = NodeRedirection(self.config.node_name)
+        # Listen first: a state that arrives while the rules are installed is applied after.
+        self.ctx.state_listeners.append(self.node_redirection.update)
+        try:
+            await self.node_redirection.start(self.ctx.state)
+        except RedirectError as exc:
+            raise ConfigError("ZTUNNEL_REDIRECTION", "", f"cannot install the node redirection: {exc}") from None
 
     async def _serve_operator_endpoints(self) -> None:
         def dump() -> dict:
@@ -210,6 +228,8 @@ class App:
         log.info("draining: no new connections, waiting up to %.1fs for %d open tunnels", deadline, len(ctx.tunnels))
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.node_redirection is not None:
+            self.node_redirection.close()
         for task in self.accept_tasks:
             task.cancel()
         for lsock in self.listeners:

@@ -38,6 +38,7 @@ RUN_FLAGS = [
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
     ("--log-format", "LOG_FORMAT", "text or json"),
+    ("--redirection", "ZTUNNEL_REDIRECTION", "node: install the node rules, keep ipset ztunnel-pods-ips from the state"),
 ]
 
 

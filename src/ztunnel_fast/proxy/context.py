@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..config import Config, ProxyMode
 from ..engine import Engine
@@ -38,6 +39,9 @@ class ProxyContext:
     metrics: Metrics = field(default_factory=Metrics)
     connections: ConnectionManager = field(default_factory=ConnectionManager)
     policies: PolicyIndex | None = None
+    # Called with every new state after it is in place (node redirection, ...): the one hook for
+    # whatever follows the state, whichever source (local file, xDS) produced it.
+    state_listeners: list[Callable[[ProxyState], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -48,7 +52,10 @@ class ProxyContext:
         again and those now denied are closed.  Returns how many were closed."""
         self.state = state
         self.policies = PolicyIndex.build(state.policies())
-        return self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
+        closed = self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
+        for listener in self.state_listeners:
+            listener(state)
+        return closed
 
     def authorize(self, workload: Workload, info: ConnectionInfo, span=None) -> Decision:
         """L4 authorization for an inbound connection; dry-run policies are only logged."""
