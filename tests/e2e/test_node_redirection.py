@@ -11,7 +11,6 @@ import time
 import pytest
 import yaml
 
-from ztunnel_fast import netns
 from ztunnel_fast.redirect import ipset, rules
 
 pytestmark = pytest.mark.e2e

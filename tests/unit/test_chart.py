@@ -181,8 +181,9 @@ def test_default_pod_spec():
     assert spec["terminationGracePeriodSeconds"] == 30
     assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert "hostNetwork" not in spec and "dnsPolicy" not in spec
-    assert [t.get("key", t["effect"] if "effect" in t else None) for t in spec["tolerations"]] == \
-        ["NoSchedule", "CriticalAddonsOnly", "NoExecute"]
+    assert spec["tolerations"] == [{"effect": "NoSchedule", "operator": "Exists"},
+                                   {"key": "CriticalAddonsOnly", "operator": "Exists"},
+                                   {"effect": "NoExecute", "operator": "Exists"}]
     (c,) = spec["containers"]
     assert c["name"] == "istio-proxy"
     assert c["image"] == f"localhost/ztunnel-fast:{__version__}"
