@@ -2,10 +2,10 @@
 # `make image`: build localhost/ztunnel-fast:<version> from ./Containerfile with buildah, on a
 # machine that reaches Debian's mirror and PyPI but no container registry.
 #
-# 1. base image localhost/ztunnel-fast-base:bookworm, once: `buildah from scratch`, then
-#    debootstrap (Debian 12, minbase) into its mount with what python:3.11-slim plus the build
-#    stage would add (python3, venv, pip, headers, gcc) and the runtime tools (iptables, ipset,
-#    iproute2).  Debian's python3 is 3.11, the same ABI as python:3.11-slim.
+# 1. two base images, once each: `buildah from scratch`, then debootstrap (Debian 12, minbase)
+#    into its mount: localhost/ztunnel-fast-base:bookworm (python3 + venv, iptables, ipset,
+#    iproute2: the runtime) and localhost/ztunnel-fast-build-base:bookworm (+ pip, headers, gcc:
+#    the build stage).  Debian's python3 is 3.11, the same ABI as python:3.11-slim.
 # 2. wheels of every dependency (and the build requirements) downloaded here with the host's pip
 #    (its index and certificates), into build/wheels; the Containerfile installs with
 #    PIP_NO_INDEX=1 PIP_FIND_LINKS=/src/build/wheels, so no step inside the build needs a network.
@@ -17,8 +17,11 @@ PY=${PY:-.venv/bin/python}
 VERSION=$($PY -c 'import ztunnel_fast; print(ztunnel_fast.__version__)')
 IMAGE=localhost/ztunnel-fast:$VERSION
 BASE=${BASE:-localhost/ztunnel-fast-base:bookworm}
+BUILD_BASE=${BUILD_BASE:-localhost/ztunnel-fast-build-base:bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-BASE_PKGS=python3,python3-venv,python3-pip,python3-dev,gcc,libc6-dev,iptables,ipset,iproute2,ca-certificates
+# runtime: what python:3.11-slim has that we use, and the redirection tools; build: + compiler.
+BASE_PKGS=python3,python3-venv,iptables,ipset,iproute2,ca-certificates
+BUILD_BASE_PKGS=$BASE_PKGS,python3-pip,python3-dev,gcc,libc6-dev
 ARCHIVE=build/ztunnel-fast-$VERSION.oci.tar
 # chroot: RUN steps without an OCI runtime; crun refuses this machine's hybrid cgroup v1/v2 setup
 # ("cgroups in hybrid mode not supported").  ISOLATION=oci where the runtime works.
@@ -26,12 +29,14 @@ ISOLATION=${ISOLATION:-chroot}
 
 log() { echo "image: $*"; }
 
-if ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
-    log "making base image $BASE from Debian packages (debootstrap, a few minutes)"
+# make_base IMAGE PACKAGES: a Debian 12 minbase root filesystem with PACKAGES, as an image.
+make_base() {
+    buildah inspect --type image "$1" >/dev/null 2>&1 && return 0
+    log "making base image $1 from Debian packages (debootstrap, a few minutes)"
     ctr=$(buildah from scratch)
     trap 'buildah umount "$ctr" >/dev/null 2>&1; buildah rm "$ctr" >/dev/null 2>&1' EXIT
     mnt=$(buildah mount "$ctr")
-    debootstrap --variant=minbase --include="$BASE_PKGS" bookworm "$mnt" "$MIRROR" >build/debootstrap.log 2>&1 \
+    debootstrap --variant=minbase --include="$2" bookworm "$mnt" "$MIRROR" >build/debootstrap.log 2>&1 \
         || { tail -20 build/debootstrap.log; exit 1; }
     # What a base image leaves out: package lists, caches, logs.
     rm -rf "$mnt"/var/lib/apt/lists/* "$mnt"/var/cache/apt/*.bin "$mnt"/var/cache/apt/archives/*.deb \
@@ -39,9 +44,13 @@ if ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
     buildah umount "$ctr" >/dev/null
     buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --env LANG=C.UTF-8 --cmd /bin/sh "$ctr"
-    buildah commit --rm -q "$ctr" "$BASE" >/dev/null
+    buildah commit --rm -q "$ctr" "$1" >/dev/null
     trap - EXIT
-fi
+}
+
+mkdir -p build
+make_base "$BUILD_BASE" "$BUILD_BASE_PKGS"
+make_base "$BASE" "$BASE_PKGS"
 
 log "downloading wheels into build/wheels"
 mkdir -p build/wheels
@@ -59,7 +68,7 @@ fi
 
 log "building $IMAGE"
 buildah bud -q --isolation "$ISOLATION" --network host --layers=false -f Containerfile \
-    --build-arg BASE="$BASE" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/src/build/wheels \
+    --build-arg BASE="$BASE" --build-arg BUILD_BASE="$BUILD_BASE" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/src/build/wheels \
     -t "$IMAGE" . >/dev/null
 
 rm -f "$ARCHIVE"
