@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,10 +282,13 @@ class Config:
 #
 # The Helm chart passes the container's CPU limit as ZTUNNEL_CPU_LIMIT (downward API, limits.cpu
 # with divisor 1: whole CPUs rounded up, and the node's CPUs when no limit is set) and, only when
-# the values set them, the quantities themselves as ZTUNNEL_RESOURCE_CPU_LIMIT/_REQUEST.  Without
-# ZTUNNEL_WORKER_THREADS the engine's worker threads follow ztunnel's rule (reference section 10):
-# a limit set in the values gives ceil(limit) threads; otherwise a quarter of the CPUs the pod may
-# use, at least DEFAULT_WORKER_THREADS.
+# the values set them, the quantities themselves as ZTUNNEL_RESOURCE_CPU_LIMIT/_REQUEST.  The
+# engine's worker threads follow ztunnel's rule (reference section 10):
+# - ZTUNNEL_WORKER_THREADS: N threads, or "N%" of the CPUs, or 0 = all CPUs, where the CPUs are
+#   ZTUNNEL_CPU_LIMIT, else the machine's (the one read outside `env`);
+# - unset, with a CPU limit in the values: ceil(limit), at least 1 (never more threads than CPUs);
+# - unset otherwise: a quarter of ZTUNNEL_CPU_LIMIT rounded up, at least DEFAULT_WORKER_THREADS,
+#   raised to ceil(request) when the values request more CPUs than that.
 
 DEFAULT_WORKER_THREADS = 2  # ztunnel's default; also when nothing tells us the CPU count
 
@@ -302,18 +306,30 @@ def parse_cpu_quantity(source: str, text: str) -> float:
     return cpus
 
 
-def worker_threads_from_env(env: Mapping[str, str]) -> int:
-    explicit = env.get("ZTUNNEL_WORKER_THREADS")
+def worker_threads_from_env(env: Mapping[str, str], machine_cpus: Callable[[], int | None] = os.cpu_count) -> int:
+    def cpus() -> float:
+        limit = env.get("ZTUNNEL_CPU_LIMIT")
+        if limit:
+            return parse_cpu_quantity("ZTUNNEL_CPU_LIMIT", limit)
+        return float(machine_cpus() or 1)
+
+    explicit = (env.get("ZTUNNEL_WORKER_THREADS") or "").strip()
+    if explicit.endswith("%"):
+        percent = parse_int("ZTUNNEL_WORKER_THREADS", explicit[:-1], 1, 100)
+        return max(1, math.ceil(cpus() * percent / 100))
     if explicit:
-        return parse_int("ZTUNNEL_WORKER_THREADS", explicit, 1)
+        threads = parse_int("ZTUNNEL_WORKER_THREADS", explicit, 0)
+        return threads or max(1, math.ceil(cpus()))
     limit = env.get("ZTUNNEL_RESOURCE_CPU_LIMIT")
     if limit:
         return max(1, math.ceil(parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_LIMIT", limit)))
-    cpus = env.get("ZTUNNEL_CPU_LIMIT")
-    if cpus:
-        quarter = math.ceil(parse_cpu_quantity("ZTUNNEL_CPU_LIMIT", cpus) / 4)
-        return max(DEFAULT_WORKER_THREADS, quarter)
-    return DEFAULT_WORKER_THREADS
+    threads = DEFAULT_WORKER_THREADS
+    if env.get("ZTUNNEL_CPU_LIMIT"):
+        threads = max(threads, math.ceil(cpus() / 4))
+    request = env.get("ZTUNNEL_RESOURCE_CPU_REQUEST")
+    if request:
+        threads = max(threads, math.ceil(parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_REQUEST", request)))
+    return threads
 
 
 # ------------------------------------------------------------------ node redirection

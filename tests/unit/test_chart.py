@@ -331,6 +331,8 @@ def test_engine_and_worker_threads():
     env = env_of(container({"engine": "pure", "workerThreads": 4}))
     assert (env["ZTUNNEL_ENGINE"], env["ZTUNNEL_WORKER_THREADS"]) == ("pure", "4")
     assert env_of(container({"workerThreads": "3"}))["ZTUNNEL_WORKER_THREADS"] == "3"
+    assert env_of(container({"workerThreads": "50%"}))["ZTUNNEL_WORKER_THREADS"] == "50%"
+    assert env_of(container({"workerThreads": 0}))["ZTUNNEL_WORKER_THREADS"] == "0"
     assert "ZTUNNEL_WORKER_THREADS" not in env_of(container())
 
 
@@ -400,8 +402,9 @@ def test_release_namespace_is_used():
 @pytest.mark.parametrize("values, where", [
     ({"redirection": "foo"}, "/redirection"),
     ({"engine": "fast"}, "/engine"),
-    ({"workerThreads": 0}, "/workerThreads"),
+    ({"workerThreads": -1}, "/workerThreads"),
     ({"workerThreads": "two"}, "/workerThreads"),
+    ({"workerThreads": "150%"}, "/workerThreads"),
     ({"logAsJson": "yes"}, "/logAsJson"),
     ({"resourceScope": "everything"}, "/resourceScope"),
     ({"resourceQuotas": {"enabled": True, "pods": 0}}, "/resourceQuotas/pods"),
@@ -460,5 +463,6 @@ def test_worker_threads_follow_the_rendered_cpu_limit():
     assert Config.from_env(kubelet_env(container(), cpu_limit="16")).worker_threads == 4
     # A limit in values: its CPUs, rounded up (1500m -> 2).
     assert Config.from_env(kubelet_env(container(MATRIX["limits"]), cpu_limit="2")).worker_threads == 2
-    # workerThreads wins.
+    # workerThreads wins; its percentages are of the rendered CPU limit.
     assert Config.from_env(kubelet_env(container({"workerThreads": 3}), cpu_limit="16")).worker_threads == 3
+    assert Config.from_env(kubelet_env(container({"workerThreads": "50%"}), cpu_limit="16")).worker_threads == 8
