@@ -67,10 +67,14 @@ if ! $PY -m pip download -q -d build/wheels -c constraints.txt \
 fi
 
 log "building $IMAGE"
+previous=$(buildah inspect --type image --format "{{.FromImageID}}" "$IMAGE" 2>/dev/null || true)
 buildah bud -q --isolation "$ISOLATION" --network host --layers=false -f Containerfile \
     --build-arg BASE="$BASE" --build-arg BUILD_BASE="$BUILD_BASE" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/src/build/wheels \
     -t "$IMAGE" . >/dev/null
 
+# The image the tag named before is now untagged: remove it (only that one).
+current=$(buildah inspect --type image --format "{{.FromImageID}}" "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then buildah rmi "$previous" >/dev/null 2>&1 || true; fi
 rm -f "$ARCHIVE"
 buildah push -q "$IMAGE" "oci-archive:$ARCHIVE:$IMAGE" >/dev/null
 log "wrote $ARCHIVE"
