@@ -20,13 +20,13 @@ import signal
 import socket
 
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
-from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
+from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
 from .engine import create_engine
 from .errors import ConfigError
 from .hbone.connection import H2Settings
 from .hbone.pool import HbonePool
-from .identity.ca import LocalCA
-from .identity.manager import CertificateManager
+from .identity.ca import CertificateSource, LocalCA
+from .identity.manager import AVAILABLE, CertificateManager
 from .proxy import sockets
 from .proxy.common import accept_loop
 from .proxy.context import ProxyContext
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_INTERVAL = 1.0  # seconds between checks of LOCAL_XDS_PATH for changes
 DEFAULT_DRAIN_DEADLINE = 5.0  # seconds, ztunnel's default when no grace period is given
 READY_TASKS = ("state manager", "certificates", "proxy")
+CERT_READY_POLL = 0.5  # seconds between checks that late certificates arrived (readiness only)
 
 
 def load_state(config: Config) -> ProxyState:
@@ -54,6 +55,20 @@ def load_state(config: Config) -> ProxyState:
     else:
         local = LocalConfig((), (), ())
     return ProxyState.from_local(local)
+
+
+def certificate_source(config: Config) -> CertificateSource:
+    """Where workload certificates come from, as ztunnel chooses: LOCAL_CA_DIR set means the
+    built-in CA; otherwise istiod's CA on CA_ADDRESS (set, or the in-cluster default)."""
+    if config.local_ca_dir is not None:
+        return LocalCA.load(config.local_ca_dir)
+    if config.ca is not None:
+        from .identity.istiod_ca import IstiodCA
+
+        return IstiodCA(config.ca, auth_token=config.auth_token, cluster_id=config.cluster_id,
+                        impersonate=config.proxy_mode is ProxyMode.SHARED)
+    raise ConfigError("CA_ADDRESS", "", "no certificate source: set CA_ADDRESS (istiod's CA) or LOCAL_CA_DIR "
+                      "(a local CA; create one with `ztunnel-fast ca init DIR`)")
 
 
 def drain_deadline(config: Config) -> float:
@@ -80,6 +95,7 @@ class App:
         self.engine_name = "unknown"
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task | None = None
+        self._cert_waiter: asyncio.Task | None = None
         self.node_redirection = None  # NodeRedirection when ZTUNNEL_REDIRECTION=node
 
     async def start(self) -> None:
@@ -87,10 +103,7 @@ class App:
         await self._serve_operator_endpoints()
         state = load_state(config)
         self.readiness.done("state manager")
-        if config.local_ca_dir is None:
-            raise ConfigError("LOCAL_CA_DIR", "", "required (no istiod CA client yet): create one with `ztunnel-fast ca init DIR`")
-        ca = LocalCA.load(config.local_ca_dir)
-        certs = CertificateManager(ca, config.secret_ttl)
+        certs = CertificateManager(certificate_source(config), config.secret_ttl)
         engine = create_engine(config.engine, workers=config.worker_threads)
         self.engine_name = engine.name
         h2 = H2Settings(
@@ -120,7 +133,6 @@ class App:
         await self._start_node_redirection()
         self.readiness.done("proxy")
         await self._prefetch_certificates()
-        self.readiness.done("certificates")
         if config.local_xds_path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="local-config-watcher")
         log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
@@ -175,17 +187,54 @@ class App:
             )
             self.accept_tasks.append(task)
 
-    async def _prefetch_certificates(self) -> None:
+    # -- certificates of local workloads ---------------------------------------------------------
+
+    def _local_identities(self) -> set:
+        """Identities of the workloads this instance serves (HBONE workloads of its node)."""
         ctx = self.ctx
         if ctx.dedicated:
-            identities = {ctx.own_workload().identity}
-        else:
-            identities = {
-                w.identity
-                for w in ctx.state.workloads()
-                if w.protocol is TunnelProtocol.HBONE and (not self.config.node_name or w.node == self.config.node_name)
-            }
-        await asyncio.gather(*(ctx.certs.get(i) for i in identities))
+            own = ctx.own_workload()
+            return {own.identity} if own is not None else set()
+        return {
+            w.identity
+            for w in ctx.state.workloads()
+            if w.protocol is TunnelProtocol.HBONE and (not self.config.node_name or w.node == self.config.node_name)
+        }
+
+    async def _prefetch_certificates(self) -> None:
+        """Issue every local identity's certificate before ready.  A CA that fails (istiod
+        unreachable) is not fatal: the manager keeps retrying with backoff and readiness says
+        `certificates` is pending until they are all available."""
+        ctx = self.ctx
+        identities = self._local_identities()
+        results = await asyncio.gather(*(ctx.certs.get(i) for i in identities), return_exceptions=True)
+        failed = [i for i, r in zip(identities, results) if isinstance(r, BaseException)]
+        if not failed:
+            self.readiness.done("certificates")
+            return
+        for identity, result in zip(identities, results):
+            if isinstance(result, BaseException):
+                log.warning("certificate for %s not available yet, retrying: %s", identity, result)
+        self._cert_waiter = asyncio.get_running_loop().create_task(
+            self._certificates_ready(failed), name="certificates-ready")
+
+    async def _certificates_ready(self, identities) -> None:
+        pending = set(identities)
+        while pending:
+            await asyncio.sleep(CERT_READY_POLL)
+            pending = {i for i in pending if self.ctx.certs.state(i) not in (AVAILABLE, None)}
+        self.readiness.done("certificates")
+        log.info("certificates of all local workloads are available")
+
+    def _sync_certificates(self) -> None:
+        """After a config change: fetch certificates of new local identities, forget those whose
+        last local workload left (ztunnel's prefetch / forget_certificate)."""
+        wanted = self._local_identities()
+        certs = self.ctx.certs
+        for identity in certs.identities() - wanted:
+            certs.forget(identity)
+        for identity in wanted - certs.identities():
+            certs.prefetch(identity)
 
     async def _watch_config(self) -> None:
         path = self.config.local_xds_path
@@ -202,6 +251,7 @@ class App:
                 log.error("local config change ignored, keeping the previous one: %s", exc)
                 continue
             closed = self.ctx.replace_state(state)
+            self._sync_certificates()
             log.info("local config reloaded: %d workloads, %d services, %d policies; %d connections closed by policy",
                      len(state.workloads()), len(state.services()), len(state.policies()), closed)
 
@@ -228,6 +278,8 @@ class App:
         log.info("draining: no new connections, waiting up to %.1fs for %d open tunnels", deadline, len(ctx.tunnels))
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._cert_waiter is not None:
+            self._cert_waiter.cancel()
         if self.node_redirection is not None:
             self.node_redirection.close()
         for task in self.accept_tasks:

@@ -77,6 +77,95 @@ class WorkloadInfo:
     service_account: str
 
 
+# -- istiod (xDS and CA) ------------------------------------------------------------------------
+ISTIOD_DEFAULT_ADDRESS = "https://istiod.istio-system.svc:15012"  # ztunnel's in-cluster default
+DEFAULT_ROOT_CA = "/var/run/secrets/istio/root-cert.pem"  # the istio-ca-root-cert ConfigMap mount
+DEFAULT_AUTH_TOKEN = "/var/run/secrets/tokens/istio-token"  # projected token, audience istio-ca
+
+
+@dataclass(frozen=True, slots=True)
+class IstiodEndpoint:
+    """Where and how to reach one istiod service (xDS or CA), from ztunnel's variables.
+
+    `address` is the normalised URL (scheme `https://` assumed when absent, as ztunnel's
+    validate_uri does); `root_ca` is a file path, the word `SYSTEM`, or inline PEM (starts with
+    `-----BEGIN`); `server_name` overrides the TLS name (ALT_XDS_HOSTNAME / ALT_CA_HOSTNAME);
+    `headers` are the extra gRPC metadata from XDS_HEADER_<name> / CA_HEADER_<name> (names
+    lower-cased, as gRPC requires).
+    """
+
+    address: str
+    root_ca: str = DEFAULT_ROOT_CA
+    server_name: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def authority(self) -> str:
+        """host:port of the address (the gRPC target)."""
+        rest = self.address.split("://", 1)[1]
+        return rest.split("/", 1)[0]
+
+    @property
+    def host(self) -> str:
+        authority = self.authority
+        if authority.startswith("["):
+            return authority[1:].split("]", 1)[0]
+        return authority.rsplit(":", 1)[0] if ":" in authority else authority
+
+    @property
+    def plaintext(self) -> bool:
+        return self.address.startswith("http://")
+
+
+def parse_istiod_address(source: str, text: str) -> str:
+    """`host:port` or `https://host:port` (also `http://` for a plaintext test server)."""
+    value = text.strip()
+    if "://" not in value:
+        value = "https://" + value
+    scheme, rest = value.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    if scheme not in ("https", "http") or not authority:
+        raise ConfigError(source, "", f"{text!r} is not an address; accepted: host:port or https://host:port")
+    port = authority.rsplit("]", 1)[-1].rpartition(":")[2] if ":" in authority.rsplit("]", 1)[-1] else ""
+    if port and not port.isdigit():
+        raise ConfigError(source, "", f"{text!r} has an invalid port {port!r}")
+    if not port:
+        value = f"{scheme}://{authority}:{443 if scheme == 'https' else 80}"
+    return value
+
+
+def istiod_endpoint(env: Mapping[str, str], kind: str) -> IstiodEndpoint | None:
+    """The endpoint for kind "XDS" or "CA" from <kind>_ADDRESS, <kind>_ROOT_CA, ALT_<kind>_HOSTNAME
+    and <kind>_HEADER_*; None when no address is set and we are not in a cluster
+    (KUBERNETES_SERVICE_HOST unset)."""
+    address = env.get(f"{kind}_ADDRESS") or None
+    if address is None:
+        if not env.get("KUBERNETES_SERVICE_HOST"):
+            return None
+        address = ISTIOD_DEFAULT_ADDRESS
+    prefix = f"{kind}_HEADER_"
+    headers = tuple(sorted((k[len(prefix):].lower(), v)
+                           for k, v in env.items() if k.startswith(prefix) and v))
+    return IstiodEndpoint(
+        address=parse_istiod_address(f"{kind}_ADDRESS", address),
+        root_ca=env.get(f"{kind}_ROOT_CA") or DEFAULT_ROOT_CA,
+        server_name=env.get(f"ALT_{kind}_HOSTNAME") or None,
+        headers=headers,
+    )
+
+
+def proxy_metadata(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """ISTIO_META_<KEY>=v and ISTIO_METAJSON_<KEY>=json entries, prefix stripped, for the xDS node
+    metadata (ztunnel's proxyMetadata handling); JSON values stay text here."""
+    out = []
+    for key, value in env.items():
+        for prefix in ("ISTIO_METAJSON_", "ISTIO_META_"):
+            if key.startswith(prefix) and key != prefix:
+                out.append((("json:" if prefix == "ISTIO_METAJSON_" else "") + key[len(prefix):], value))
+                break
+    return tuple(sorted(out))
+
+
 def parse_bool(source: str, text: str) -> bool:
     value = text.strip().lower()
     if value in _TRUE:
@@ -186,6 +275,17 @@ class Config:
     # CONNECTION_TERMINATION_DEADLINE, seconds: drain deadline; None = derived from the grace period
     connection_termination_deadline: float | None = None
     authz_policy_info_logging: bool = False  # AUTHZ_POLICY_INFO_LOGGING: policy decisions at info
+    # -- joining a mesh: istiod and the pod's own facts (downward API in the Helm chart) --------
+    xds: IstiodEndpoint | None = None  # XDS_ADDRESS, XDS_ROOT_CA, ALT_XDS_HOSTNAME, XDS_HEADER_*
+    ca: IstiodEndpoint | None = None  # CA_ADDRESS, CA_ROOT_CA, ALT_CA_HOSTNAME, CA_HEADER_*
+    # AUTH_TOKEN: a file path (re-read per use: projected tokens rotate), else a literal token;
+    # None = DEFAULT_AUTH_TOKEN when that file exists, else no token.
+    auth_token: str | None = None
+    pod_name: str = ""  # POD_NAME
+    pod_namespace: str = ""  # POD_NAMESPACE
+    instance_ip: str = ""  # INSTANCE_IP
+    service_account: str = ""  # SERVICE_ACCOUNT
+    proxy_metadata: tuple[tuple[str, str], ...] = ()  # ISTIO_META_* / ISTIO_METAJSON_* ("json:" key prefix)
     # ZTUNNEL_REDIRECTION: "node" = keep the node's ipset from the state (see redirection_from_env)
     redirection: str = "none"
 
@@ -240,7 +340,8 @@ class Config:
             proxy_mode=mode,
             workload_info=workload_info,
             node_name=get("NODE_NAME") or "",
-            cluster_id=get("CLUSTER_ID") or get("ISTIO_META_CLUSTER_ID") or DEFAULT_CLUSTER_ID,
+            # ISTIO_META_CLUSTER_ID (what Istio's chart sets) wins over CLUSTER_ID, as in ztunnel.
+            cluster_id=get("ISTIO_META_CLUSTER_ID") or get("CLUSTER_ID") or DEFAULT_CLUSTER_ID,
             cluster_domain=get("CLUSTER_DOMAIN") or DEFAULT_CLUSTER_DOMAIN,
             trust_domain=get("TRUST_DOMAIN") or DEFAULT_TRUST_DOMAIN,
             network=get("NETWORK") or "",
@@ -267,6 +368,14 @@ class Config:
             termination_grace_period=parsed("TERMINATION_GRACE_PERIOD_SECONDS", duration(False), None),
             connection_termination_deadline=parsed("CONNECTION_TERMINATION_DEADLINE", duration(False), None),
             authz_policy_info_logging=parsed("AUTHZ_POLICY_INFO_LOGGING", parse_bool, False),
+            xds=istiod_endpoint(env, "XDS"),
+            ca=istiod_endpoint(env, "CA"),
+            auth_token=get("AUTH_TOKEN"),
+            pod_name=get("POD_NAME") or "",
+            pod_namespace=get("POD_NAMESPACE") or "",
+            instance_ip=get("INSTANCE_IP") or "",
+            service_account=get("SERVICE_ACCOUNT") or "",
+            proxy_metadata=proxy_metadata(env),
             redirection=redirection_from_env(env, mode),
         )
 

@@ -39,6 +39,13 @@ def wait_members(node, expected: set[str]) -> set[str]:
     return current
 
 
+def wait_line(zt, needle: str) -> list[str]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and not zt.lines(needle):
+        time.sleep(0.1)
+    return zt.lines(needle)
+
+
 def test_ipset_follows_the_state(lab, topology):
     node = lab.pod("node1", node="node1", ip="198.18.0.10", workload=False)
     write(lab,
@@ -57,14 +64,11 @@ def test_ipset_follows_the_state(lab, topology):
     # w2 joins the mesh, w1 goes away, a new HBONE pod arrives: the set follows.
     write(lab, workload("w2", "10.1.0.3"), workload("w4", "10.1.0.5"), workload("far", "10.2.0.2", node="node2"))
     assert wait_members(node, {"10.1.0.3", "10.1.0.5"}) == {"10.1.0.3", "10.1.0.5"}, zt.log()
-    assert zt.lines("node redirection: ipset ztunnel-pods-ips now has 2 members")
+    assert wait_line(zt, "node redirection: ipset ztunnel-pods-ips now has 2 members"), zt.log()
 
     # An invalid file is refused whole: the members stay.
     lab.config_path.write_text("workloads: [{name: broken}]\n")
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and not zt.lines("local config change ignored"):
-        time.sleep(0.1)
-    assert zt.lines("local config change ignored"), zt.log()
+    assert wait_line(zt, "local config change ignored"), zt.log()
     assert ipset.members(SET, netns=node.pod.netns) == {"10.1.0.3", "10.1.0.5"}
 
     # Restart with a changed file: the rules are found in place and the set is synced at start.

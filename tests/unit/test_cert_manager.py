@@ -7,6 +7,7 @@ hold an issuance open); renewal is observed on real TLS connections over socketp
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import time
@@ -296,7 +297,7 @@ def test_failed_renewal_keeps_the_old_cert_until_it_expires(ca):
             await wait_for(lambda: len(source.calls) >= 3, timeout=3)  # renewal + one retry failed
             assert manager.state(ALICE) == "Available"
             assert (await manager.get(ALICE)) is cert
-            assert manager.snapshot()[0]["certChain"][0]["serialNumber"] == f"{cert.serial:x}"
+            assert manager.snapshot()[0]["certChain"][0]["serialNumber"] == str(cert.serial)
 
             clock["now"] = base + 3601  # the old certificate has expired
             assert manager.state(ALICE) == "Unavailable: CA unreachable"
@@ -311,7 +312,7 @@ def test_failed_renewal_keeps_the_old_cert_until_it_expires(ca):
 def test_failing_source_backs_off_then_recovers(ca):
     async def main():
         source = RecordingSource(ca, fail=2)
-        manager = CertificateManager(source, ttl=3600)
+        manager = CertificateManager(source, ttl=3600, rand=lambda: 0.5)  # no jitter: the base delays
         try:
             with pytest.raises(IdentityError, match=f"no certificate for {ALICE}: Unavailable: CA unreachable"):
                 await manager.get(ALICE)
@@ -416,13 +417,13 @@ def test_snapshot_shape(ca):
             assert len(entry["certChain"]) == 1 and len(entry["rootCerts"]) == 1
             leaf = entry["certChain"][0]
             assert set(leaf) == {"pem", "serialNumber", "validFrom", "expirationTime"}
-            assert leaf["pem"].encode() == cert.issued.chain_pem[0]
-            assert leaf["serialNumber"] == format(cert.serial, "x")
-            assert int(leaf["serialNumber"], 16) == x509.load_pem_x509_certificate(leaf["pem"].encode()).serial_number
+            assert base64.b64decode(leaf["pem"]) == cert.issued.chain_pem[0]  # base64 of the PEM, as ztunnel
+            assert leaf["serialNumber"] == str(cert.serial)  # decimal, as ztunnel and istioctl
+            assert int(leaf["serialNumber"], 10) == x509.load_pem_x509_certificate(base64.b64decode(leaf["pem"])).serial_number
             assert RFC3339_Z.match(leaf["validFrom"]) and RFC3339_Z.match(leaf["expirationTime"])
             assert leaf["validFrom"] == cert.issued.not_before.strftime("%Y-%m-%dT%H:%M:%SZ")
             assert leaf["expirationTime"] == cert.issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-            assert entry["rootCerts"][0]["pem"].encode() == ca.root_pem
+            assert base64.b64decode(entry["rootCerts"][0]["pem"]) == ca.root_pem
             assert RFC3339_Z.match(entry["rootCerts"][0]["expirationTime"])
 
     run(main())

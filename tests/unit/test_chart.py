@@ -445,7 +445,13 @@ def kubelet_env(c: dict, *, cpu_limit: str = "2") -> dict[str, str]:
 
 
 def test_rendered_env_is_a_valid_config():
-    config = Config.from_env(kubelet_env(container({"logAsJson": True, "engine": "pure"})))
+    values = {"logAsJson": True, "engine": "pure", **MATRIX["proxyMetadata"]}
+    config = Config.from_env(kubelet_env(container(values)))
+    assert config.xds.authority == config.ca.authority == "istiod.istio-system.svc:15012"
+    assert (config.pod_name, config.pod_namespace, config.instance_ip, config.service_account) == \
+        ("ztunnel-abcde", NAMESPACE, "10.0.0.7", "ztunnel")
+    assert ("ENABLE_HBONE", "true") in config.proxy_metadata
+    assert ("CLUSTER_ID", "Kubernetes") in config.proxy_metadata
     assert config.node_name == "node-a"
     assert config.cluster_id == "Kubernetes"
     assert (config.engine, config.log_format, config.log_level) == ("pure", "json", "info")
@@ -466,3 +472,20 @@ def test_worker_threads_follow_the_rendered_cpu_limit():
     # workerThreads wins; its percentages are of the rendered CPU limit.
     assert Config.from_env(kubelet_env(container({"workerThreads": 3}), cpu_limit="16")).worker_threads == 3
     assert Config.from_env(kubelet_env(container({"workerThreads": "50%"}), cpu_limit="16")).worker_threads == 8
+
+
+def test_mounts_put_the_files_where_config_reads_them():
+    """The token and root-cert files land on ztunnel's default paths (no env override needed)."""
+    from ztunnel_fast.config import DEFAULT_AUTH_TOKEN, DEFAULT_ROOT_CA
+
+    spec = pod_spec()
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (token,) = volumes["istio-token"]["projected"]["sources"]
+    assert f"{mounts['istio-token']}/{token['serviceAccountToken']['path']}" == DEFAULT_AUTH_TOKEN
+    # istiod's ConfigMap istio-ca-root-cert carries the key root-cert.pem; a ConfigMap volume
+    # without `items` makes each key a file.
+    assert "items" not in volumes["istiod-ca-cert"]["configMap"]
+    assert f"{mounts['istiod-ca-cert']}/root-cert.pem" == DEFAULT_ROOT_CA
+    env = env_of(spec["containers"][0])
+    assert not {"AUTH_TOKEN", "CA_ROOT_CA", "XDS_ROOT_CA"} & set(env)

@@ -115,9 +115,36 @@ def test_identity_only_in_dedicated_mode():
     assert cfg.identity() is None
 
 
-def test_cluster_id_fallback():
+def test_cluster_id_precedence():
+    # Istio's chart sets ISTIO_META_CLUSTER_ID; like ztunnel, it wins over CLUSTER_ID.
     assert Config.from_env({"ISTIO_META_CLUSTER_ID": "meta"}).cluster_id == "meta"
-    assert Config.from_env({"ISTIO_META_CLUSTER_ID": "meta", "CLUSTER_ID": "c"}).cluster_id == "c"
+    assert Config.from_env({"ISTIO_META_CLUSTER_ID": "meta", "CLUSTER_ID": "c"}).cluster_id == "meta"
+    assert Config.from_env({"CLUSTER_ID": "c"}).cluster_id == "c"
+
+
+def test_istiod_endpoints():
+    cfg = Config.from_env({"XDS_ADDRESS": "istiod.istio-system.svc:15012", "XDS_HEADER_X_Tenant": "a",
+                           "ALT_XDS_HOSTNAME": "istiod.example", "CA_ROOT_CA": "SYSTEM"})
+    assert cfg.xds.address == "https://istiod.istio-system.svc:15012"
+    assert cfg.xds.authority == "istiod.istio-system.svc:15012" and cfg.xds.host == "istiod.istio-system.svc"
+    assert cfg.xds.headers == (("x_tenant", "a"),) and cfg.xds.server_name == "istiod.example"
+    assert cfg.ca is None  # no CA_ADDRESS and not in a cluster
+    in_cluster = Config.from_env({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "CA_ROOT_CA": "SYSTEM"})
+    assert in_cluster.xds.address == in_cluster.ca.address == "https://istiod.istio-system.svc:15012"
+    assert in_cluster.ca.root_ca == "SYSTEM" and in_cluster.xds.root_ca == "/var/run/secrets/istio/root-cert.pem"
+    with pytest.raises(ConfigError, match="XDS_ADDRESS"):
+        Config.from_env({"XDS_ADDRESS": "ftp://istiod:15012"})
+    with pytest.raises(ConfigError, match="invalid port"):
+        Config.from_env({"CA_ADDRESS": "istiod:abc"})
+
+
+def test_pod_facts_and_proxy_metadata():
+    cfg = Config.from_env({"POD_NAME": "ztunnel-x", "POD_NAMESPACE": "istio-system", "INSTANCE_IP": "10.0.0.5",
+                           "SERVICE_ACCOUNT": "ztunnel", "ISTIO_META_ENABLE_HBONE": "true",
+                           "ISTIO_METAJSON_LABELS": '{"a":"b"}'})
+    assert (cfg.pod_name, cfg.pod_namespace, cfg.instance_ip, cfg.service_account) == (
+        "ztunnel-x", "istio-system", "10.0.0.5", "ztunnel")
+    assert cfg.proxy_metadata == (("ENABLE_HBONE", "true"), ("json:LABELS", '{"a":"b"}'))
 
 
 def test_empty_value_is_unset():

@@ -1,5 +1,6 @@
 """The committed generated code matches the .proto files (regenerated into a temp dir and diffed)."""
 
+import re
 from pathlib import Path
 
 from ztunnel_fast.protos import generate
@@ -14,3 +15,56 @@ def test_generated_code_is_current(tmp_path: Path):
     for fresh in written:
         assert fresh.read_text() == (generate.HERE / fresh.name).read_text(), (
             f"{fresh.name} is stale: run python -m ztunnel_fast.protos.generate")
+
+
+def test_ca_service_wire_names_and_field_numbers():
+    """istiod routes by these names and numbers: a rename or renumbering breaks CreateCertificate."""
+    from google.protobuf import descriptor_pb2
+
+    from ztunnel_fast.protos import ca_pb2, ca_pb2_grpc
+
+    service = ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"]
+    assert service.full_name == "istio.v1.auth.IstioCertificateService"
+    method = service.methods_by_name["CreateCertificate"]
+    assert f"/{service.full_name}/{method.name}" == "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+    assert method.input_type.full_name == "istio.v1.auth.IstioCertificateRequest"
+    assert method.output_type.full_name == "istio.v1.auth.IstioCertificateResponse"
+    assert not method.client_streaming and not method.server_streaming
+
+    request = ca_pb2.IstioCertificateRequest.DESCRIPTOR
+    fields = {f.name: (f.number, f.type, f.is_repeated) for f in request.fields}
+    F = descriptor_pb2.FieldDescriptorProto
+    assert fields == {
+        "csr": (1, F.TYPE_STRING, False),
+        "validity_duration": (3, F.TYPE_INT64, False),
+        "metadata": (4, F.TYPE_MESSAGE, False),
+    }
+    assert request.fields_by_name["metadata"].message_type.full_name == "google.protobuf.Struct"
+    proto = descriptor_pb2.DescriptorProto()
+    request.CopyToProto(proto)
+    assert [(r.start, r.end) for r in proto.reserved_range] == [(2, 3)]  # number 2 stays unused
+
+    response = ca_pb2.IstioCertificateResponse.DESCRIPTOR
+    assert [(f.name, f.number, f.type, f.is_repeated) for f in response.fields] == [
+        ("cert_chain", 1, F.TYPE_STRING, True)]
+
+    # The generated stub calls the same path (what a server registered from the protos answers).
+    class RecordingChannel:
+        def __init__(self):
+            self.paths = []
+
+        def unary_unary(self, path, **_):
+            self.paths.append(path)
+            return None
+
+    channel = RecordingChannel()
+    ca_pb2_grpc.IstioCertificateServiceStub(channel)
+    assert channel.paths == ["/istio.v1.auth.IstioCertificateService/CreateCertificate"]
+    assert hasattr(ca_pb2_grpc, "add_IstioCertificateServiceServicer_to_server")
+
+
+def test_generated_stubs_import_their_messages_relatively():
+    for stub in generate.HERE.glob("*_pb2_grpc.py"):
+        text = stub.read_text()
+        assert not re.search(r"^import \w+_pb2\b", text, re.MULTILINE), f"{stub.name}: top-level import"
+        assert "from . import" in text, f"{stub.name}: message module import is not package-relative"

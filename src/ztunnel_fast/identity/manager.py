@@ -11,7 +11,9 @@ Invariants:
 - Contexts are built once per issuance.  Renewal swaps the cached WorkloadCertificate; existing
   SSL.Connections keep the context they were made from, new handshakes get the new one.
 - A failed renewal keeps the old certificate while it is valid (state stays Available); retries
-  back off exponentially from INITIAL_BACKOFF to MAX_BACKOFF and reset after a success.
+  back off exponentially from INITIAL_BACKOFF to MAX_BACKOFF, each delay jittered by
+  +-BACKOFF_JITTER (so a node's identities do not retry in lockstep against a recovering istiod),
+  and reset after a success.
 - `get()` never waits through a backoff: with no valid certificate and no issuance in flight it
   raises IdentityError("... Unavailable: <error>") at once, so connections fail fast.
 - States, as ztunnel's config_dump shows them: "Initializing", "Available", "Unavailable: <error>".
@@ -21,8 +23,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.5  # seconds; ztunnel's first retry delay
 MAX_BACKOFF = 150.0  # seconds; ztunnel's cap
+BACKOFF_JITTER = 0.2  # fraction; ztunnel's randomization factor (backoff crate)
 MIN_REFRESH_DELAY = INITIAL_BACKOFF  # never renew in a tight loop, even for a cert already past half-life
 MAX_CONCURRENT_ISSUANCE = 8  # ztunnel's SecretManagerConfig.concurrency
 
@@ -49,11 +54,16 @@ AVAILABLE = "Available"
 UNAVAILABLE = "Unavailable"
 
 
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait after the `failures`-th consecutive failure (1-based): 0.5, 1, 2, ... 150."""
+def backoff_delay(failures: int, rand: float = 0.5) -> float:
+    """Seconds to wait after the `failures`-th consecutive failure (1-based).
+
+    The base doubles 0.5, 1, 2, ... up to 150; `rand` in [0, 1) places the delay in
+    [base * (1 - BACKOFF_JITTER), base * (1 + BACKOFF_JITTER)] as the backoff crate does (the
+    jitter applies to the capped base); 0.5 gives the base itself."""
     if failures < 1:
         return 0.0
-    return min(INITIAL_BACKOFF * 2.0 ** min(failures - 1, 64), MAX_BACKOFF)
+    base = min(INITIAL_BACKOFF * 2.0 ** min(failures - 1, 64), MAX_BACKOFF)
+    return base * (1.0 + BACKOFF_JITTER * (2.0 * rand - 1.0))
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,10 @@ class CertificateManager:
         clock: Callable[[], float] = time.time,
         loop: asyncio.AbstractEventLoop | None = None,
         concurrency: int = MAX_CONCURRENT_ISSUANCE,
+        rand: Callable[[], float] = random.random,
     ):
         self._source = source
+        self._rand = rand  # jitter source for retry delays (tests pin it)
         self._ttl = ttl
         self._clock = clock
         self._loop = loop
@@ -137,6 +149,11 @@ class CertificateManager:
                 return cert
         raise IdentityError(f"no certificate for {identity}: {self._state(entry)}")
 
+    def prefetch(self, identity: Identity) -> None:
+        """Start issuing `identity`'s certificate without waiting for it (a new local workload)."""
+        if not self._closed and identity not in self._entries:
+            self._start(identity)
+
     def state(self, identity: Identity) -> str | None:
         """The config_dump state of `identity`, or None when it is not managed."""
         entry = self._entries.get(identity)
@@ -149,6 +166,10 @@ class CertificateManager:
             return
         entry.error = "forgotten"
         self._stop(entry)
+
+    def identities(self) -> set[Identity]:
+        """Every identity being managed (issued, issuing or retrying)."""
+        return set(self._entries)
 
     def snapshot(self) -> list[dict]:
         """Certificates for the admin config_dump, in ztunnel's shape, sorted by identity."""
@@ -174,6 +195,11 @@ class CertificateManager:
         self._entries.clear()
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        close = getattr(self._source, "close", None)  # istiod's client owns a gRPC channel
+        if close is not None:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -218,7 +244,7 @@ class CertificateManager:
             except Exception as exc:  # noqa: BLE001 - any CA failure is retried with backoff
                 entry.failures += 1
                 entry.error = str(exc) or type(exc).__name__
-                delay = backoff_delay(entry.failures)
+                delay = backoff_delay(entry.failures, self._rand())
                 log.warning(
                     "failed to fetch certificate, retrying in %gs", delay,
                     extra={"fields": {"identity": str(entry.identity), "error": entry.error,
@@ -258,8 +284,10 @@ def _rfc3339(when: datetime) -> str:
 
 def _dump(cert: x509.Certificate) -> dict:
     return {
-        "pem": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-        "serialNumber": f"{cert.serial_number:x}",
+        # base64 of the PEM text, as ztunnel's config_dump carries it (istioctl decodes it).
+        "pem": base64.b64encode(cert.public_bytes(serialization.Encoding.PEM)).decode("ascii"),
+        # Decimal, as ztunnel prints it (BigUint to_string) and istioctl parses it (base 10).
+        "serialNumber": str(cert.serial_number),
         "validFrom": _rfc3339(cert.not_valid_before_utc),
         "expirationTime": _rfc3339(cert.not_valid_after_utc),
     }

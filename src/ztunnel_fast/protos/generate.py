@@ -7,6 +7,7 @@ somewhere else, which is how the test checks that the committed code is current.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +33,21 @@ def generate(out_dir: Path = HERE) -> list[Path]:
         status = protoc.main(args)
         if status != 0:
             raise RuntimeError(f"protoc failed on {proto.name} (exit {status})")
+    for stub in out_dir.glob("*_pb2_grpc.py"):
+        _relative_imports(stub)
     return sorted(out_dir.glob("*_pb2*.py"))
+
+
+# grpc_python_out imports its message module as a top-level name (`import ca_pb2 as ca__pb2`),
+# which only resolves when this folder is on sys.path; make it a package-relative import.
+_TOP_LEVEL_PB2 = re.compile(r"^import (\w+_pb2) as (\w+)$", re.MULTILINE)
+
+
+def _relative_imports(stub: Path) -> None:
+    text = stub.read_text()
+    fixed = _TOP_LEVEL_PB2.sub(r"from . import \1 as \2", text)
+    if fixed != text:
+        stub.write_text(fixed)
 
 
 def main() -> int:
