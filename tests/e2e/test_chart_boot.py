@@ -68,63 +68,79 @@ def status_bits(pid: int, key: str) -> int:
     raise AssertionError(key)
 
 
-def test_rendered_pod_boots_against_istiod(lab, engine):
-    topology = lab.topology
-    istiod = lab.pod("istiod", namespace="istio-system", ip=ISTIOD_IP, workload=False)
-    pod = lab.pod("ztunnel-abcde", namespace="istio-system", node="node1", ip=ZTUNNEL_IP, workload=False)
-
-    # istiod: the fake CA, which lets this pod's token impersonate w1 ("a pod on its node").
+def start_fake_ca(lab, istiod, callers: list[str]) -> tuple[FakePki, Path]:
+    """The fake istiod CA in `istiod`'s namespace; returns (pki, request record)."""
     pki = FakePki.create(lab.workdir / "istiod-pki")
     record = lab.workdir / "ca-requests.jsonl"
     ca_log = lab.workdir / "istiod-ca.log"
+    argv = [sys.executable, "-m", "ztunnel_fast.fakes.ca_server", "--pki", str(pki.directory),
+            "--listen", "0.0.0.0:15012", "--record", str(record)]
+    for caller in callers:
+        argv += ["--caller", caller]
     with open(ca_log, "wb") as out:
-        ca = topology.popen(istiod.pod, [
-            sys.executable, "-m", "ztunnel_fast.fakes.ca_server", "--pki", str(pki.directory),
-            "--listen", "0.0.0.0:15012", "--record", str(record),
-            "--caller", f"{TOKEN},istio-system/ztunnel,{W1_ID}",
-        ], stdout=out, stderr=subprocess.STDOUT)
+        ca = lab.topology.popen(istiod.pod, argv, stdout=out, stderr=subprocess.STDOUT)
     wait(lambda: "listening on" in ca_log.read_text(), "fake CA listening", proc=ca)
+    return pki, record
 
-    # The manifest: default values plus the local config as a ConfigMap volume.
-    values = {
+
+def chart_values(engine: str, **extra) -> dict:
+    """The values under test plus the local config as a ConfigMap volume (until xDS lands)."""
+    return {
         "engine": engine,
         "env": {"LOCAL_XDS_PATH": "/var/run/ztunnel-fast/config.yaml"},
         "volumes": [{"name": "local-config", "configMap": {"name": "ztunnel-local-config"}}],
         "volumeMounts": [{"name": "local-config", "mountPath": "/var/run/ztunnel-fast", "readOnly": True}],
+        **extra,
     }
+
+
+def boot_pod(lab, pod, values: dict, facts: PodFacts, *, token: str, root_pem: str, local_config: str):
+    """Render the chart, materialise the pod's volumes, run the container as the kubelet would.
+    Returns (plan, process, log path)."""
     with helm.Chart.load(CHART) as chart:
         rendered = chart.render(values, name="ztunnel", namespace="istio-system")
     daemonset = yaml.safe_load(rendered["ztunnel-fast/templates/daemonset.yaml"])
-
-    # The kubelet materialises the volumes.
     volumes = {}
     for name, files in {
-        "istio-token": {"istio-token": TOKEN},  # projected serviceAccountToken, path istio-token
-        "istiod-ca-cert": {"root-cert.pem": pki.root_path.read_text()},  # ConfigMap istio-ca-root-cert
+        "istio-token": {"istio-token": token},  # projected serviceAccountToken, path istio-token
+        "istiod-ca-cert": {"root-cert.pem": root_pem},  # ConfigMap istio-ca-root-cert
         "cni-ztunnel-sock-dir": {},  # hostPath /var/run/ztunnel (a directory of the test here)
-        "local-config": {"config.yaml": yaml.safe_dump({"workloads": [{
-            "uid": "Kubernetes//Pod/demo/w1", "name": "w1", "namespace": "demo", "serviceAccount": "s1",
-            "workloadIps": ["198.18.0.11"], "protocol": "HBONE", "node": "node1"}]})},
+        "local-config": {"config.yaml": local_config},
+        "xtables-lock": {"xtables.lock": ""},  # hostPath file /run/xtables.lock (node redirection)
     }.items():
-        directory = lab.workdir / "volumes" / name
+        directory = lab.workdir / "volumes" / facts.name / name
         directory.mkdir(parents=True)
         for filename, content in files.items():
             (directory / filename).write_text(content)
-        volumes[name] = directory
+        volumes[name] = directory / "xtables.lock" if name == "xtables-lock" else directory
     volumes["tmp"] = None  # emptyDir
-
-    facts = PodFacts(name="ztunnel-abcde", namespace="istio-system", node_name="node1", pod_ip=ZTUNNEL_IP,
-                     node_cpus=8)
     plan = plan_pod(daemonset, facts, volumes, entrypoint=["ztunnel-fast"], image_env=image_env(),
                     hosts={ISTIOD_NAME: ISTIOD_IP})
     assert plan.argv == ("ztunnel-fast", "run")
-    assert plan.env["CA_ADDRESS"] == f"{ISTIOD_NAME}:15012" and plan.env["ZTUNNEL_CPU_LIMIT"] == "8"
-    log_path = lab.workdir / "ztunnel-pod.log"
+    workdir = lab.workdir / "pods" / facts.name
+    workdir.mkdir(parents=True)
+    log_path = workdir / "container.log"
     with open(log_path, "wb") as out:
-        proc = topology.popen(pod.pod, prepare(plan, lab.workdir), stdout=out, stderr=subprocess.STDOUT)
-
-    wait(lambda: probe(plan, pod.pod.netns, ZTUNNEL_IP) == 200,
+        proc = lab.topology.popen(pod.pod, prepare(plan, workdir), stdout=out, stderr=subprocess.STDOUT)
+    wait(lambda: probe(plan, pod.pod.netns, facts.pod_ip) == 200,
          f"readiness probe never 200:\n{log_path.read_text()}", proc=proc)
+    return plan, proc, log_path
+
+
+def test_rendered_pod_boots_against_istiod(lab, engine):
+    topology = lab.topology
+    istiod = lab.pod("istiod", namespace="istio-system", ip=ISTIOD_IP, workload=False)
+    pod = lab.pod("ztunnel-abcde", namespace="istio-system", node="node1", ip=ZTUNNEL_IP, workload=False)
+    # The CA lets this pod's token impersonate w1 ("a pod on its node").
+    pki, record = start_fake_ca(lab, istiod, [f"{TOKEN},istio-system/ztunnel,{W1_ID}"])
+    local_config = yaml.safe_dump({"workloads": [{
+        "uid": "Kubernetes//Pod/demo/w1", "name": "w1", "namespace": "demo", "serviceAccount": "s1",
+        "workloadIps": ["198.18.0.11"], "protocol": "HBONE", "node": "node1"}]})
+    facts = PodFacts(name="ztunnel-abcde", namespace="istio-system", node_name="node1", pod_ip=ZTUNNEL_IP,
+                     node_cpus=8)
+    plan, proc, log_path = boot_pod(lab, pod, chart_values(engine), facts, token=TOKEN,
+                                    root_pem=pki.root_path.read_text(), local_config=local_config)
+    assert plan.env["CA_ADDRESS"] == f"{ISTIOD_NAME}:15012" and plan.env["ZTUNNEL_CPU_LIMIT"] == "8"
 
     # The certificate came from the CA at the rendered address, with the mounted token.
     requests = [json.loads(line) for line in record.read_text().splitlines() if line]
@@ -149,3 +165,56 @@ def test_rendered_pod_boots_against_istiod(lab, engine):
     assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
 
     assert topology.stop(proc) == 0, log_path.read_text()
+
+
+NODE_A, NODE_B = "198.18.0.10", "198.18.0.20"
+
+
+def sa_id(name: str) -> str:
+    return f"spiffe://cluster.local/ns/ambient-demo/sa/{name}"
+
+
+def test_node_redirection_pod_carries_traffic(lab, engine):
+    """`redirection: node`: the rendered pod runs in node-a's network (hostNetwork), installs the
+    node rules itself and fills ztunnel-pods-ips from its workloads; node-b runs a plain shared
+    ztunnel-fast with ZTUNNEL_REDIRECTION=node.  Both take certificates from the fake istiod CA.
+    A pod on node-a reaches a pod on node-b through both, over HBONE, payload hash-checked."""
+    istiod = lab.pod("istiod", namespace="istio-system", ip=ISTIOD_IP, workload=False)
+    a = lab.node("node-a", NODE_A, "198.18.1.0/24")
+    b = lab.node("node-b", NODE_B, "198.18.2.0/24")
+    sleep = lab.node_pod(a, "sleep", "198.18.1.2", namespace="ambient-demo")
+    web = lab.node_pod(b, "web", "198.18.2.2", namespace="ambient-demo")
+    lab.write_config()
+    pki, record = start_fake_ca(lab, istiod, [
+        f"tok-node-a,istio-system/ztunnel,{sa_id('sleep')}",
+        f"tok-node-b,istio-system/ztunnel,{sa_id('web')}",
+    ])
+    lab.app(web, "serve", "80", "whoami", "--name", "web", port=80)
+    lab.app(web, "serve", "9000", "echo", port=9000)
+
+    (lab.workdir / "token-node-b").write_text("tok-node-b\n")
+    zb = lab.start_ztunnel(b, shared=True, redirect=False, ZTUNNEL_REDIRECTION="node", LOCAL_CA_DIR="",
+                           CA_ADDRESS=f"{ISTIOD_IP}:15012", CA_ROOT_CA=str(pki.root_path),
+                           ALT_CA_HOSTNAME=ISTIOD_NAME, AUTH_TOKEN=str(lab.workdir / "token-node-b"))
+
+    facts = PodFacts(name="ztunnel-node-a", namespace="istio-system", node_name="node-a", pod_ip=NODE_A)
+    plan, proc, log_path = boot_pod(lab, a, chart_values(engine, redirection="node"), facts, token="tok-node-a",
+                                    root_pem=pki.root_path.read_text(), local_config=lab.config_path.read_text())
+    assert plan.host_network and plan.env["ZTUNNEL_REDIRECTION"] == "node"
+    assert "INPOD_ENABLED" not in plan.env
+
+    members = lab.topology.run(a.pod, ["ipset", "save", "ztunnel-pods-ips"]).stdout
+    assert f"add ztunnel-pods-ips {sleep.ip}" in members and web.ip not in members
+
+    name, peer = lab.client(sleep, "whoami", web.ip, "80", "--count", "1")["names"][0].split()
+    assert (name, peer) == ("web", sleep.ip)
+    out = lab.client(sleep, "echo", web.ip, "9000", "--size", str(1 << 20))
+    assert out["ok"] and out["received_sha256"] == out["sent_sha256"], out
+    log = log_path.read_text()
+    assert f"proxy to {web.ip}:80 using HBONE via {web.ip}:15008" in log, log
+    assert any(f"peer_id={sa_id('sleep')}" in line for line in zb.lines(f"got CONNECT request to {web.ip}:80"))
+
+    requests = [json.loads(line) for line in record.read_text().splitlines() if line]
+    assert any(r["impersonated"] == sa_id("sleep") and r["metadata"]["authorization"] == "Bearer tok-node-a"
+               and r["status"] == "OK" for r in requests), requests
+    assert lab.topology.stop(proc) == 0, log_path.read_text()

@@ -285,6 +285,11 @@ def test_node_redirection():
     assert env["ZTUNNEL_REDIRECTION"] == "node"
     assert "INPOD_ENABLED" not in env
     assert "ztunnel-pods-ips" in notes({"redirection": "node"})
+    # The host's iptables lock, shared with kube-proxy (the root file system is read-only).
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["xtables-lock"]["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    assert {"name": "xtables-lock", "mountPath": "/run/xtables.lock"} in spec["containers"][0]["volumeMounts"]
+    assert "xtables-lock" not in {v["name"] for v in pod_spec()["volumes"]}
     # An explicit dnsPolicy wins.
     assert pod_spec({"redirection": "node", "dnsPolicy": "Default"})["dnsPolicy"] == "Default"
 

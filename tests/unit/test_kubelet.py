@@ -37,7 +37,7 @@ def test_security_context_and_probe():
     assert p.capabilities == ("NET_ADMIN", "SYS_ADMIN", "NET_RAW")
     assert (p.run_as_user, p.run_as_group, p.read_only_root, p.host_network) == (0, 1337, True, False)
     assert p.readiness == (15021, "/healthz/ready")
-    assert plan({"redirection": "node"}).host_network is True
+    assert plan({"redirection": "node"}, volumes={**VOLUMES, "xtables-lock": Path("/v/lock")}).host_network is True
 
 
 def test_every_volume_must_be_materialised():
