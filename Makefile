@@ -57,3 +57,24 @@ bench: bench-system-deps build $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so src/ztunnel_fast/includes/*.c
+
+# image: the container image from ./Containerfile, built here with buildah and no registry (a
+# Debian base made with debootstrap, wheels downloaded first; see image/build.sh) into
+# localhost/ztunnel-fast:<version> and build/ztunnel-fast-<version>.oci.tar; checks that
+# `ztunnel-fast version` runs inside.  First run ~10 min (the base), later ~3-5 min.
+# image-test: inspects that image and runs it read-only (image/test_image.py; not in `make test`).
+IMAGE_APT_PKGS := buildah debootstrap
+
+.PHONY: image image-test image-system-deps
+image-system-deps:
+	@missing=""; for p in $(IMAGE_APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+image: image-system-deps $(STAMP)
+	PY=$(PY) sh image/build.sh
+
+image-test: image
+	$(PY) -m pytest image/test_image.py -q -p no:cacheprovider

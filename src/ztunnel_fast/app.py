@@ -115,6 +115,7 @@ class App:
         self._xds: asyncio.Task | None = None
         self._prefetches: set[asyncio.Task] = set()
         self.workload_manager = None  # in-pod mode: inpod.workloadmanager.WorkloadManager
+        self.node_redirection = None  # NodeRedirection when ZTUNNEL_REDIRECTION=node
 
     async def start(self) -> None:
         config = self.config
@@ -157,6 +158,7 @@ class App:
                 (INBOUND_PLAINTEXT_PORT, passthrough.handle, "inbound_passthrough"),
             ):
                 self._bind(port, handler, name)
+            await self._start_node_redirection()
         self.readiness.done("proxy")
         await self._prefetch_certificates()
         self.readiness.done("certificates")
@@ -177,6 +179,22 @@ class App:
         self.workload_manager = WorkloadManager(self.ctx, self.config.inpod_socket, self.readiness, self.metrics,
                                                 drain_deadline(self.config))
         self.workload_manager.start()
+
+    async def _start_node_redirection(self) -> None:
+        """ZTUNNEL_REDIRECTION=node: install the node rules if missing and keep the ipset
+        ztunnel-pods-ips following the state (redirect/node_sync.py), after every state change."""
+        if self.config.redirection != "node":
+            return
+        from .redirect.install import RedirectError
+        from .redirect.node_sync import NodeRedirection
+
+        self.node_redirection = NodeRedirection(self.config.node_name)
+        # Listen first: a state that arrives while the rules are installed is applied after.
+        self.ctx.state_listeners.append(self.node_redirection.update)
+        try:
+            await self.node_redirection.start(self.ctx.state)
+        except RedirectError as exc:
+            raise ConfigError("ZTUNNEL_REDIRECTION", "", f"cannot install the node redirection: {exc}") from None
 
     async def _serve_operator_endpoints(self) -> None:
         def dump() -> dict:
@@ -317,6 +335,8 @@ class App:
             self._watcher.cancel()
         if self._xds is not None:
             self._xds.cancel()
+        if self.node_redirection is not None:
+            self.node_redirection.close()
         for task in self.accept_tasks:
             task.cancel()
         for lsock in self.listeners:

@@ -41,6 +41,7 @@ RUN_FLAGS = [
     # in-pod mode (istio-cni over ZDS)
     ("--inpod-enabled", "INPOD_ENABLED", "true: shared mode serves the pods istio-cni hands over (in-pod mode)"),
     ("--inpod-uds", "INPOD_UDS", "istio-cni's ZDS socket (default /var/run/ztunnel/ztunnel.sock); enables in-pod"),
+    ("--redirection", "ZTUNNEL_REDIRECTION", "node: install the node rules, keep ipset ztunnel-pods-ips from the state"),
 ]
 
 

@@ -20,6 +20,8 @@ The constructor itself trusts its arguments (tests build Configs directly); `Con
 from __future__ import annotations
 
 import enum
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +290,8 @@ class Config:
     # --- in-pod mode (istio-cni over ZDS); see `inpod` below
     inpod_enabled: bool = False  # INPOD_ENABLED: Istio's chart sets "true"
     inpod_uds: Path | None = None  # INPOD_UDS: istio-cni's ZDS socket; setting it also enables in-pod mode
+    # ZTUNNEL_REDIRECTION: "node" = keep the node's ipset from the state (see redirection_from_env)
+    redirection: str = "none"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -356,7 +360,7 @@ class Config:
             http2_connection_window_size=parsed("HTTP2_CONNECTION_WINDOW_SIZE",
                                                 bounded(1, _MAX_WINDOW), 16_777_216),
             http2_frame_size=parsed("HTTP2_FRAME_SIZE", bounded(_MIN_FRAME, _MAX_FRAME), 1_048_576),
-            worker_threads=parsed("ZTUNNEL_WORKER_THREADS", bounded(1), 2),
+            worker_threads=worker_threads_from_env(env),
             engine=engine,
             packet_mark=parsed("PACKET_MARK", bounded(0, 2**32 - 1), 1337),  # SO_MARK is a u32
             enable_orig_src=parsed("ENABLE_ORIG_SRC", parse_bool, None),
@@ -379,6 +383,7 @@ class Config:
             # in-pod mode (ZDS)
             inpod_enabled=parsed("INPOD_ENABLED", parse_bool, False),
             inpod_uds=parsed("INPOD_UDS", lambda s, v: Path(v), None),
+            redirection=redirection_from_env(env, mode),
         )
 
     # --- in-pod mode (ZDS) -------------------------------------------------------------------
@@ -399,3 +404,85 @@ class Config:
             return None
         return Identity(self.trust_domain, self.workload_info.namespace,
                         self.workload_info.service_account)
+
+
+# ------------------------------------------------------------------ CPU limit and worker threads
+#
+# The Helm chart passes the container's CPU limit as ZTUNNEL_CPU_LIMIT (downward API, limits.cpu
+# with divisor 1: whole CPUs rounded up, and the node's CPUs when no limit is set) and, only when
+# the values set them, the quantities themselves as ZTUNNEL_RESOURCE_CPU_LIMIT/_REQUEST.  The
+# engine's worker threads follow ztunnel's rule (reference section 10):
+# - ZTUNNEL_WORKER_THREADS: N threads, or "N%" of the CPUs, or 0 = all CPUs, where the CPUs are
+#   ZTUNNEL_CPU_LIMIT, else the machine's (the one read outside `env`);
+# - unset, with a CPU limit in the values: ceil(limit), at least 1 (never more threads than CPUs);
+# - unset otherwise: a quarter of ZTUNNEL_CPU_LIMIT rounded up, at least DEFAULT_WORKER_THREADS,
+#   raised to ceil(request) when the values request more CPUs than that.
+
+DEFAULT_WORKER_THREADS = 2  # ztunnel's default; also when nothing tells us the CPU count
+
+
+def parse_cpu_quantity(source: str, text: str) -> float:
+    """CPUs from a Kubernetes CPU quantity: "2", "1.5" or millicores "500m"; must be > 0."""
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m?)", value)
+    if match is None:
+        raise ConfigError(source, "", f"invalid CPU quantity {text!r}; accepted: CPUs (\"2\", \"1.5\") "
+                          "or millicores (\"500m\")")
+    cpus = float(match.group(1)) / (1000 if match.group(2) else 1)
+    if cpus <= 0:
+        raise ConfigError(source, "", f"{text!r} must be greater than zero")
+    return cpus
+
+
+def worker_threads_from_env(env: Mapping[str, str], machine_cpus: Callable[[], int | None] = os.cpu_count) -> int:
+    def cpus() -> float:
+        limit = env.get("ZTUNNEL_CPU_LIMIT")
+        if limit:
+            return parse_cpu_quantity("ZTUNNEL_CPU_LIMIT", limit)
+        return float(machine_cpus() or 1)
+
+    explicit = (env.get("ZTUNNEL_WORKER_THREADS") or "").strip()
+    if explicit.endswith("%"):
+        percent = parse_int("ZTUNNEL_WORKER_THREADS", explicit[:-1], 1, 100)
+        return max(1, math.ceil(cpus() * percent / 100))
+    if explicit:
+        threads = parse_int("ZTUNNEL_WORKER_THREADS", explicit, 0)
+        return threads or max(1, math.ceil(cpus()))
+    limit = env.get("ZTUNNEL_RESOURCE_CPU_LIMIT")
+    if limit:
+        return max(1, math.ceil(parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_LIMIT", limit)))
+    threads = DEFAULT_WORKER_THREADS
+    if env.get("ZTUNNEL_CPU_LIMIT"):
+        threads = max(threads, math.ceil(cpus() / 4))
+    request = env.get("ZTUNNEL_RESOURCE_CPU_REQUEST")
+    if request:
+        threads = max(threads, math.ceil(parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_REQUEST", request)))
+    return threads
+
+
+# ------------------------------------------------------------------ node redirection
+#
+# ZTUNNEL_REDIRECTION=node (the chart's `redirection: node`): in shared mode in the node's network
+# namespace, ztunnel-fast installs the node's TPROXY rules if absent and keeps the ipset
+# ztunnel-pods-ips equal to the IPs of the HBONE workloads on NODE_NAME (redirect/node_sync.py).
+# "none" (default): something else redirects (istio-cni in-pod, or `ztunnel-fast redirect`).
+
+_REDIRECTIONS = ("none", "node")
+
+
+def redirection_from_env(env: Mapping[str, str], mode: ProxyMode) -> str:
+    text = env.get("ZTUNNEL_REDIRECTION")
+    if not text:
+        return "none"
+    value = _choice("ZTUNNEL_REDIRECTION", text, _REDIRECTIONS)
+    if value == "node":
+        if mode is not ProxyMode.SHARED:
+            raise ConfigError("ZTUNNEL_REDIRECTION", "",
+                              "node needs PROXY_MODE=shared (it serves every workload on NODE_NAME)")
+        if not env.get("NODE_NAME"):
+            raise ConfigError("ZTUNNEL_REDIRECTION", "", "node needs NODE_NAME (the node whose pods to capture)")
+        inpod = env.get("INPOD_ENABLED")
+        if inpod and parse_bool("INPOD_ENABLED", inpod):
+            raise ConfigError("ZTUNNEL_REDIRECTION", "",
+                              "node conflicts with INPOD_ENABLED=true; accepted: one of the two")
+    return value

@@ -216,8 +216,8 @@ def test_case_insensitive_choices():
     ({"HTTP2_CONNECTION_WINDOW_SIZE": "-1"}, "HTTP2_CONNECTION_WINDOW_SIZE", "out of range"),
     ({"HTTP2_FRAME_SIZE": "16383"}, "HTTP2_FRAME_SIZE", "accepted: 16384..16777215"),
     ({"HTTP2_FRAME_SIZE": "16777216"}, "HTTP2_FRAME_SIZE", "out of range"),
-    ({"ZTUNNEL_WORKER_THREADS": "0"}, "ZTUNNEL_WORKER_THREADS", "out of range"),
-    ({"ZTUNNEL_WORKER_THREADS": "50%"}, "ZTUNNEL_WORKER_THREADS", "invalid integer"),
+    ({"ZTUNNEL_WORKER_THREADS": "-1"}, "ZTUNNEL_WORKER_THREADS", "out of range"),  # 0 = all CPUs, "N%" (ztunnel)
+    ({"ZTUNNEL_WORKER_THREADS": "4x"}, "ZTUNNEL_WORKER_THREADS", "invalid integer"),
     ({"ZTUNNEL_ENGINE": "fast"}, "ZTUNNEL_ENGINE", "accepted: auto, native, pure"),
     ({"ZTUNNEL_ENGINE": "native", "ZTUNNEL_NO_EXTENSIONS": "1"}, "ZTUNNEL_ENGINE", "conflicts"),
     ({"ZTUNNEL_NO_EXTENSIONS": "please"}, "ZTUNNEL_NO_EXTENSIONS", "invalid boolean"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..config import Config, ProxyMode
 from ..engine import Engine
@@ -40,6 +41,9 @@ class ProxyContext:
     connections: ConnectionManager = field(default_factory=ConnectionManager)
     policies: PolicyIndex | None = None
     socket_factory: "sockets.SocketFactory | None" = None  # None: upstream sockets in our own netns
+    # Called with every new state after it is in place (node redirection, ...): the one hook for
+    # whatever follows the state, whichever source (local file, xDS) produced it.
+    state_listeners: list[Callable[[ProxyState], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -51,7 +55,10 @@ class ProxyContext:
         if state.policies() is not self.state.policies():  # the store keeps the tuple while unchanged
             self.policies = PolicyIndex.build(state.policies())
         self.state = state
-        return self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
+        closed = self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
+        for listener in self.state_listeners:
+            listener(state)
+        return closed
 
     def authorize(self, workload: Workload, info: ConnectionInfo, span=None) -> Decision:
         """L4 authorization for an inbound connection; dry-run policies are only logged."""

@@ -82,7 +82,12 @@ def _iptc():
 
 @contextlib.contextmanager
 def _xtables_lock() -> Iterator[None]:
-    fd = os.open(XTABLES_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(XTABLES_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        # e.g. a read-only root file system without the host's lock file mounted (the chart
+        # mounts /run/xtables.lock from the host in node redirection, as kube-proxy does).
+        raise IptablesError(f"cannot open the iptables lock {XTABLES_LOCK}: {exc.strerror}") from None
     try:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
