@@ -38,6 +38,16 @@ RUN_FLAGS = [
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
     ("--log-format", "LOG_FORMAT", "text or json"),
+    # The rest of Config's variables (ISTIO_META_CLUSTER_ID is CLUSTER_ID's fallback: --cluster-id).
+    ("--local-xds", "LOCAL_XDS", "the local config inline (YAML); not with --local-xds-path"),
+    ("--cluster-domain", "CLUSTER_DOMAIN", "the cluster's DNS domain, e.g. cluster.local"),
+    ("--ipv6-enabled", "IPV6_ENABLED", "false: listen on 0.0.0.0 only"),
+    ("--connect-timeout", "CONNECT_TIMEOUT", "upstream TCP connect timeout, e.g. 10s"),
+    ("--packet-mark", "PACKET_MARK", "SO_MARK on sockets toward workloads"),
+    ("--no-extensions", "ZTUNNEL_NO_EXTENSIONS", "true: the pure engine even when the native one is built"),
+    ("--authz-policy-info-logging", "AUTHZ_POLICY_INFO_LOGGING", "true: policy decisions at info"),
+    ("--termination-grace-period-seconds", "TERMINATION_GRACE_PERIOD_SECONDS", "drain deadline source, e.g. 30"),
+    ("--connection-termination-deadline", "CONNECTION_TERMINATION_DEADLINE", "drain deadline, e.g. 5s"),
 ]
 
 
