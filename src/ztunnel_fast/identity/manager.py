@@ -259,7 +259,8 @@ def _rfc3339(when: datetime) -> str:
 def _dump(cert: x509.Certificate) -> dict:
     return {
         "pem": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-        "serialNumber": f"{cert.serial_number:x}",
+        # Decimal, as ztunnel's config_dump has it (BigUint to_string) and istioctl parses it.
+        "serialNumber": str(cert.serial_number),
         "validFrom": _rfc3339(cert.not_valid_before_utc),
         "expirationTime": _rfc3339(cert.not_valid_after_utc),
     }
