@@ -20,7 +20,7 @@ import signal
 import socket
 
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
-from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
+from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
 from .engine import create_engine
 from .errors import ConfigError
 from .hbone.connection import H2Settings
@@ -65,6 +65,27 @@ def drain_deadline(config: Config) -> float:
     if grace is None:
         return DEFAULT_DRAIN_DEADLINE
     return max(0.0, grace - 5 if grace > 10 else grace - 1)
+
+
+def serving_warnings(config: Config, workloads) -> list[str]:
+    """What an operator must hear next to `proxy ready` when the proxy serves no workload, or
+    serves workloads ztunnel would not (pure: config and the state's workloads in, lines out)."""
+    out = []
+    if config.local_xds_path is None and config.local_xds is None:
+        # No config source at all (add xDS to this check when it can be configured).
+        out.append("serving no workload: no config source (set LOCAL_XDS_PATH or LOCAL_XDS)")
+        return out
+    if config.proxy_mode is not ProxyMode.SHARED:
+        return out  # dedicated: start-up already refused a workload missing from the config
+    if not config.node_name:
+        out.append("shared mode without NODE_NAME: every workload in the config is treated as local "
+                   "to this node (ztunnel serves only its node's workloads); set NODE_NAME")
+        if not workloads:
+            out.append("serving no workload: the config has no workloads")
+        return out
+    if not any(w.node == config.node_name for w in workloads):
+        out.append(f"serving no workload: no workload in the config has node {config.node_name!r} (NODE_NAME)")
+    return out
 
 
 class App:
@@ -122,6 +143,8 @@ class App:
         if config.local_xds_path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="local-config-watcher")
         log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
+        for warning in serving_warnings(config, state.workloads()):
+            log.warning("%s", warning)
 
     async def _serve_operator_endpoints(self) -> None:
         def dump() -> dict:
