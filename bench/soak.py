@@ -623,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.soak: needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
     args = parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C, through the finally below (netns's own handler tears the
+    # namespaces down first, then calls this one); the default action would skip the finally and
+    # leave the work directory (with the run's CA key) behind.
+    signal.signal(signal.SIGTERM, _terminated)
     netns.cleanup_stale("ztb-")
     workdir = Path(tempfile.mkdtemp(prefix="ztunnel-fast-soak-"))
     soak = Soak(args, workdir)
@@ -650,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {md_path} and {png}")
     met = all(ok for *_, ok in targets(soak))
     return 0 if met else 1
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
