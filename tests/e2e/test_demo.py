@@ -46,7 +46,20 @@ def test_demo_journey(engine):
     assert re.search(r"sleep-69cfb4968f-mwglt\s+ambient-demo\s+198\.18\.1\.4\s+amb1-worker\s+None\s+HBONE", out)
     served = re.search(r"served by: (.*)", out).group(1).split(", ")
     assert len(served) == 10 and set(served) == {"httpbin-648cd984f8-2q9bn", "httpbin-648cd984f8-7dglb"}
+    assert_logs_step_shows_only_its_own_connections(out)
     assert_clean(out)
+
+
+def assert_logs_step_shows_only_its_own_connections(out: str) -> None:
+    """The logs step follows the 'after' step's curl: none of that connection's lines leak into it."""
+    logs = out.split("## ztunnel-fast logs", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in logs.splitlines() if "ztunnel_fast::proxy" in line]
+    ids = {re.search(r"id=([0-9a-f]+)", line).group(1) for line in lines}
+    assert len(ids) == 3, lines  # the step's three curls, each with its own trace id
+    for i in ids:  # each connection appears whole: started, accepted, completed
+        mine = [line for line in lines if f"id={i}" in line]
+        assert any("proxy to" in line for line in mine) and any("got CONNECT request" in line for line in mine)
+        assert any(": complete dur=" in line for line in mine), mine
 
 
 def test_demo_single_step(engine):
@@ -56,21 +69,6 @@ def test_demo_single_step(engine):
     assert re.search(r"Members:\n\s+198\.18\.1\.\d+\n\s+198\.18\.1\.\d+", res.stdout)
     assert_clean(res.stdout)
     assert demo("--step", "nope").returncode == 2
-
-
-def test_demo_logs_step_shows_only_its_own_connections(engine):
-    """The logs step follows the 'after' step's curl: none of that connection's lines leak into it."""
-    res = demo("--engine", engine)
-    assert res.returncode == 0, res.stdout + res.stderr
-    logs = res.stdout.split("## ztunnel-fast logs", 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in logs.splitlines() if "ztunnel_fast::proxy" in line]
-    ids = {re.search(r"id=([0-9a-f]+)", line).group(1) for line in lines}
-    assert len(ids) == 3, lines  # the step's three curls, each with its own trace id
-    for i in ids:  # each connection appears whole: started, accepted, completed
-        mine = [line for line in lines if f"id={i}" in line]
-        assert any("proxy to" in line for line in mine) and any("got CONNECT request" in line for line in mine)
-        assert any(": complete dur=" in line for line in mine), mine
-    assert_clean(res.stdout)
 
 
 def test_demo_sigterm_removes_everything(engine):

@@ -200,21 +200,22 @@ def _log_lines(c: Cluster, since: dict[str, int] | None = None) -> list[str]:
     return sorted(lines)
 
 
-_OUTBOUND_ID = re.compile(r"outbound\{id=([0-9a-f]+)\}")
+_SPAN_ID = re.compile(r"\b(inbound|outbound)\{id=([0-9a-f]+)")
 
 
-def _unfinished_outbound(text: str) -> set[str]:
-    """Ids of outbound connections logged as started ('proxy to' / 'proxying to') but not yet as
-    ended ('complete' / 'failed')."""
+def _unfinished(text: str) -> set[tuple[str, str]]:
+    """(direction, id) of connections logged as started (outbound 'proxy to' / 'proxying to',
+    inbound 'got CONNECT request') but not yet as ended ('complete' / 'failed')."""
     started, ended = set(), set()
     for line in text.splitlines():
-        m = _OUTBOUND_ID.search(line)
+        m = _SPAN_ID.search(line)
         if m is None:
             continue
-        if " proxy to " in line or " proxying to " in line:
-            started.add(m.group(1))
+        key = (m.group(1), m.group(2))
+        if " proxy to " in line or " proxying to " in line or " got CONNECT request " in line:
+            started.add(key)
         elif " complete " in line or " failed " in line:
-            ended.add(m.group(1))
+            ended.add(key)
     return started - ended
 
 
@@ -226,7 +227,7 @@ def _marks(c: Cluster) -> dict[str, int]:
     while time.monotonic() < deadline:
         logs = {name: zt.log() for name, zt in c.ztunnels.items()}
         if all(text.endswith("\n") or not text for text in logs.values()) and \
-                not any(_unfinished_outbound(text) for text in logs.values()):
+                not any(_unfinished(text) for text in logs.values()):
             break
         time.sleep(0.05)
     return {name: text.rfind("\n") + 1 for name, text in logs.items()}
