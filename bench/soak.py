@@ -91,7 +91,7 @@ class Stats:
                 self.counts[f"{kind}_ok"] += ok
                 self.counts[f"{kind}_err"] += err
             self.counts["mismatches"] += mismatches
-            self.events.append((t, kind, ok, err))
+            self.events.append((t, kind, ok, err, detail))
             if detail:
                 key = f"{kind}: {detail.split('; ')[0][:160]}"
                 self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
@@ -101,10 +101,16 @@ class Stats:
             return dict(self.counts)
 
     def first_after(self, t0: float, kind: str, want_ok: bool) -> float | None:
+        found = self.first_event_after(t0, kind, want_ok)
+        return found[0] if found else None
+
+    def first_event_after(self, t0: float, kind: str, want_ok: bool) -> tuple[float, str] | None:
+        """(time, error text) of the first result of `kind` at or after t0 that succeeded
+        (want_ok) or failed."""
         with self.lock:
-            for t, k, ok, err in self.events:
+            for t, k, ok, err, detail in self.events:
                 if t >= t0 and k == kind and ((ok > 0 and err == 0) if want_ok else err > 0):
-                    return t
+                    return t, detail
         return None
 
 
@@ -327,13 +333,22 @@ class Soak:
             self.start_holder()
 
     # -- faults --------------------------------------------------------------------------------
+    def hbone_ports(self) -> set[str]:
+        """Local addresses of the client pod's established connections to :15008 (the pool's)."""
+        bl = self.bl
+        out = bl.run(bl.client, ["ss", "-Htn", "state", "established", "dport = :15008"], check=False).stdout
+        return {line.split()[2] for line in out.splitlines() if len(line.split()) >= 4}
+
     def fault_sigkill(self) -> dict:
+        before = self.hbone_ports()
         t = _now()
         self.expected_down = True
         os.killpg(self.server.proc.pid, signal.SIGKILL)
         self.server.proc.wait(10)
         time.sleep(3.0)  # the client sees the peer gone while the peer is down
-        down_errors = self.stats.first_after(t, "long", want_ok=False)
+        failed = self.stats.first_event_after(t, "long", want_ok=False)
+        down_errors = failed[0] if failed else None
+        how = failed[1].split(":")[0] if failed and failed[1] else "?"
         self.restart("server")
         self.expected_down = False
         restarted = _now()
@@ -342,12 +357,16 @@ class Soak:
         while _now() < deadline and ok_after is None:
             ok_after = self.stats.first_after(restarted, "short", want_ok=True)
             time.sleep(0.5)
+        after = self.hbone_ports()
+        replaced = bool(after) and not (after & before)
         return {"fault": "peer SIGKILL mid-transfer, restarted",
-                "observed": (f"in-flight long transfer failed {down_errors - t:.1f}s after the kill (reset)"
+                "observed": (f"in-flight long transfer failed {down_errors - t:.1f}s after the kill ({how})"
                              if down_errors else "no long-transfer failure recorded")
                 + (f"; short connections succeed again {ok_after - restarted:.1f}s after the restart"
-                   if ok_after else "; no successful short batch within 60 s of the restart"),
-                "ok": down_errors is not None and ok_after is not None}
+                   if ok_after else "; no successful short batch within 60 s of the restart")
+                + f"; pool: {len(before)} HBONE connection(s) before, {len(after)} after, "
+                + ("all new" if replaced else f"{len(after & before)} kept (stale)"),
+                "ok": down_errors is not None and "Reset" in how and ok_after is not None and replaced}
 
     def fault_blackhole(self) -> dict:
         bl = self.bl
