@@ -6,7 +6,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps
+APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps prometheus
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench lint system-deps build clean
@@ -54,6 +54,14 @@ $(BENCH_STAMP): $(STAMP) setup.py
 
 bench: bench-system-deps build $(BENCH_STAMP)
 	$(PY) -m bench $(if $(filter 1 yes true,$(PROFILE)),--profile) $(BENCH_ARGS)
+
+# soak: `make soak` (30 min: mixed traffic, config churn, short-lived certificates, faults),
+# `make soak SOAK_ARGS="--minutes 5"`; writes bench/results/soak-<time>.{md,png} (bench/README.md).
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: system-deps build $(BENCH_STAMP)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/ztunnel_fast/_splice.c src/ztunnel_fast/*.so src/ztunnel_fast/includes/*.c

@@ -71,7 +71,8 @@ http {{
 class BenchLab:
     """Two pods with their apps, on a fresh topology named after `setup`."""
 
-    def __init__(self, workdir: Path, setup: str, run_id: str, body_bytes: int):
+    def __init__(self, workdir: Path, setup: str, run_id: str, body_bytes: int,
+                 apps: tuple[str, ...] = ("iperf3", "nginx", "holder")):
         self.workdir = Path(workdir)
         self.topology = netns.Topology(prefix=f"{PREFIX}{run_id}-{setup}")
         self.apps: dict[str, subprocess.Popen] = {}
@@ -83,7 +84,7 @@ class BenchLab:
                 for key, value in POD_SYSCTLS.items():
                     self.run(pod, ["sysctl", "-q", "-w", f"{key}={value}"])
             self.lab.write_config()
-            self._start_apps(body_bytes)
+            self._start_apps(body_bytes, apps)
         except BaseException:
             self.topology.teardown()  # a half-built lab leaves nothing behind
             raise
@@ -99,20 +100,25 @@ class BenchLab:
             kw.setdefault("stderr", log)
             return self.topology.popen(pod.pod, argv, **kw)
 
-    def _start_apps(self, body_bytes: int) -> None:
+    def _start_apps(self, body_bytes: int, apps: tuple[str, ...]) -> None:
+        """Start the named server apps (all three for the bench; the soak needs only the holder)."""
         ip = self.server.ip
-        self.apps["iperf3"] = self.popen(self.server, ["iperf3", "-s", "-B", ip, "-p", str(IPERF_PORT)],
-                                         "iperf3-server.log")
-        root = self.workdir / "nginx"
-        root.mkdir(parents=True, exist_ok=True)
-        conf = root / "nginx.conf"
-        conf.write_text(nginx_conf(root, ip, HTTP_PORT, body_bytes))
-        self.apps["nginx"] = self.popen(
-            self.server, ["nginx", "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")], "nginx.log")
-        self.apps["holder"] = self.popen(
-            self.server, [sys.executable, str(TUNNELS_SCRIPT), "serve", ip, str(HOLD_PORT)], "tunnels-holder.log")
-        for port in APP_PORTS:
-            netns.wait_listening(self.server.pod, port, timeout=15)
+        ports = {"iperf3": IPERF_PORT, "nginx": HTTP_PORT, "holder": HOLD_PORT}
+        if "iperf3" in apps:
+            self.apps["iperf3"] = self.popen(self.server, ["iperf3", "-s", "-B", ip, "-p", str(IPERF_PORT)],
+                                             "iperf3-server.log")
+        if "nginx" in apps:
+            root = self.workdir / "nginx"
+            root.mkdir(parents=True, exist_ok=True)
+            conf = root / "nginx.conf"
+            conf.write_text(nginx_conf(root, ip, HTTP_PORT, body_bytes))
+            self.apps["nginx"] = self.popen(
+                self.server, ["nginx", "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")], "nginx.log")
+        if "holder" in apps:
+            self.apps["holder"] = self.popen(
+                self.server, [sys.executable, str(TUNNELS_SCRIPT), "serve", ip, str(HOLD_PORT)], "tunnels-holder.log")
+        for name in apps:
+            netns.wait_listening(self.server.pod, ports[name], timeout=15)
         for name, proc in self.apps.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode} in the server pod; see {self.workdir}")

@@ -98,6 +98,28 @@ def drain_deadline(config: Config) -> float:
     return max(0.0, grace - 5 if grace > 10 else grace - 1)
 
 
+def serving_warnings(config: Config, workloads) -> list[str]:
+    """What an operator must hear next to `proxy ready` when the proxy serves no workload, or
+    serves workloads ztunnel would not (pure: config and the state's workloads in, lines out)."""
+    out = []
+    local = config.local_xds_path is not None or config.local_xds is not None
+    if not local and config.xds is None:
+        out.append("serving no workload: no config source (set XDS_ADDRESS, LOCAL_XDS_PATH or LOCAL_XDS)")
+        return out
+    if config.proxy_mode is not ProxyMode.SHARED:
+        return out  # dedicated: start-up already refused a workload missing from the config
+    if not config.node_name:
+        out.append("shared mode without NODE_NAME: every workload in the config is treated as local "
+                   "to this node (ztunnel serves only its node's workloads); set NODE_NAME")
+        if local and not workloads:
+            out.append("serving no workload: the config has no workloads")
+        return out
+    # Over xDS the workloads arrive after start: nothing to judge yet.
+    if local and not any(w.node == config.node_name for w in workloads):
+        out.append(f"serving no workload: no workload in the config has node {config.node_name!r} (NODE_NAME)")
+    return out
+
+
 class App:
     def __init__(self, config: Config):
         self.config = config
@@ -169,6 +191,8 @@ class App:
                      config.inpod_socket, engine.name)
         else:
             log.info("proxy ready: mode=%s engine=%s ports 15001 15008 15006", config.proxy_mode.value, engine.name)
+        for warning in serving_warnings(config, state.workloads()):
+            log.warning("%s", warning)
 
     # --- in-pod mode (istio-cni over ZDS) ---------------------------------------------------------
     def _start_inpod(self) -> None:

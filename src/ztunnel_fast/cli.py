@@ -42,6 +42,16 @@ RUN_FLAGS = [
     ("--inpod-enabled", "INPOD_ENABLED", "true: shared mode serves the pods istio-cni hands over (in-pod mode)"),
     ("--inpod-uds", "INPOD_UDS", "istio-cni's ZDS socket (default /var/run/ztunnel/ztunnel.sock); enables in-pod"),
     ("--redirection", "ZTUNNEL_REDIRECTION", "node: install the node rules, keep ipset ztunnel-pods-ips from the state"),
+    # The rest of Config's variables (ISTIO_META_CLUSTER_ID is CLUSTER_ID's fallback: --cluster-id).
+    ("--local-xds", "LOCAL_XDS", "the local config inline (YAML); not with --local-xds-path"),
+    ("--cluster-domain", "CLUSTER_DOMAIN", "the cluster's DNS domain, e.g. cluster.local"),
+    ("--ipv6-enabled", "IPV6_ENABLED", "false: listen on 0.0.0.0 only"),
+    ("--connect-timeout", "CONNECT_TIMEOUT", "upstream TCP connect timeout, e.g. 10s"),
+    ("--packet-mark", "PACKET_MARK", "SO_MARK on sockets toward workloads"),
+    ("--no-extensions", "ZTUNNEL_NO_EXTENSIONS", "true: the pure engine even when the native one is built"),
+    ("--authz-policy-info-logging", "AUTHZ_POLICY_INFO_LOGGING", "true: policy decisions at info"),
+    ("--termination-grace-period-seconds", "TERMINATION_GRACE_PERIOD_SECONDS", "drain deadline source, e.g. 30"),
+    ("--connection-termination-deadline", "CONNECTION_TERMINATION_DEADLINE", "drain deadline, e.g. 5s"),
 ]
 
 

@@ -108,7 +108,8 @@ def test_live_policy_change_closes_a_now_denied_connection(lab):
     set_policies(lab, [DENY_SLEEP])
     proc.wait(timeout=30)
     result = json.loads(out_path.read_text().strip().splitlines()[-1])
-    assert result["ended"] in ("reset", "eof") and result["seconds"] < 25, result
+    # ended by the policy change ("reset"/"eof"), not by the client's 30 s hold running out ("timeout")
+    assert result["ended"] in ("reset", "eof"), result
     assert zb.lines("connection closed because it's no longer allowed after a policy update")
     assert any("connection closed due to policy change" in line for line in zb.lines("connection complete"))
     assert zb.lines("local config reloaded")

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -177,7 +176,5 @@ def test_redirect_inbound_plaintext(topology: Topology) -> None:
 
 def test_wait_listening_is_bounded(topology: Topology) -> None:
     a = topology.add_pod("a")
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError):
-        wait_listening(a, 1, timeout=0.5)
-    assert time.monotonic() - t0 < 5
+    with pytest.raises(TimeoutError, match=r"nothing listens on tcp port 1 .* after 0\.5s"):
+        wait_listening(a, 1, timeout=0.5)  # returns (raises) instead of waiting on: the outcome is the bound

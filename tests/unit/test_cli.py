@@ -41,3 +41,43 @@ def test_ca_init_writes_a_root(tmp_path):
     assert (tmp_path / "ca" / "root-cert.pem").exists() and (tmp_path / "ca" / "root-key.pem").stat().st_mode & 0o077 == 0
     again = run("ca", "init", str(tmp_path / "ca"))
     assert again.returncode == 2  # never overwrites a root by accident
+
+
+class _Recording(dict):
+    """An environment that records every variable name Config asks for."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+# Variables Config reads that deliberately have no flag of their own, with the flag that covers them.
+NO_OWN_FLAG = {"ISTIO_META_CLUSTER_ID": "--cluster-id (CLUSTER_ID wins over it)"}
+
+
+def test_every_config_variable_has_a_flag():
+    """The README says which variables have flags: all that Config reads, but the listed fallbacks."""
+    from ztunnel_fast.cli import RUN_FLAGS
+    from ztunnel_fast.config import Config
+
+    env = _Recording()
+    Config.from_env(env)
+    flagged = {var for _, var, _ in RUN_FLAGS}
+    assert env.asked, "Config read no variable through env.get"
+    assert env.asked - flagged == set(NO_OWN_FLAG), sorted(env.asked - flagged)
+    assert flagged <= env.asked, sorted(flagged - env.asked)  # no flag for a variable nobody reads
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--connect-timeout", "soon", "CONNECT_TIMEOUT"),
+    ("--ipv6-enabled", "maybe", "IPV6_ENABLED"),
+    ("--packet-mark", "-1", "PACKET_MARK"),
+    ("--termination-grace-period-seconds", "x", "TERMINATION_GRACE_PERIOD_SECONDS"),
+])
+def test_new_flags_reach_config_validation(flag, value, needle):
+    res = run("run", flag, value)
+    assert res.returncode == 2 and needle in res.stderr, res.stderr

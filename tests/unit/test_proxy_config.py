@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from ztunnel_fast.admin.proxy_config import render, secrets_table, workloads_table
+from ztunnel_fast.admin.proxy_config import render, secrets_table, serial_text, workloads_table
 
 DUMP = {
     "workloads": [
@@ -15,8 +15,8 @@ DUMP = {
     ],
     "certificates": [
         {"identity": "spiffe://cluster.local/ns/ambient-demo/sa/sleep", "state": "Available",
-         "certChain": [{"serialNumber": "ec30e0e1", "validFrom": "2023-09-19T18:26:19Z", "expirationTime": "2033-09-16T18:26:19Z"}],
-         "rootCerts": [{"serialNumber": "3b9dbea3", "validFrom": "2023-09-19T18:58:44Z", "expirationTime": "2023-09-20T19:00:44Z"}]},
+         "certChain": [{"serialNumber": str(0xec30e0e1), "validFrom": "2023-09-19T18:26:19Z", "expirationTime": "2033-09-16T18:26:19Z"}],
+         "rootCerts": [{"serialNumber": str(0x03b9dbea3), "validFrom": "2023-09-19T18:58:44Z", "expirationTime": "2023-09-20T19:00:44Z"}]},
     ],
 }
 
@@ -40,6 +40,16 @@ def test_secrets_table_rows_for_ca_and_chain_with_validity():
     assert ca[3] == "false"  # the CA row's validity ended in 2023
     assert chain[1:3] == ["Cert", "Chain"] and chain[4] == "true" and chain[5] == "ec30e0e1"
     assert chain[6] == "2033-09-16T18:26:19Z" and chain[7] == "2023-09-19T18:26:19Z"
+    assert ca[4] == "3b9dbea3"  # istioctl's %x of the decimal serial: no leading zero
+
+
+def test_serial_column_is_what_istioctl_prints():
+    # config_dump holds the decimal serial; istioctl prints big.Int with %x
+    serial = 0x0a5c87a881689217e4d44a88e8f724d6  # first byte below 0x10
+    assert serial_text(str(serial)) == "a5c87a881689217e4d44a88e8f724d6"
+    assert serial_text(str(0xec30e0e1b7105e3dce4425b5255287c6)) == "ec30e0e1b7105e3dce4425b5255287c6"
+    assert serial_text("") == ""
+    assert serial_text("not-a-number") == "not-a-number"
 
 
 def test_json_and_all():

@@ -50,6 +50,15 @@ def _valid(cert: dict[str, Any], now: datetime) -> str:
     return "true" if start <= now <= end else "false"
 
 
+def serial_text(serial_number: str) -> str:
+    """The SERIAL NUMBER column as istioctl prints it: config_dump's decimal `serialNumber` parsed
+    base 10 and printed with Go's `%x` (lowercase hex, no leading zeros, so a serial whose first
+    byte is below 0x10 is shorter than `openssl x509 -serial`'s zero-padded form of the same number).
+    A value that is not decimal is shown as given."""
+    text = (serial_number or "").strip()
+    return format(int(text, 10), "x") if text.isdigit() else text
+
+
 def secrets_table(dump: dict[str, Any], now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     rows = []
@@ -61,7 +70,7 @@ def secrets_table(dump: dict[str, Any], now: datetime | None = None) -> str:
                 rows.append([entry["identity"], kind, status, "false", "", "", ""])
                 continue
             cert = certs[0]
-            rows.append([entry["identity"], kind, status, _valid(cert, now), cert.get("serialNumber", ""),
+            rows.append([entry["identity"], kind, status, _valid(cert, now), serial_text(cert.get("serialNumber", "")),
                          cert.get("expirationTime", ""), cert.get("validFrom", "")])
     return table(["NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"], rows, gap=5)
 

@@ -176,7 +176,12 @@ async def echo_many(host, port, size, count, concurrency, half_close_first, sour
     start = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(count)))
     failed = [r for r in results if not r["ok"]]
-    out = {"count": count, "ok": len(results) - len(failed), "failed": len(failed), "errors": [r["error"] for r in failed][:5],
+    # A connection that ended cleanly (no error) yet returned other bytes than it sent: corruption
+    # or silent truncation, never an acceptable outcome (a failure must surface as an error).
+    mismatched = sum(1 for r in results if r.get("error") is None and "received_sha256" in r
+                     and r["received_sha256"] != r["sent_sha256"])
+    out = {"count": count, "ok": len(results) - len(failed), "failed": len(failed), "mismatched": mismatched,
+           "errors": [r["error"] for r in failed][:5],
            "seconds": round(time.monotonic() - start, 3)}
     if count == 1:
         out.update(results[0])

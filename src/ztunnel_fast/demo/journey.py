@@ -12,9 +12,10 @@ ztunnel logs, `proxy-config workloads` and `secrets`, `ipset list`, the `ztunnel
 chain, and httpbin scaled to 2 with round robin visible in the logs.  Each step prints the
 command, its output and one line on what it shows.
 
-Invariant: everything the demo creates (namespaces, veths, rules, ipsets, processes, and the
-/etc/netns/<ns>/hosts files that give pods their DNS names) is removed at the end, on Ctrl-C and
-on failure, unless --keep.
+Invariant: everything the demo creates (namespaces, veths, rules, ipsets, processes, the
+/etc/netns/<ns>/hosts files that give pods their DNS names, and the work directory holding the
+demo CA's private key, configs and logs) is removed at the end, on Ctrl-C, SIGTERM and on
+failure, unless --keep.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ NS = "ambient-demo"
 VIP, SERVICE_PORT, TARGET_PORT = "198.19.0.10", 8000, 80
 NODES = (("amb1-worker", "198.18.0.11", "198.18.1.0/24"), ("amb1-worker2", "198.18.0.12", "198.18.2.0/24"))
 SYNC_INTERVAL = 0.2  # seconds between the pod-selection watcher's polls of the inventory
+LOG_SETTLE_TIMEOUT = 5.0  # seconds to wait for earlier connections' closing log lines
 STEPS = ("before", "label", "after", "logs", "proxy-config", "ipset", "iptables", "scale")
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts
 
@@ -197,8 +200,37 @@ def _log_lines(c: Cluster, since: dict[str, int] | None = None) -> list[str]:
     return sorted(lines)
 
 
+_SPAN_ID = re.compile(r"\b(inbound|outbound)\{id=([0-9a-f]+)")
+
+
+def _unfinished(text: str) -> set[tuple[str, str]]:
+    """(direction, id) of connections logged as started (outbound 'proxy to' / 'proxying to',
+    inbound 'got CONNECT request') but not yet as ended ('complete' / 'failed')."""
+    started, ended = set(), set()
+    for line in text.splitlines():
+        m = _SPAN_ID.search(line)
+        if m is None:
+            continue
+        key = (m.group(1), m.group(2))
+        if " proxy to " in line or " proxying to " in line or " got CONNECT request " in line:
+            started.add(key)
+        elif " complete " in line or " failed " in line:
+            ended.add(key)
+    return started - ended
+
+
 def _marks(c: Cluster) -> dict[str, int]:
-    return {name: len(zt.log()) for name, zt in c.ztunnels.items()}
+    """Where each log ends now, once the connections of earlier steps have logged their end: a
+    step's own lines start after this (no 'complete' of the previous step's curl, no partial
+    line)."""
+    deadline = time.monotonic() + LOG_SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        logs = {name: zt.log() for name, zt in c.ztunnels.items()}
+        if all(text.endswith("\n") or not text for text in logs.values()) and \
+                not any(_unfinished(text) for text in logs.values()):
+            break
+        time.sleep(0.05)
+    return {name: text.rfind("\n") + 1 for name, text in logs.items()}
 
 
 def step_before(c: Cluster) -> None:
@@ -249,7 +281,7 @@ def step_logs(c: Cluster) -> None:
     since = _marks(c)
     argv = ["sh", "-c", f"for i in $(seq 1 3); do curl -s -I --max-time 10 http://httpbin:{SERVICE_PORT}/ >/dev/null; done"]
     c.topo.run(sleep.pod, argv)
-    time.sleep(0.3)
+    _marks(c)  # wait for the three connections' closing lines
     show("ztunnel-fast logs", 'kubectl -n istio-system logs -l app=ztunnel | egrep "inbound|outbound"'
          f"  # here: the logs of both nodes' ztunnel-fast, after {shlex.join(argv[2:])}",
          "\n".join(_log_lines(c, since)),
@@ -324,6 +356,9 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
     if step is not None and step not in STEPS:
         print(f"unknown step {step!r}; steps: {', '.join(STEPS)}", file=sys.stderr)
         return 2
+    # SIGTERM ends the demo like Ctrl-C (the finally below removes everything); netns's own
+    # handler tears the namespaces down first and then calls this one.
+    signal.signal(signal.SIGTERM, _terminated)
     workdir = Path(tempfile.mkdtemp(prefix="ztunnel-fast-demo-"))
     c: Cluster | None = None
     completed = False
@@ -349,7 +384,7 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
             print(f"  ztunnel-fast logs: {workdir}/ztunnel-*.log; admin inside a node: "
                   f"ip netns exec {c.nodes[NODES[0][0]].pod.netns} curl localhost:15000/config_dump")
             print(f"  remove everything: for n in $(ip netns list | grep -o '^{c.topo.prefix}-[a-z0-9-]*'); "
-                  f"do ip netns pids $n | xargs -r kill; ip netns del $n; rm -rf /etc/netns/$n; done")
+                  f"do ip netns pids $n | xargs -r kill; ip netns del $n; rm -rf /etc/netns/$n; done; rm -rf {workdir}")
         return 0
     except DemoFailed as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
@@ -360,5 +395,11 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
     finally:
         if not (keep and completed):
             teardown(c)
+            shutil.rmtree(workdir, ignore_errors=True)  # holds the demo CA's private key
             if c is not None:
-                print(f"\ntorn down: no namespace, rule, ipset or process of {c.topo.prefix} left")
+                print(f"\ntorn down: no namespace, rule, ipset or process of {c.topo.prefix} left, "
+                      f"{workdir} removed")
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

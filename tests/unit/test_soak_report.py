@@ -1,0 +1,38 @@
+"""bench.soak's verdicts from samples (pure: no pods, no processes)."""
+
+from types import SimpleNamespace
+
+from bench.soak import targets
+
+
+def sample(t, rss=70.0, fds=1000, mismatches=0, label=""):
+    return {"t": t, "rss_client_mib": rss, "rss_server_mib": rss, "fds_client": fds, "fds_server": fds,
+            "mismatches": mismatches, "label": label}
+
+
+def verdicts(samples, crashes=(), warmup=60.0):
+    soak = SimpleNamespace(samples=samples, crashes=list(crashes), warmup=warmup)
+    return {name: ok for name, _, _, ok in targets(soak)}
+
+
+def test_flat_run_meets_every_target():
+    got = verdicts([sample(t) for t in range(0, 600, 5)])
+    assert got and all(got.values()), got
+
+
+def test_steady_climb_after_warm_up_is_a_leak():
+    got = verdicts([sample(t, rss=70.0 + t / 10, fds=1000 + t) for t in range(0, 600, 5)])
+    assert not got["rss client flat after warm-up"] and not got["fds client flat after warm-up"]
+    assert got["hash mismatches"] and got["crashes (a ztunnel-fast exiting unasked)"]
+
+
+def test_warm_up_growth_and_fault_samples_do_not_count():
+    samples = [sample(t, rss=40.0 + t) for t in range(0, 60, 5)]  # growth during warm-up
+    samples += [sample(t) for t in range(60, 600, 5)]
+    samples.insert(20, sample(101, rss=500.0, fds=0, label="sigstop"))  # the fault's worst moment
+    assert all(verdicts(samples).values())
+
+
+def test_mismatch_or_crash_fails():
+    got = verdicts([sample(t) for t in range(0, 600, 5)] + [sample(600, mismatches=1)], crashes=["client exited"])
+    assert not got["hash mismatches"] and not got["crashes (a ztunnel-fast exiting unasked)"]
