@@ -52,6 +52,14 @@ RUN_FLAGS = [
     ("--authz-policy-info-logging", "AUTHZ_POLICY_INFO_LOGGING", "true: policy decisions at info"),
     ("--termination-grace-period-seconds", "TERMINATION_GRACE_PERIOD_SECONDS", "drain deadline source, e.g. 30"),
     ("--connection-termination-deadline", "CONNECTION_TERMINATION_DEADLINE", "drain deadline, e.g. 5s"),
+    # joining a mesh (istiod) and this proxy's own pod (downward API in the chart)
+    ("--xds-address", "XDS_ADDRESS", "istiod's xDS, host:port (https:// assumed); used without a local config"),
+    ("--ca-address", "CA_ADDRESS", "istiod's CA, host:port (https:// assumed); used without LOCAL_CA_DIR"),
+    ("--auth-token", "AUTH_TOKEN", "bearer token for istiod: a file (re-read per use) or the token itself"),
+    ("--pod-name", "POD_NAME", "this proxy's pod name (xDS node id)"),
+    ("--pod-namespace", "POD_NAMESPACE", "this proxy's pod namespace (xDS node id)"),
+    ("--instance-ip", "INSTANCE_IP", "this proxy's pod IP (xDS node id and INSTANCE_IPS)"),
+    ("--service-account", "SERVICE_ACCOUNT", "this proxy's service account"),
 ]
 
 

@@ -56,7 +56,14 @@ class _Recording(dict):
 
 
 # Variables Config reads that deliberately have no flag of their own, with the flag that covers them.
-NO_OWN_FLAG = {"ISTIO_META_CLUSTER_ID": "--cluster-id (CLUSTER_ID wins over it)"}
+NO_OWN_FLAG = {
+    "ISTIO_META_CLUSTER_ID": "--cluster-id (it wins over CLUSTER_ID, as Istio's chart sets it)",
+    # Set by the kubelet / the chart, never by hand: no flags.
+    "KUBERNETES_SERVICE_HOST": "in-cluster defaults of XDS_ADDRESS and CA_ADDRESS",
+    "ZTUNNEL_CPU_LIMIT": "--worker-threads",
+    "ZTUNNEL_RESOURCE_CPU_LIMIT": "--worker-threads",
+    "ZTUNNEL_RESOURCE_CPU_REQUEST": "--worker-threads",
+}
 
 
 def test_every_config_variable_has_a_flag():
