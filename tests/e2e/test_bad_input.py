@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ MIB = 1 << 20
 FOREIGN_TD_ID = "spiffe://other.local/ns/demo/sa/mallory"
 # Unhandled errors: Python's own reports on stderr, which the ztunnel log captures.
 CRASH_MARKERS = ("Traceback (most recent call last)", "Exception in callback", "Task exception was never retrieved")
-FUTURE_NOISE = "Future exception was never retrieved"  # asserted by test_peer_reset_leaves_no_unretrieved_future_errors
+FUTURE_NOISE = "Future exception was never retrieved"
+BUSY_LOOPS = 2  # CPU-bound processes beside the refusal tests: a refusal must reach the peer under load
+REFUSAL_REPEATS = 3  # each TLS refusal asserted this many times in a row under that load  # asserted by test_peer_reset_leaves_no_unretrieved_future_errors
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -189,6 +192,20 @@ def target(lab: Lab) -> Target:
     return Target(lab, mallory, sleep, httpbin, zt, lab.ca_dir / ROOT_CERT_FILE, certs)
 
 
+@pytest.fixture
+def cpu_contention():
+    """BUSY_LOOPS shell busy loops beside the test (its own CPU contention: a refusal raced by a reset
+    shows up under load), always killed afterwards."""
+    procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(BUSY_LOOPS)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
 def _refused_in_tls(out: dict) -> bool:
     """The server ended the TLS session before speaking HTTP/2: a failed handshake, or an alert/close
     on the first read after it.  Never its SETTINGS."""
@@ -204,8 +221,9 @@ def _tls_error(out: dict) -> str:
 
 
 # ------------------------------------------------------------------------- 1-4: TLS refusals
-def test_tls_refusals(target: Target) -> None:
+def test_tls_refusals(target: Target, cpu_contention) -> None:
     t = target
+    assert all(p.poll() is None for p in cpu_contention)
 
     # control: a correct client gets the server's HTTP/2 SETTINGS, with the reference's values (3.2)
     out = t.peer("tls")
@@ -227,39 +245,42 @@ def test_tls_refusals(target: Target) -> None:
         t.warning(since, "tls handshake failed")
         t.assert_serving(out)
 
-    # 2. TLS 1.2 only: protocol_version alert during the handshake
-    since = t.mark()
-    out = t.peer("tls", "--tls12")
-    assert out["handshake"].startswith("error") and "protocol version" in out["handshake"].lower(), out
-    t.warning(since, "tls handshake failed", "unsupported protocol version")
+    # Each alert is asserted REFUSAL_REPEATS times under the busy loops: it must reach the peer every
+    # time (a close() racing the alert with an RST lost it under load), the last run also checks health.
+    for attempt in range(REFUSAL_REPEATS):
+        last = attempt == REFUSAL_REPEATS - 1
+        # 2. TLS 1.2 only: protocol_version alert during the handshake
+        since = t.mark()
+        out = t.peer("tls", "--tls12", health=last)
+        assert out["handshake"].startswith("error") and "protocol version" in out["handshake"].lower(), out
+        t.warning(since, "tls handshake failed", "unsupported protocol version")
+
+        # 2b. ALPN without h2: no_application_protocol alert
+        since = t.mark()
+        out = t.peer("tls", "--alpn", "http/1.1", health=last)
+        assert out["handshake"].startswith("error") and "no application protocol" in out["handshake"].lower(), out
+        t.warning(since, "tls handshake failed", "h2 required")
+
+        # 3. no client certificate: TLS 1.3 certificate_required alert, never SETTINGS
+        since = t.mark()
+        out = t.peer("tls", "--no-cert", health=last)
+        assert _refused_in_tls(out), out
+        assert "certificate required" in _tls_error(out), (attempt, out)
+        t.warning(since, "tls handshake failed", "peer did not return a certificate")
+
+        # 4. a certificate from another CA (trust domain other.local): chain validation fails, unknown_ca
+        since = t.mark()
+        out = t.peer("tls", certs="foreign-ca", health=last)
+        assert _refused_in_tls(out), out
+        assert "unknown ca" in _tls_error(out), (attempt, out)
+        t.warning(since, "tls handshake failed", "client certificate verify failed")
     t.assert_serving(out)
 
-    # 2b. ALPN without h2: no_application_protocol alert; 2c. no ALPN at all: closed after the handshake
-    since = t.mark()
-    out = t.peer("tls", "--alpn", "http/1.1")
-    assert out["handshake"].startswith("error") and "no application protocol" in out["handshake"].lower(), out
-    t.warning(since, "tls handshake failed", "h2 required")
-    t.assert_serving(out)
+    # 2c. no ALPN at all: closed after the handshake
     since = t.mark()
     out = t.peer("tls", "--alpn", "")
     assert _refused_in_tls(out), out
     t.warning(since, "tls handshake failed", "ALPN h2 not negotiated")
-    t.assert_serving(out)
-
-    # 3. no client certificate: TLS 1.3 certificate_required alert, never SETTINGS
-    since = t.mark()
-    out = t.peer("tls", "--no-cert")
-    assert _refused_in_tls(out), out
-    assert "certificate required" in _tls_error(out), out
-    t.warning(since, "tls handshake failed", "peer did not return a certificate")
-    t.assert_serving(out)
-
-    # 4. a certificate from another CA (trust domain other.local): chain validation fails, unknown_ca
-    since = t.mark()
-    out = t.peer("tls", certs="foreign-ca")
-    assert _refused_in_tls(out), out
-    assert "unknown ca" in _tls_error(out), out
-    t.warning(since, "tls handshake failed", "client certificate verify failed")
     t.assert_serving(out)
 
     # 4b. our CA, but spiffe://other.local/...: the trust-domain check refuses it
@@ -319,8 +340,9 @@ def test_connect_refusals(target: Target) -> None:
 
 
 # ------------------------------------------------------------ 10-12: HTTP/2 protocol violations
-def test_h2_protocol_violations(target: Target) -> None:
+def test_h2_protocol_violations(target: Target, cpu_contention) -> None:
     t = target
+    assert all(p.poll() is None for p in cpu_contention)
 
     # 10. TLS fine, then no HTTP/2 client preface.  RFC 9113 3.4: a connection error PROTOCOL_ERROR,
     # "a GOAWAY frame MAY be omitted" (the Rust h2 crate under ztunnel omits it): closed, and any

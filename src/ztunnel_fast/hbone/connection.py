@@ -34,6 +34,7 @@ from hyperframe.frame import GoAwayFrame
 from OpenSSL import SSL
 
 from ..errors import HttpStatus, StreamReset
+from ..proxy.sockets import close_later
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +374,7 @@ class HboneConnection(ConnectionState):
     def close(self, error: Exception | None = None) -> None:
         if self.lost is not None:
             return
+        self._write_last()
         self.lost = error or ConnectionLost("connection closed")
         try:
             self.loop.remove_reader(self._fd)
@@ -394,10 +396,9 @@ class HboneConnection(ConnectionState):
                 self.tls.shutdown()
         except SSL.Error:
             pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        # FIN behind our last frames (a GOAWAY), a bounded drain, then close: never an RST that
+        # would discard them (proxy/sockets.py says why)
+        close_later(self.sock)
         if not self.closed.done():
             self.closed.set_result(error)
 
@@ -602,6 +603,16 @@ class HboneConnection(ConnectionState):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _write_last(self) -> None:
+        """Best effort, once, before closing: what h2 still has for the peer (an error GOAWAY)."""
+        try:
+            self._out += self.h2.data_to_send()
+            while self._out:
+                del self._out[: self.tls.send(self._out[: 16 * 16384])]
+        except (SSL.Error, OSError):
+            pass
+        self._out.clear()
 
     def _peer_alert(self) -> str | None:
         """After a failed write, the TLS alert the peer may have sent (e.g. it rejected our

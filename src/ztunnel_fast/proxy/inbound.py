@@ -64,9 +64,9 @@ class Inbound:
                 raise TlsError("peer certificate has no SPIFFE identity")
         except TlsError as exc:
             log.warning("%s", exc, extra={"span": span})
-            # a plain close (FIN), not a reset: the TLS alert OpenSSL just wrote (unknown ca,
-            # certificate required, ...) must reach the peer, and an RST would discard it
-            sock.close()
+            # FIN after the TLS alert OpenSSL just wrote (unknown ca, certificate required, ...),
+            # then drain: a close() with the peer's unread bytes would send RST and drop the alert
+            await sockets.close_gracefully(sock)
             return
         except Exception as exc:  # noqa: BLE001 - a bad peer must never take the listener down
             log.error("tls setup failed: %s", exc, extra={"span": span})
