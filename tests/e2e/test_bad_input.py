@@ -42,6 +42,8 @@ CERT_TTL = 3600  # seconds; far beyond any test
 LOG_WAIT = 5.0  # seconds a WARN line gets to appear
 SETTLE = 10.0  # seconds for upstream sockets to close after a flood
 MIB = 1 << 20
+MAX_STREAMS = 200  # SETTINGS_MAX_CONCURRENT_STREAMS ztunnel-fast advertises (reference 3.2)
+UNREAD_FLOOD_MIB = 64  # MiB of PINGs a peer that never reads its acks may try to push
 FOREIGN_TD_ID = "spiffe://other.local/ns/demo/sa/mallory"
 # Unhandled errors: Python's own reports on stderr, which the ztunnel log captures.
 CRASH_MARKERS = ("Traceback (most recent call last)", "Exception in callback", "Task exception was never retrieved")
@@ -107,10 +109,10 @@ class Target:
 
     # -- the bad peer ----------------------------------------------------------------------
     def peer(self, case: str, *args: str, certs: str | None = "good", health: bool = True,
-             timeout: float = 5.0) -> dict:
+             timeout: float = 5.0, trace: bool = False) -> dict:
         argv = [sys.executable, "-m", "tests.e2e.badpeer", case, "--ip", self.ip, "--root", str(self.root),
                 "--timeout", str(timeout), "--health-port", str(APP_PORT),
-                "--health-cert-dir", str(self.certs["good"])]
+                "--health-cert-dir", str(self.certs["good"]), *(["--trace"] if trace else [])]
         if certs is not None:
             argv += ["--cert-dir", str(self.certs[certs])]
         if health:
@@ -170,12 +172,21 @@ class Target:
 
 @pytest.fixture
 def target(lab: Lab) -> Target:
+    return _build_target(lab)
+
+
+def _build_target(lab: Lab, engines: tuple[str, ...] = ()) -> Target | list[Target]:
+    """mallory, sleep and one httpbin (with its ztunnel-fast on the lab's engine); with `engines`,
+    one httpbin (and ztunnel-fast) per engine on the same topology, returned as a list."""
     mallory = lab.pod("mallory", namespace="demo", mesh=False)
     sleep = lab.pod("sleep", namespace="demo")
-    httpbin = lab.pod("httpbin", namespace="demo")
+    names = [f"httpbin-{e}" for e in engines] or ["httpbin"]
+    httpbins = [lab.pod(name, namespace="demo") for name in names]
     lab.write_config()
-    lab.app(httpbin, "serve", str(APP_PORT), "echo", port=APP_PORT)
-    zt = lab.start_ztunnel(httpbin, redirect=False)
+    zts = []
+    for httpbin, engine in zip(httpbins, engines or (None,), strict=True):
+        lab.app(httpbin, "serve", str(APP_PORT), "echo", port=APP_PORT)
+        zts.append(lab.start_ztunnel(httpbin, redirect=False, **({"ZTUNNEL_ENGINE": engine} if engine else {})))
 
     peers = lab.workdir / "peers"
     ours = LocalCA.load(lab.ca_dir)
@@ -189,7 +200,9 @@ def target(lab: Lab) -> Target:
         "foreign-td": _write_identity(peers / "foreign-td",
                                       *_foreign_trust_domain_leaf(lab.ca_dir, FOREIGN_TD_ID)),
     }
-    return Target(lab, mallory, sleep, httpbin, zt, lab.ca_dir / ROOT_CERT_FILE, certs)
+    targets = [Target(lab, mallory, sleep, httpbin, zt, lab.ca_dir / ROOT_CERT_FILE, certs)
+               for httpbin, zt in zip(httpbins, zts, strict=True)]
+    return targets if engines else targets[0]
 
 
 @pytest.fixture
@@ -295,8 +308,8 @@ def test_tls_refusals(target: Target, cpu_contention) -> None:
 
 
 # -------------------------------------------------------------------- 5-9: CONNECT refusals
-def test_connect_refusals(target: Target) -> None:
-    t = target
+def _connect_cases(t: Target) -> list[tuple[list[tuple[str, str]], int, str]]:
+    """(headers, status, reason in the WARN line) of every CONNECT refusal (reference 3.2)."""
     ip = t.ip
     get = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", f"{ip}:{APP_PORT}")]
 
@@ -317,6 +330,12 @@ def test_connect_refusals(target: Target) -> None:
         (connect(f"198.18.0.250:{APP_PORT}"), 400, f"400 Bad Request: ip mismatch: 198.18.0.250 != {ip}"),
         (connect(f"{ip}:81"), 503, f"503 Service Unavailable: failed to connect to {ip}:81"),  # 9
     ]
+    return cases
+
+
+def test_connect_refusals(target: Target) -> None:
+    t = target
+    cases = _connect_cases(t)
     for headers, status, reason in cases:
         since = t.mark()
         out = t.request(headers)
@@ -370,6 +389,20 @@ def test_h2_protocol_violations(target: Target, cpu_contention) -> None:
     t.warning(since, "peer violated HTTP/2", "PROTOCOL_ERROR")
     t.assert_serving(out)
 
+    # 12a. one stream more than the advertised 200: that one refused (RST_STREAM REFUSED_STREAM, RFC
+    # 9113 5.1.2), the 200 others served and the connection kept (a PING still answered, no GOAWAY)
+    out = t.peer("too-many-streams", "--count", str(MAX_STREAMS + 1), timeout=30.0)
+    assert out["complete"] and out["goaway"] is None and out["ping_after"], out
+    assert out["statuses"] == {"200": MAX_STREAMS} and out["refused"] == [2 * MAX_STREAMS + 1], out
+    t.assert_serving(out)
+
+    # 12c. a header block HPACK cannot decode: the compression context is lost, COMPRESSION_ERROR
+    since = t.mark()
+    out = t.peer("hpack-error")
+    assert out["goaway"] == "COMPRESSION_ERROR" and out["closed"] is not None, out
+    t.warning(since, "peer violated HTTP/2", "COMPRESSION_ERROR")
+    t.assert_serving(out)
+
     # 12b. stream 5 used (GET, answered 400), then a new stream 3: PROTOCOL_ERROR, last stream 5
     since = t.mark()
     out = t.peer("lower-stream")
@@ -404,6 +437,13 @@ def test_floods(target: Target) -> None:
     out = t.peer("flood-ping", "--count", "10000", timeout=10.0)
     if out["goaway"] is None:
         assert out["ping_after"] and out["ping_acks"] == 10000 + 1, out
+    t.assert_serving(out)
+
+    # PINGs whose acks are never read: the server stops reading (the peer's writes block long before
+    # UNREAD_FLOOD_MIB) or ends the connection with ENHANCE_YOUR_CALM; it never buffers the acks
+    out = t.peer("flood-ping-unread", "--count", str(UNREAD_FLOOD_MIB), timeout=10.0)
+    assert out["written"] < out["limit"], out
+    assert out["blocked"] or out["goaway"] == "ENHANCE_YOUR_CALM", out
     t.assert_serving(out)
 
     # one tunnel whose 5000 bytes arrive as 5000 one-byte DATA frames: echoed intact
@@ -461,3 +501,82 @@ def test_peer_reset_leaves_no_unretrieved_future_errors(target: Target) -> None:
     assert FUTURE_NOISE not in log, (
         f"asyncio reported {log.count(FUTURE_NOISE)} unretrieved StreamReset future(s) after one reset "
         f"tunnel:\n{log[-3000:]}")
+
+
+# ------------------------------------------------------------ one behaviour, two engines
+def _answer(out: dict) -> dict:
+    """What a server decided in a case, engine-neutral: the frame trace (badpeer --trace: each
+    stream's frames in order, DATA as bytes, no flow-control pacing or keepalive timers), the TLS
+    outcome and how the connection ended; never byte counts of pacing or the peer's own timings."""
+    keep = ("trace", "handshake", "version", "alpn", "after", "received", "head", "closed", "goaway",
+            "streams", "statuses", "refused", "ok", "echoed", "ping_after", "ping_acks", "blocked", "answered")
+    answer = {k: out[k] for k in keep if k in out}
+    if "echo_same_connection" in out:
+        answer["echo_same_connection"] = out["echo_same_connection"].get("ok")
+    answer["health"] = out.get("health", {}).get("ok")
+    return answer
+
+
+def test_engines_answer_alike(topology, tmp_path) -> None:
+    """Every bad-input case against the native engine and the pure twin, side by side on one
+    topology: the answers (frame traces included) must be equal, so a difference fails the suite."""
+    from ztunnel_fast.engine import native_available
+
+    ok, why = native_available()
+    assert ok, f"native engine not built: {why} (run `make build`)"
+    lab = Lab(topology, tmp_path, log_level="info")
+    native, pure = _build_target(lab, engines=("native", "pure"))
+
+    def runs(t: Target) -> list[tuple[str, dict]]:
+        cases: list[tuple[str, tuple[str, ...], dict]] = [
+            ("settings", ("tls",), {}),
+            ("plaintext", ("plaintext",), {}),
+            ("garbage", ("garbage",), {}),
+            ("tls12", ("tls", "--tls12"), {}),
+            ("alpn-http1", ("tls", "--alpn", "http/1.1"), {}),
+            ("alpn-none", ("tls", "--alpn", ""), {}),
+            ("no-cert", ("tls", "--no-cert"), {}),
+            ("foreign-ca", ("tls",), {"certs": "foreign-ca"}),
+            ("foreign-td", ("tls",), {"certs": "foreign-td"}),
+            ("bad-preface", ("bad-preface",), {}),
+            ("oversized-frame", ("oversized-frame",), {}),
+            ("oversized-frame-header", ("oversized-frame-header",), {}),
+            ("even-stream", ("even-stream",), {}),
+            ("lower-stream", ("lower-stream",), {}),
+            ("non-utf8-header", ("non-utf8-header",), {}),
+            ("hpack-error", ("hpack-error",), {}),
+            ("too-many-streams", ("too-many-streams", "--count", str(MAX_STREAMS + 1)), {"timeout": 30.0}),
+            ("flood-ping", ("flood-ping", "--count", "10000"), {"timeout": 10.0}),
+            ("flood-data", ("flood-data", "--count", "5000"), {"timeout": 10.0}),
+            ("reset-tunnel", ("reset-tunnel",), {}),
+        ]
+        for n, (headers, _, _) in enumerate(_connect_cases(t)):
+            cases.append((f"connect-{n}", ("request", "--request", json.dumps(headers), "--then-echo"), {}))
+        results = []
+        for name, argv, kw in cases:
+            results.append((name, _answer(t.peer(*argv, trace=True, **kw))))
+        # how many acks an unread PING flood gets before the server stops reading depends on when
+        # the peer gives up writing: only the verdict (backpressure or GOAWAY) is compared
+        out = t.peer("flood-ping-unread", "--count", str(UNREAD_FLOOD_MIB), timeout=10.0)
+        results.append(("flood-ping-unread", {"blocked": out["blocked"], "goaway": out["goaway"],
+                                              "health": out["health"]["ok"]}))
+        # rapid reset races the server's answers against the peer's cancels by design: its per-stream
+        # frames differ from run to run on one engine, so only its verdict is compared
+        out = t.peer("flood-reset", "--count", "1000", "--linger", "2", timeout=10.0)
+        results.append(("flood-reset", {"goaway": out["goaway"], "ping_after": out["ping_after"],
+                                        "health": out["health"]["ok"]}))
+        return results
+
+    answers = {"native": runs(native), "pure": runs(pure)}
+    differences = [
+        f"{name}:\n  native: {json.dumps(n)[:3000]}\n  pure:   {json.dumps(p)[:3000]}"
+        for (name, n), (_, p) in zip(answers["native"], answers["pure"], strict=True) if n != p
+    ]
+    assert not differences, "the engines answer differently:\n" + "\n".join(differences)
+    # and the answers are the ones the suite asserts (equal but both wrong must fail too)
+    by_case = dict(answers["native"])
+    assert by_case["too-many-streams"]["refused"] == [2 * MAX_STREAMS + 1], by_case["too-many-streams"]
+    assert by_case["hpack-error"]["goaway"] == "COMPRESSION_ERROR", by_case["hpack-error"]
+    assert "unknown ca" in by_case["foreign-ca"]["after"].lower(), by_case["foreign-ca"]
+    for t in (native, pure):
+        t.assert_no_crash_reports()
