@@ -151,8 +151,8 @@ class _H2Connection(h2.connection.H2Connection):
             self._admit_beyond_limit = False
         if not refuse:
             return frames, events
-        self._count_refusal()
         self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+        self._count_refusal()  # after the RST, as native: the refusal that crosses the limit is sent too
         return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
 
     _reset_times: collections.deque | None = None
