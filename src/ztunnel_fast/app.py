@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 
+from . import limits
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
 from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config
 from .engine import create_engine
@@ -54,6 +55,15 @@ def load_state(config: Config) -> ProxyState:
     else:
         local = LocalConfig((), (), ())
     return ProxyState.from_local(local)
+
+
+def _raise_open_files() -> None:
+    """RLIMIT_NOFILE soft -> hard before any listener exists, logged as ztunnel does (issue 13)."""
+    before, after = limits.raise_open_files()
+    if after != before:
+        log.info("raised open file limit (RLIMIT_NOFILE) from %d to %d", before, after)
+    else:
+        log.info("open file limit (RLIMIT_NOFILE) is %d", after)
 
 
 def drain_deadline(config: Config) -> float:
@@ -110,6 +120,7 @@ class App:
         self.ctx = ctx
         self.inbound = Inbound(ctx)
         passthrough = InboundPassthrough(ctx)
+        _raise_open_files()  # config is valid: before the first listener accepts
         for port, handler, name in (
             (OUTBOUND_PORT, outbound.handle, "outbound"),
             (INBOUND_PORT, self.inbound.handle, "inbound"),

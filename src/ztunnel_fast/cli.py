@@ -38,6 +38,8 @@ RUN_FLAGS = [
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),
     ("--log-format", "LOG_FORMAT", "text or json"),
+    ("--tls-handshake-timeout", "TLS_HANDSHAKE_TIMEOUT", "15008: time from accept to a verified peer, e.g. 10s"),
+    ("--max-pending-tls-handshakes", "MAX_PENDING_TLS_HANDSHAKES", "15008: unauthenticated connections at once"),
 ]
 
 

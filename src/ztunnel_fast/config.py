@@ -184,6 +184,9 @@ class Config:
     # CONNECTION_TERMINATION_DEADLINE, seconds: drain deadline; None = derived from the grace period
     connection_termination_deadline: float | None = None
     authz_policy_info_logging: bool = False  # AUTHZ_POLICY_INFO_LOGGING: policy decisions at info
+    # -- bounded cost of strangers on 15008 (no ztunnel names exist for these) --
+    tls_handshake_timeout: float = 10.0  # TLS_HANDSHAKE_TIMEOUT, seconds from accept to a verified peer
+    max_pending_tls_handshakes: int = 1024  # MAX_PENDING_TLS_HANDSHAKES: beyond it, new ones are refused
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -263,6 +266,8 @@ class Config:
             termination_grace_period=parsed("TERMINATION_GRACE_PERIOD_SECONDS", duration(False), None),
             connection_termination_deadline=parsed("CONNECTION_TERMINATION_DEADLINE", duration(False), None),
             authz_policy_info_logging=parsed("AUTHZ_POLICY_INFO_LOGGING", parse_bool, False),
+            tls_handshake_timeout=parsed("TLS_HANDSHAKE_TIMEOUT", duration(True), 10.0),
+            max_pending_tls_handshakes=parsed("MAX_PENDING_TLS_HANDSHAKES", bounded(1), 1024),
         )
 
     def identity(self) -> Identity | None:
