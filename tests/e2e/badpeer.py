@@ -17,6 +17,9 @@ Cases (TLS is stdlib `ssl`, i.e. the system OpenSSL: not the product's, so not i
   reset-tunnel                 a working tunnel the peer then resets with RST_STREAM(CANCEL)
   too-many-streams             --count CONNECT tunnels at once (one more than the server allows)
   hpack-error                  a HEADERS frame whose block HPACK cannot decode
+  silent                       TCP only, never a byte: does the server close it (handshake deadline)?
+  strangers                    a good mTLS connection first, then --count silent TCP connections, then
+                               one more (refused at the cap?), then a tunnel on the good connection
   flood-ping-unread            PINGs written without ever reading the acks, until the server stops
                                reading (the write blocks for --linger s) or --count MiB were written
 
@@ -751,6 +754,50 @@ def case_flood_ping_unread(args) -> dict:
         sock.close()
 
 
+def _wait_closed(sock, timeout: float) -> str | None:
+    """How the server ended a connection we never wrote to: "eof", "error: ..." or None (still open)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = _recv(sock, deadline)
+        except OSError as exc:
+            return "error: " + _err(exc)
+        if data is None:
+            return None
+        if not data:
+            return "eof"
+
+
+def case_silent(args) -> dict:
+    sock = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+    try:
+        return {"closed": _wait_closed(sock, args.timeout)}
+    finally:
+        sock.close()
+
+
+def case_strangers(args) -> dict:
+    good = tls_connect(args)
+    conn = _h2_client(good)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(args.count):
+            idle.append(socket.create_connection((args.ip, args.port), timeout=args.timeout))
+        extra = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+        try:
+            extra_closed = _wait_closed(extra, args.timeout)
+        finally:
+            extra.close()
+        # the idle ones are still open (pending, not refused): none of them was closed by the server
+        still_open = sum(1 for s in idle if _wait_closed(s, 0.01) is None)
+        echo = h2_echo(good, f"{args.ip}:{args.health_port}", PAYLOAD_SIZE, args.timeout, conn=conn)
+        return {"extra_closed": extra_closed, "idle_open": still_open, "echo_during_cap": echo}
+    finally:
+        for s in idle:
+            s.close()
+        good.close()
+
+
 CASES = {
     "plaintext": case_plaintext,
     "garbage": case_garbage,
@@ -770,6 +817,8 @@ CASES = {
     "too-many-streams": case_too_many_streams,
     "hpack-error": case_hpack_error,
     "flood-ping-unread": case_flood_ping_unread,
+    "silent": case_silent,
+    "strangers": case_strangers,
 }
 
 

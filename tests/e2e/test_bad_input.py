@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -175,7 +176,7 @@ def target(lab: Lab) -> Target:
     return _build_target(lab)
 
 
-def _build_target(lab: Lab, engines: tuple[str, ...] = ()) -> Target | list[Target]:
+def _build_target(lab: Lab, engines: tuple[str, ...] = (), **env: str) -> Target | list[Target]:
     """mallory, sleep and one httpbin (with its ztunnel-fast on the lab's engine); with `engines`,
     one httpbin (and ztunnel-fast) per engine on the same topology, returned as a list."""
     mallory = lab.pod("mallory", namespace="demo", mesh=False)
@@ -186,7 +187,8 @@ def _build_target(lab: Lab, engines: tuple[str, ...] = ()) -> Target | list[Targ
     zts = []
     for httpbin, engine in zip(httpbins, engines or (None,), strict=True):
         lab.app(httpbin, "serve", str(APP_PORT), "echo", port=APP_PORT)
-        zts.append(lab.start_ztunnel(httpbin, redirect=False, **({"ZTUNNEL_ENGINE": engine} if engine else {})))
+        zts.append(lab.start_ztunnel(httpbin, redirect=False, **env,
+                                     **({"ZTUNNEL_ENGINE": engine} if engine else {})))
 
     peers = lab.workdir / "peers"
     ours = LocalCA.load(lab.ca_dir)
@@ -580,3 +582,58 @@ def test_engines_answer_alike(topology, tmp_path) -> None:
     assert "unknown ca" in by_case["foreign-ca"]["after"].lower(), by_case["foreign-ca"]
     for t in (native, pure):
         t.assert_no_crash_reports()
+
+
+# ------------------------------------------------------------------ strangers: bounded cost
+LOW_NOFILE = 1024  # the soft open-file limit ztunnel-fast is started with here; it must raise it
+PENDING_CAP = 5  # MAX_PENDING_TLS_HANDSHAKES in the cap test
+
+
+def _open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_silent_stranger_is_closed_at_the_deadline_and_nofile_is_raised(lab: Lab) -> None:
+    """Started with a soft RLIMIT_NOFILE of 1024, ztunnel-fast raises it to the hard limit and logs
+    it; a connection that never sends a byte is closed at TLS_HANDSHAKE_TIMEOUT, with a WARN."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > LOW_NOFILE, f"hard open-file limit {hard} leaves nothing to raise"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_NOFILE, hard))
+    try:
+        t = _build_target(lab, TLS_HANDSHAKE_TIMEOUT="1s")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _open_file_limits(t.zt.proc.pid) == (hard, hard)
+    assert t.zt.lines(f"raised open file limit (RLIMIT_NOFILE) from {LOW_NOFILE} to {hard}"), t.zt.log()[-3000:]
+
+    since = t.mark()
+    out = t.peer("silent", timeout=30.0)  # bounded wait for the outcome; the deadline is 1 s
+    assert out["closed"] is not None, f"a silent connection was never closed: {out}"
+    t.warning(since, "tls handshake failed", "timed out")
+    t.assert_serving(out)
+    t.assert_no_crash_reports()
+
+
+def test_pending_handshake_cap_refuses_strangers_while_authenticated_traffic_flows(lab: Lab) -> None:
+    """MAX_PENDING_TLS_HANDSHAKES silent connections are held; one more is reset at once (WARN);
+    a connection authenticated before them still carries a tunnel; once they leave, new peers
+    are served again."""
+    t = _build_target(lab, MAX_PENDING_TLS_HANDSHAKES=str(PENDING_CAP), TLS_HANDSHAKE_TIMEOUT="120s")
+    since = t.mark()
+    out = t.peer("strangers", "--count", str(PENDING_CAP), health=False, timeout=20.0)
+    assert out["extra_closed"] is not None, f"the stranger beyond the cap was not refused: {out}"
+    assert out["idle_open"] == PENDING_CAP, f"strangers within the cap were closed: {out}"
+    assert out["echo_during_cap"]["ok"], out
+    line = t.warning(since, "refused connection from", f"MAX_PENDING_TLS_HANDSHAKES={PENDING_CAP}")
+    assert f"{PENDING_CAP} TLS handshakes pending" in line, line
+    # the strangers are gone: their handshakes end (peer closed) and fresh peers are admitted again
+    for _ in range(20):  # bounded: each attempt waits for its own outcome
+        out = t.peer("echo", health=False)
+        if out.get("ok"):
+            break
+    assert out.get("ok"), out
+    t.assert_no_crash_reports()
