@@ -545,7 +545,9 @@ class HboneConnection(ConnectionState):
         except h2.exceptions.ProtocolError as exc:
             self._dispatch(events)
             code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
-            log.warning("%s: closing connection, peer violated HTTP/2: %s (GOAWAY %s)", self.name, exc, _code_name(code))
+            # a flood is abuse within the protocol's rules, worded as the native engine words it
+            what = str(exc) if isinstance(exc, _Flood) else f"peer violated HTTP/2: {exc}"
+            log.warning("%s: closing connection, %s (GOAWAY %s)", self.name, what, _code_name(code))
             self.goaway_sent = True
             pending = self.h2.data_to_send()
             if not pending:
