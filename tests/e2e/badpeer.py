@@ -777,25 +777,40 @@ def case_silent(args) -> dict:
 
 
 def case_strangers(args) -> dict:
-    good = tls_connect(args)
-    conn = _h2_client(good)
+    phase = "good connection"
     idle: list[socket.socket] = []
+    good = None
     try:
+        good = tls_connect(args)
+        conn = _h2_client(good)
+        # a first tunnel: from here on the server has verified us (TLS 1.3 clients finish first)
+        before = h2_echo(good, f"{args.ip}:{args.health_port}", 4096, args.timeout, conn=conn)
+        phase = "strangers"
         for _ in range(args.count):
             idle.append(socket.create_connection((args.ip, args.port), timeout=args.timeout))
-        extra = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+        phase = "one stranger more"
         try:
-            extra_closed = _wait_closed(extra, args.timeout)
-        finally:
-            extra.close()
+            extra = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+        except ConnectionResetError as exc:  # reset so fast that connect() itself saw it
+            extra_closed = "error: " + _err(exc)
+        else:
+            try:
+                extra_closed = _wait_closed(extra, args.timeout)
+            finally:
+                extra.close()
         # the idle ones are still open (pending, not refused): none of them was closed by the server
         still_open = sum(1 for s in idle if _wait_closed(s, 0.01) is None)
+        phase = "tunnel during the cap"
         echo = h2_echo(good, f"{args.ip}:{args.health_port}", PAYLOAD_SIZE, args.timeout, conn=conn)
-        return {"extra_closed": extra_closed, "idle_open": still_open, "echo_during_cap": echo}
+        return {"echo_before": before, "extra_closed": extra_closed, "idle_open": still_open,
+                "echo_during_cap": echo}
+    except (OSError, ssl.SSLError) as exc:
+        return {"failed_in": phase, "error": _err(exc)}
     finally:
         for s in idle:
             s.close()
-        good.close()
+        if good is not None:
+            good.close()
 
 
 CASES = {

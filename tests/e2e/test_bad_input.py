@@ -625,6 +625,8 @@ def test_pending_handshake_cap_refuses_strangers_while_authenticated_traffic_flo
     t = _build_target(lab, MAX_PENDING_TLS_HANDSHAKES=str(PENDING_CAP), TLS_HANDSHAKE_TIMEOUT="120s")
     since = t.mark()
     out = t.peer("strangers", "--count", str(PENDING_CAP), health=False, timeout=20.0)
+    assert "failed_in" not in out, f"{out}\n{t.zt.log()[-4000:]}"
+    assert out["echo_before"]["ok"], out
     assert out["extra_closed"] is not None, f"the stranger beyond the cap was not refused: {out}"
     assert out["idle_open"] == PENDING_CAP, f"strangers within the cap were closed: {out}"
     assert out["echo_during_cap"]["ok"], out
