@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 
+from . import limits
 from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_app, version_info
 from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
 from .engine import create_engine
@@ -85,6 +86,15 @@ def certificate_source(config: Config) -> CertificateSource:
                         impersonate=config.proxy_mode is ProxyMode.SHARED)
     raise ConfigError("CA_ADDRESS", "", "no certificate source: set CA_ADDRESS (istiod's CA) or LOCAL_CA_DIR "
                       "(a local CA; create one with `ztunnel-fast ca init DIR`)")
+
+
+def _raise_open_files() -> None:
+    """RLIMIT_NOFILE soft -> hard before any listener exists, logged as ztunnel does (issue 13)."""
+    before, after = limits.raise_open_files()
+    if after != before:
+        log.info("raised open file limit (RLIMIT_NOFILE) from %d to %d", before, after)
+    else:
+        log.info("open file limit (RLIMIT_NOFILE) is %d", after)
 
 
 def drain_deadline(config: Config) -> float:
@@ -171,6 +181,7 @@ class App:
             self._start_xds()
         self.inbound = Inbound(ctx)
         passthrough = InboundPassthrough(ctx)
+        _raise_open_files()  # config is valid: before the first listener accepts
         if config.inpod:
             self._start_inpod()
         else:

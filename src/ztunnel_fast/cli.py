@@ -60,6 +60,8 @@ RUN_FLAGS = [
     ("--pod-namespace", "POD_NAMESPACE", "this proxy's pod namespace (xDS node id)"),
     ("--instance-ip", "INSTANCE_IP", "this proxy's pod IP (xDS node id and INSTANCE_IPS)"),
     ("--service-account", "SERVICE_ACCOUNT", "this proxy's service account"),
+    ("--tls-handshake-timeout", "TLS_HANDSHAKE_TIMEOUT", "15008: time from accept to a verified peer, e.g. 10s"),
+    ("--max-pending-tls-handshakes", "MAX_PENDING_TLS_HANDSHAKES", "15008: unauthenticated connections at once"),
 ]
 
 

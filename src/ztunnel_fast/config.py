@@ -292,6 +292,9 @@ class Config:
     inpod_uds: Path | None = None  # INPOD_UDS: istio-cni's ZDS socket; setting it also enables in-pod mode
     # ZTUNNEL_REDIRECTION: "node" = keep the node's ipset from the state (see redirection_from_env)
     redirection: str = "none"
+    # -- bounded cost of strangers on 15008 (no ztunnel names exist for these) --
+    tls_handshake_timeout: float = 10.0  # TLS_HANDSHAKE_TIMEOUT, seconds from accept to a verified peer
+    max_pending_tls_handshakes: int = 1024  # MAX_PENDING_TLS_HANDSHAKES: beyond it, new ones are refused
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -384,6 +387,8 @@ class Config:
             inpod_enabled=parsed("INPOD_ENABLED", parse_bool, False),
             inpod_uds=parsed("INPOD_UDS", lambda s, v: Path(v), None),
             redirection=redirection_from_env(env, mode),
+            tls_handshake_timeout=parsed("TLS_HANDSHAKE_TIMEOUT", duration(True), 10.0),
+            max_pending_tls_handshakes=parsed("MAX_PENDING_TLS_HANDSHAKES", bounded(1), 1024),
         )
 
     # --- in-pod mode (ZDS) -------------------------------------------------------------------

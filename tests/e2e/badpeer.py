@@ -15,6 +15,19 @@ Cases (TLS is stdlib `ssl`, i.e. the system OpenSSL: not the product's, so not i
   flood-reset | flood-ping | flood-data
                                many frames at once, then a PING to see whether the server still serves
   reset-tunnel                 a working tunnel the peer then resets with RST_STREAM(CANCEL)
+  too-many-streams             --count CONNECT tunnels at once (one more than the server allows)
+  hpack-error                  a HEADERS frame whose block HPACK cannot decode
+  silent                       TCP only, never a byte: does the server close it (handshake deadline)?
+  strangers                    a good mTLS connection first, then --count silent TCP connections, then
+                               one more (refused at the cap?), then a tunnel on the good connection
+  flood-ping-unread            PINGs written without ever reading the acks, until the server stops
+                               reading (the write blocks for --linger s) or --count MiB were written
+
+With --trace, the JSON also holds `trace`: every HTTP/2 frame the server sent on the case's
+connection, as comparable descriptions (tests/e2e/test_bad_input.py compares the two engines'
+traces): connection frames (stream 0) in order, each stream's frames in order, DATA as bytes per
+stream, WINDOW_UPDATE and the server's own keepalive PINGs left out (flow-control pacing and timers
+are each engine's business; what they decide is not), and how the connection ended.
 
 Every wait is bounded by --timeout; every socket is closed before the process exits.
 """
@@ -45,6 +58,7 @@ from hyperframe.frame import (
     PingFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -77,10 +91,92 @@ def tls_connect(args, *, tls12: bool = False, cert: bool = True, alpn: list[str]
         ctx.load_cert_chain(os.path.join(args.cert_dir, "cert.pem"), os.path.join(args.cert_dir, "key.pem"))
     raw = socket.create_connection((args.ip, args.port), timeout=args.timeout)
     try:
-        return ctx.wrap_socket(raw, server_hostname=None)  # None: no SNI, as ztunnel
+        sock = ctx.wrap_socket(raw, server_hostname=None)  # None: no SNI, as ztunnel
     except BaseException:
         raw.close()
         raise
+    Trace.watch(sock)
+    return sock
+
+
+class Trace:
+    """The bytes the server sent on the traced connection (the case's first TLS connection)."""
+
+    enabled = False
+    sock = None
+    received = bytearray()
+    ended: str | None = None
+
+    @classmethod
+    def watch(cls, sock) -> None:
+        if cls.enabled and cls.sock is None:
+            cls.sock = sock
+
+    @classmethod
+    def record(cls, sock, data: bytes | None = None, error: BaseException | None = None) -> None:
+        if sock is not cls.sock or cls.ended is not None:
+            return
+        if error is not None:
+            cls.ended = "error" if not isinstance(error, ssl.SSLEOFError) else "eof without close_notify"
+        elif data == b"":
+            cls.ended = "close_notify"
+        elif data:
+            cls.received += data
+
+    @classmethod
+    def describe(cls) -> dict:
+        """Comparable descriptions of the server's frames (see the module docstring)."""
+        decoder = hpack.Decoder()
+        connection: list = []
+        streams: dict[str, list] = {}
+        data_bytes: dict[str, int] = {}
+        buf = bytes(cls.received)
+        i = 0
+        while i + 9 <= len(buf):
+            frame, length = Frame.parse_frame_header(memoryview(buf[i:i + 9]))
+            if i + 9 + length > len(buf):
+                break
+            frame.parse_body(memoryview(buf[i + 9:i + 9 + length]))
+            i += 9 + length
+            flags = sorted(frame.flags)
+            sid = str(frame.stream_id)
+            if isinstance(frame, DataFrame):
+                data_bytes[sid] = data_bytes.get(sid, 0) + len(frame.data)
+                if "END_STREAM" in flags:
+                    streams.setdefault(sid, []).append(["END_STREAM"])
+                continue
+            if isinstance(frame, WindowUpdateFrame):
+                continue
+            if isinstance(frame, PingFrame) and "ACK" not in flags:
+                continue  # the server's keepalive: a timer, not an answer
+            d: list = [type(frame).__name__.replace("Frame", "").upper(), flags]
+            if isinstance(frame, HeadersFrame):
+                try:
+                    d.append(sorted((k.decode(), v.decode()) for k, v in decoder.decode(frame.data, raw=True)))
+                except Exception as exc:  # noqa: BLE001 - recorded: a difference to show, not a crash
+                    d.append(f"undecodable: {exc}")
+            elif isinstance(frame, GoAwayFrame):
+                d += [_code_name(frame.error_code), frame.last_stream_id]
+            elif isinstance(frame, RstStreamFrame):
+                d.append(_code_name(frame.error_code))
+            elif isinstance(frame, SettingsFrame):
+                d.append(sorted((_setting_name(k), v) for k, v in frame.settings.items()))
+            elif isinstance(frame, PingFrame):
+                d.append(frame.opaque_data.hex() if frame.opaque_data == b"badpeer!" else "n")
+            (connection if frame.stream_id == 0 else streams.setdefault(sid, [])).append(d)
+        return {"connection": _run_length(connection), "streams": {k: _run_length(v) for k, v in streams.items()},
+                "data_bytes": data_bytes, "ended": cls.ended}
+
+
+def _run_length(items: list) -> list:
+    """[[item, count], ...] for runs of equal items (floods answer thousands of equal frames)."""
+    out: list = []
+    for item in items:
+        if out and out[-1][0] == item:
+            out[-1][1] += 1
+        else:
+            out.append([item, 1])
+    return out
 
 
 def _recv(sock, deadline: float) -> bytes | None:
@@ -90,9 +186,14 @@ def _recv(sock, deadline: float) -> bytes | None:
         return None
     sock.settimeout(remaining)
     try:
-        return sock.recv(READ_SIZE)
+        data = sock.recv(READ_SIZE)
     except (socket.timeout, TimeoutError):
         return None
+    except (OSError, ssl.SSLError) as exc:
+        Trace.record(sock, error=exc)
+        raise
+    Trace.record(sock, data)
+    return data
 
 
 def _err(exc: BaseException) -> str:
@@ -364,7 +465,8 @@ def case_tls(args) -> dict:
         # its verdict (an alert, or its HTTP/2 SETTINGS) comes with the first read.
         sock.sendall(PREFACE + SettingsFrame(0).serialize())
         reader = FrameReader(sock)
-        reader.read_until(lambda r: r.server_settings() is not None, args.timeout)
+        reader.read_until(lambda r: r.server_settings() is not None and (not args.trace or any(
+            isinstance(f, SettingsFrame) and "ACK" in f.flags for f in r.frames)), args.timeout)
         out["frames"] = reader.report()["frames"]
         out["after"] = reader.closed or ("settings" if reader.server_settings() else "timeout")
     except (OSError, ssl.SSLError) as exc:
@@ -579,6 +681,138 @@ def case_reset_tunnel(args) -> dict:
         sock.close()
 
 
+def case_too_many_streams(args) -> dict:
+    """--count CONNECT tunnels opened at once (the server advertises MAX_CONCURRENT_STREAMS one
+    less): RFC 9113 5.1.2 wants the excess refused (RST_STREAM REFUSED_STREAM), the rest served."""
+    sock, reader = _raw_session(args)
+    try:
+        enc = hpack.Encoder()
+        burst = bytearray()
+        for i in range(args.count):
+            f = HeadersFrame(2 * i + 1)
+            f.data = enc.encode(_connect_headers(args))
+            f.flags.add("END_HEADERS")
+            burst += f.serialize()
+        sock.sendall(burst)
+
+        def answered(r: FrameReader) -> bool:
+            done = {f.stream_id for f in r.frames if isinstance(f, (HeadersFrame, RstStreamFrame))}
+            return len(done) >= args.count or r.goaway() is not None
+
+        complete = reader.read_until(answered, args.timeout)
+        alive = reader.goaway() is None and _ping_roundtrip(sock, reader, args.timeout)
+        out = reader.report()
+        statuses: dict[str, int] = {}
+        decoder = hpack.Decoder()
+        for f in reader.frames:
+            if isinstance(f, HeadersFrame):
+                status = dict(decoder.decode(f.data)).get(":status")
+                statuses[status] = statuses.get(status, 0) + 1
+        refused = sorted(f.stream_id for f in reader.frames
+                         if isinstance(f, RstStreamFrame) and f.error_code == ErrorCodes.REFUSED_STREAM)
+        out.update(sent_streams=args.count, complete=complete, statuses=statuses, refused=refused,
+                   ping_after=alive, frames=out["frames"][-5:])
+        return out
+    finally:
+        sock.close()
+
+
+def case_hpack_error(args) -> dict:
+    """HEADERS on stream 1 whose block is an HPACK integer that never ends: undecodable."""
+    sock, reader = _raw_session(args)
+    try:
+        sock.sendall(_frame_header(5, 0x1, 0x4, 1) + b"\xff\xff\xff\xff\xff")
+        return _wait_goaway_and_close(reader, args.timeout)
+    finally:
+        sock.close()
+
+
+def case_flood_ping_unread(args) -> dict:
+    """PINGs written and never read, until a write blocks for --linger s (the server stopped reading)
+    or --count MiB went out; then whatever the server still sends is read up to GOAWAY/close."""
+    sock, reader = _raw_session(args)
+    try:
+        chunk = b"".join(PingFrame(0, opaque_data=struct.pack(">Q", i)).serialize() for i in range(4096))
+        limit = args.count << 20
+        written, blocked, error = 0, False, None
+        sock.settimeout(args.linger)
+        while written < limit:
+            try:
+                written += sock.send(chunk)
+            except (socket.timeout, TimeoutError):
+                blocked = True  # the server stopped reading us: backpressure
+                break
+            except (OSError, ssl.SSLError) as exc:
+                error = _err(exc)  # e.g. closed after GOAWAY ENHANCE_YOUR_CALM
+                break
+        out = {"written": written, "limit": limit, "blocked": blocked, "write_error": error}
+        # stop flooding and read: what the server does now (its acks, a GOAWAY) is reported
+        reader.read_until(lambda r: r.goaway() is not None, args.linger)
+        out.update(goaway=reader.report()["goaway"])
+        return out
+    finally:
+        sock.close()
+
+
+def _wait_closed(sock, timeout: float) -> str | None:
+    """How the server ended a connection we never wrote to: "eof", "error: ..." or None (still open)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = _recv(sock, deadline)
+        except OSError as exc:
+            return "error: " + _err(exc)
+        if data is None:
+            return None
+        if not data:
+            return "eof"
+
+
+def case_silent(args) -> dict:
+    sock = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+    try:
+        return {"closed": _wait_closed(sock, args.timeout)}
+    finally:
+        sock.close()
+
+
+def case_strangers(args) -> dict:
+    phase = "good connection"
+    idle: list[socket.socket] = []
+    good = None
+    try:
+        good = tls_connect(args)
+        conn = _h2_client(good)
+        # a first tunnel: from here on the server has verified us (TLS 1.3 clients finish first)
+        before = h2_echo(good, f"{args.ip}:{args.health_port}", 4096, args.timeout, conn=conn)
+        phase = "strangers"
+        for _ in range(args.count):
+            idle.append(socket.create_connection((args.ip, args.port), timeout=args.timeout))
+        phase = "one stranger more"
+        try:
+            extra = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+        except ConnectionResetError as exc:  # reset so fast that connect() itself saw it
+            extra_closed = "error: " + _err(exc)
+        else:
+            try:
+                extra_closed = _wait_closed(extra, args.timeout)
+            finally:
+                extra.close()
+        # the idle ones are still open (pending, not refused): none of them was closed by the server
+        still_open = sum(1 for s in idle if _wait_closed(s, 0.01) is None)
+        phase = "tunnel during the cap"
+        echo = h2_echo(good, f"{args.ip}:{args.health_port}", PAYLOAD_SIZE, args.timeout, conn=conn)
+        return {"echo_before": before, "extra_closed": extra_closed, "idle_open": still_open,
+                "echo_during_cap": echo}
+    except (OSError, ssl.SSLError) as exc:
+        return {"failed_in": phase, "error": _err(exc)}
+    finally:
+        for s in idle:
+            s.close()
+        if good is not None:
+            good.close()
+
+
 CASES = {
     "plaintext": case_plaintext,
     "garbage": case_garbage,
@@ -595,6 +829,11 @@ CASES = {
     "flood-ping": case_flood_ping,
     "flood-data": case_flood_data,
     "reset-tunnel": case_reset_tunnel,
+    "too-many-streams": case_too_many_streams,
+    "hpack-error": case_hpack_error,
+    "flood-ping-unread": case_flood_ping_unread,
+    "silent": case_silent,
+    "strangers": case_strangers,
 }
 
 
@@ -616,15 +855,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=1000, help="flood-*: frames/streams")
     p.add_argument("--linger", type=float, default=2.0, help="flood-reset: seconds to stay connected after")
     p.add_argument("--health", action="store_true", help="afterwards, a good tunnel on a fresh connection")
+    p.add_argument("--trace", action="store_true", help="report every frame the server sent (`trace`)")
     p.add_argument("--health-cert-dir", help="--health: client identity (default --cert-dir)")
     p.add_argument("--health-port", type=int, default=80, help="the echo app's port")
     args = p.parse_args(argv)
 
+    Trace.enabled = args.trace
     try:
         out = CASES[args.case](args)
     except Exception as exc:  # noqa: BLE001 - reported, the test decides
         out = {"exception": _err(exc)}
     out["case"] = args.case
+    if args.trace:
+        out["trace"] = Trace.describe()
+    Trace.enabled = False
     if args.health:
         try:
             args.cert_dir = args.health_cert_dir or args.cert_dir

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,10 +43,14 @@ CERT_TTL = 3600  # seconds; far beyond any test
 LOG_WAIT = 5.0  # seconds a WARN line gets to appear
 SETTLE = 10.0  # seconds for upstream sockets to close after a flood
 MIB = 1 << 20
+MAX_STREAMS = 200  # SETTINGS_MAX_CONCURRENT_STREAMS ztunnel-fast advertises (reference 3.2)
+UNREAD_FLOOD_MIB = 64  # MiB of PINGs a peer that never reads its acks may try to push
 FOREIGN_TD_ID = "spiffe://other.local/ns/demo/sa/mallory"
 # Unhandled errors: Python's own reports on stderr, which the ztunnel log captures.
 CRASH_MARKERS = ("Traceback (most recent call last)", "Exception in callback", "Task exception was never retrieved")
-FUTURE_NOISE = "Future exception was never retrieved"  # asserted by test_peer_reset_leaves_no_unretrieved_future_errors
+FUTURE_NOISE = "Future exception was never retrieved"
+BUSY_LOOPS = 2  # CPU-bound processes beside the refusal tests: a refusal must reach the peer under load
+REFUSAL_REPEATS = 3  # each TLS refusal asserted this many times in a row under that load  # asserted by test_peer_reset_leaves_no_unretrieved_future_errors
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -104,10 +110,10 @@ class Target:
 
     # -- the bad peer ----------------------------------------------------------------------
     def peer(self, case: str, *args: str, certs: str | None = "good", health: bool = True,
-             timeout: float = 5.0) -> dict:
+             timeout: float = 5.0, trace: bool = False) -> dict:
         argv = [sys.executable, "-m", "tests.e2e.badpeer", case, "--ip", self.ip, "--root", str(self.root),
                 "--timeout", str(timeout), "--health-port", str(APP_PORT),
-                "--health-cert-dir", str(self.certs["good"])]
+                "--health-cert-dir", str(self.certs["good"]), *(["--trace"] if trace else [])]
         if certs is not None:
             argv += ["--cert-dir", str(self.certs[certs])]
         if health:
@@ -167,12 +173,22 @@ class Target:
 
 @pytest.fixture
 def target(lab: Lab) -> Target:
+    return _build_target(lab)
+
+
+def _build_target(lab: Lab, engines: tuple[str, ...] = (), **env: str) -> Target | list[Target]:
+    """mallory, sleep and one httpbin (with its ztunnel-fast on the lab's engine); with `engines`,
+    one httpbin (and ztunnel-fast) per engine on the same topology, returned as a list."""
     mallory = lab.pod("mallory", namespace="demo", mesh=False)
     sleep = lab.pod("sleep", namespace="demo")
-    httpbin = lab.pod("httpbin", namespace="demo")
+    names = [f"httpbin-{e}" for e in engines] or ["httpbin"]
+    httpbins = [lab.pod(name, namespace="demo") for name in names]
     lab.write_config()
-    lab.app(httpbin, "serve", str(APP_PORT), "echo", port=APP_PORT)
-    zt = lab.start_ztunnel(httpbin, redirect=False)
+    zts = []
+    for httpbin, engine in zip(httpbins, engines or (None,), strict=True):
+        lab.app(httpbin, "serve", str(APP_PORT), "echo", port=APP_PORT)
+        zts.append(lab.start_ztunnel(httpbin, redirect=False, **env,
+                                     **({"ZTUNNEL_ENGINE": engine} if engine else {})))
 
     peers = lab.workdir / "peers"
     ours = LocalCA.load(lab.ca_dir)
@@ -186,7 +202,23 @@ def target(lab: Lab) -> Target:
         "foreign-td": _write_identity(peers / "foreign-td",
                                       *_foreign_trust_domain_leaf(lab.ca_dir, FOREIGN_TD_ID)),
     }
-    return Target(lab, mallory, sleep, httpbin, zt, lab.ca_dir / ROOT_CERT_FILE, certs)
+    targets = [Target(lab, mallory, sleep, httpbin, zt, lab.ca_dir / ROOT_CERT_FILE, certs)
+               for httpbin, zt in zip(httpbins, zts, strict=True)]
+    return targets if engines else targets[0]
+
+
+@pytest.fixture
+def cpu_contention():
+    """BUSY_LOOPS shell busy loops beside the test (its own CPU contention: a refusal raced by a reset
+    shows up under load), always killed afterwards."""
+    procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(BUSY_LOOPS)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=10)
 
 
 def _refused_in_tls(out: dict) -> bool:
@@ -204,8 +236,9 @@ def _tls_error(out: dict) -> str:
 
 
 # ------------------------------------------------------------------------- 1-4: TLS refusals
-def test_tls_refusals(target: Target) -> None:
+def test_tls_refusals(target: Target, cpu_contention) -> None:
     t = target
+    assert all(p.poll() is None for p in cpu_contention)
 
     # control: a correct client gets the server's HTTP/2 SETTINGS, with the reference's values (3.2)
     out = t.peer("tls")
@@ -227,39 +260,42 @@ def test_tls_refusals(target: Target) -> None:
         t.warning(since, "tls handshake failed")
         t.assert_serving(out)
 
-    # 2. TLS 1.2 only: protocol_version alert during the handshake
-    since = t.mark()
-    out = t.peer("tls", "--tls12")
-    assert out["handshake"].startswith("error") and "protocol version" in out["handshake"].lower(), out
-    t.warning(since, "tls handshake failed", "unsupported protocol version")
+    # Each alert is asserted REFUSAL_REPEATS times under the busy loops: it must reach the peer every
+    # time (a close() racing the alert with an RST lost it under load), the last run also checks health.
+    for attempt in range(REFUSAL_REPEATS):
+        last = attempt == REFUSAL_REPEATS - 1
+        # 2. TLS 1.2 only: protocol_version alert during the handshake
+        since = t.mark()
+        out = t.peer("tls", "--tls12", health=last)
+        assert out["handshake"].startswith("error") and "protocol version" in out["handshake"].lower(), out
+        t.warning(since, "tls handshake failed", "unsupported protocol version")
+
+        # 2b. ALPN without h2: no_application_protocol alert
+        since = t.mark()
+        out = t.peer("tls", "--alpn", "http/1.1", health=last)
+        assert out["handshake"].startswith("error") and "no application protocol" in out["handshake"].lower(), out
+        t.warning(since, "tls handshake failed", "h2 required")
+
+        # 3. no client certificate: TLS 1.3 certificate_required alert, never SETTINGS
+        since = t.mark()
+        out = t.peer("tls", "--no-cert", health=last)
+        assert _refused_in_tls(out), out
+        assert "certificate required" in _tls_error(out), (attempt, out)
+        t.warning(since, "tls handshake failed", "peer did not return a certificate")
+
+        # 4. a certificate from another CA (trust domain other.local): chain validation fails, unknown_ca
+        since = t.mark()
+        out = t.peer("tls", certs="foreign-ca", health=last)
+        assert _refused_in_tls(out), out
+        assert "unknown ca" in _tls_error(out), (attempt, out)
+        t.warning(since, "tls handshake failed", "client certificate verify failed")
     t.assert_serving(out)
 
-    # 2b. ALPN without h2: no_application_protocol alert; 2c. no ALPN at all: closed after the handshake
-    since = t.mark()
-    out = t.peer("tls", "--alpn", "http/1.1")
-    assert out["handshake"].startswith("error") and "no application protocol" in out["handshake"].lower(), out
-    t.warning(since, "tls handshake failed", "h2 required")
-    t.assert_serving(out)
+    # 2c. no ALPN at all: closed after the handshake
     since = t.mark()
     out = t.peer("tls", "--alpn", "")
     assert _refused_in_tls(out), out
     t.warning(since, "tls handshake failed", "ALPN h2 not negotiated")
-    t.assert_serving(out)
-
-    # 3. no client certificate: TLS 1.3 certificate_required alert, never SETTINGS
-    since = t.mark()
-    out = t.peer("tls", "--no-cert")
-    assert _refused_in_tls(out), out
-    assert "certificate required" in _tls_error(out), out
-    t.warning(since, "tls handshake failed", "peer did not return a certificate")
-    t.assert_serving(out)
-
-    # 4. a certificate from another CA (trust domain other.local): chain validation fails, unknown_ca
-    since = t.mark()
-    out = t.peer("tls", certs="foreign-ca")
-    assert _refused_in_tls(out), out
-    assert "unknown ca" in _tls_error(out), out
-    t.warning(since, "tls handshake failed", "client certificate verify failed")
     t.assert_serving(out)
 
     # 4b. our CA, but spiffe://other.local/...: the trust-domain check refuses it
@@ -274,8 +310,8 @@ def test_tls_refusals(target: Target) -> None:
 
 
 # -------------------------------------------------------------------- 5-9: CONNECT refusals
-def test_connect_refusals(target: Target) -> None:
-    t = target
+def _connect_cases(t: Target) -> list[tuple[list[tuple[str, str]], int, str]]:
+    """(headers, status, reason in the WARN line) of every CONNECT refusal (reference 3.2)."""
     ip = t.ip
     get = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", f"{ip}:{APP_PORT}")]
 
@@ -296,6 +332,12 @@ def test_connect_refusals(target: Target) -> None:
         (connect(f"198.18.0.250:{APP_PORT}"), 400, f"400 Bad Request: ip mismatch: 198.18.0.250 != {ip}"),
         (connect(f"{ip}:81"), 503, f"503 Service Unavailable: failed to connect to {ip}:81"),  # 9
     ]
+    return cases
+
+
+def test_connect_refusals(target: Target) -> None:
+    t = target
+    cases = _connect_cases(t)
     for headers, status, reason in cases:
         since = t.mark()
         out = t.request(headers)
@@ -319,8 +361,9 @@ def test_connect_refusals(target: Target) -> None:
 
 
 # ------------------------------------------------------------ 10-12: HTTP/2 protocol violations
-def test_h2_protocol_violations(target: Target) -> None:
+def test_h2_protocol_violations(target: Target, cpu_contention) -> None:
     t = target
+    assert all(p.poll() is None for p in cpu_contention)
 
     # 10. TLS fine, then no HTTP/2 client preface.  RFC 9113 3.4: a connection error PROTOCOL_ERROR,
     # "a GOAWAY frame MAY be omitted" (the Rust h2 crate under ztunnel omits it): closed, and any
@@ -346,6 +389,20 @@ def test_h2_protocol_violations(target: Target) -> None:
     out = t.peer("even-stream")
     assert out["goaway"] == "PROTOCOL_ERROR" and out["closed"] is not None, out
     t.warning(since, "peer violated HTTP/2", "PROTOCOL_ERROR")
+    t.assert_serving(out)
+
+    # 12a. one stream more than the advertised 200: that one refused (RST_STREAM REFUSED_STREAM, RFC
+    # 9113 5.1.2), the 200 others served and the connection kept (a PING still answered, no GOAWAY)
+    out = t.peer("too-many-streams", "--count", str(MAX_STREAMS + 1), timeout=30.0)
+    assert out["complete"] and out["goaway"] is None and out["ping_after"], out
+    assert out["statuses"] == {"200": MAX_STREAMS} and out["refused"] == [2 * MAX_STREAMS + 1], out
+    t.assert_serving(out)
+
+    # 12c. a header block HPACK cannot decode: the compression context is lost, COMPRESSION_ERROR
+    since = t.mark()
+    out = t.peer("hpack-error")
+    assert out["goaway"] == "COMPRESSION_ERROR" and out["closed"] is not None, out
+    t.warning(since, "peer violated HTTP/2", "COMPRESSION_ERROR")
     t.assert_serving(out)
 
     # 12b. stream 5 used (GET, answered 400), then a new stream 3: PROTOCOL_ERROR, last stream 5
@@ -382,6 +439,13 @@ def test_floods(target: Target) -> None:
     out = t.peer("flood-ping", "--count", "10000", timeout=10.0)
     if out["goaway"] is None:
         assert out["ping_after"] and out["ping_acks"] == 10000 + 1, out
+    t.assert_serving(out)
+
+    # PINGs whose acks are never read: the server stops reading (the peer's writes block long before
+    # UNREAD_FLOOD_MIB) or ends the connection with ENHANCE_YOUR_CALM; it never buffers the acks
+    out = t.peer("flood-ping-unread", "--count", str(UNREAD_FLOOD_MIB), timeout=10.0)
+    assert out["written"] < out["limit"], out
+    assert out["blocked"] or out["goaway"] == "ENHANCE_YOUR_CALM", out
     t.assert_serving(out)
 
     # one tunnel whose 5000 bytes arrive as 5000 one-byte DATA frames: echoed intact
@@ -439,3 +503,139 @@ def test_peer_reset_leaves_no_unretrieved_future_errors(target: Target) -> None:
     assert FUTURE_NOISE not in log, (
         f"asyncio reported {log.count(FUTURE_NOISE)} unretrieved StreamReset future(s) after one reset "
         f"tunnel:\n{log[-3000:]}")
+
+
+# ------------------------------------------------------------ one behaviour, two engines
+def _answer(out: dict) -> dict:
+    """What a server decided in a case, engine-neutral: the frame trace (badpeer --trace: each
+    stream's frames in order, DATA as bytes, no flow-control pacing or keepalive timers), the TLS
+    outcome and how the connection ended; never byte counts of pacing or the peer's own timings."""
+    keep = ("trace", "handshake", "version", "alpn", "after", "received", "head", "closed", "goaway",
+            "streams", "statuses", "refused", "ok", "echoed", "ping_after", "ping_acks", "blocked", "answered")
+    answer = {k: out[k] for k in keep if k in out}
+    if "echo_same_connection" in out:
+        answer["echo_same_connection"] = out["echo_same_connection"].get("ok")
+    answer["health"] = out.get("health", {}).get("ok")
+    return answer
+
+
+def test_engines_answer_alike(topology, tmp_path) -> None:
+    """Every bad-input case against the native engine and the pure twin, side by side on one
+    topology: the answers (frame traces included) must be equal, so a difference fails the suite."""
+    from ztunnel_fast.engine import native_available
+
+    ok, why = native_available()
+    assert ok, f"native engine not built: {why} (run `make build`)"
+    lab = Lab(topology, tmp_path, log_level="info")
+    native, pure = _build_target(lab, engines=("native", "pure"))
+
+    def runs(t: Target) -> list[tuple[str, dict]]:
+        cases: list[tuple[str, tuple[str, ...], dict]] = [
+            ("settings", ("tls",), {}),
+            ("plaintext", ("plaintext",), {}),
+            ("garbage", ("garbage",), {}),
+            ("tls12", ("tls", "--tls12"), {}),
+            ("alpn-http1", ("tls", "--alpn", "http/1.1"), {}),
+            ("alpn-none", ("tls", "--alpn", ""), {}),
+            ("no-cert", ("tls", "--no-cert"), {}),
+            ("foreign-ca", ("tls",), {"certs": "foreign-ca"}),
+            ("foreign-td", ("tls",), {"certs": "foreign-td"}),
+            ("bad-preface", ("bad-preface",), {}),
+            ("oversized-frame", ("oversized-frame",), {}),
+            ("oversized-frame-header", ("oversized-frame-header",), {}),
+            ("even-stream", ("even-stream",), {}),
+            ("lower-stream", ("lower-stream",), {}),
+            ("non-utf8-header", ("non-utf8-header",), {}),
+            ("hpack-error", ("hpack-error",), {}),
+            ("too-many-streams", ("too-many-streams", "--count", str(MAX_STREAMS + 1)), {"timeout": 30.0}),
+            ("flood-ping", ("flood-ping", "--count", "10000"), {"timeout": 10.0}),
+            ("flood-data", ("flood-data", "--count", "5000"), {"timeout": 10.0}),
+            ("reset-tunnel", ("reset-tunnel",), {}),
+        ]
+        for n, (headers, _, _) in enumerate(_connect_cases(t)):
+            cases.append((f"connect-{n}", ("request", "--request", json.dumps(headers), "--then-echo"), {}))
+        results = []
+        for name, argv, kw in cases:
+            results.append((name, _answer(t.peer(*argv, trace=True, **kw))))
+        # how many acks an unread PING flood gets before the server stops reading depends on when
+        # the peer gives up writing: only the verdict (backpressure or GOAWAY) is compared
+        out = t.peer("flood-ping-unread", "--count", str(UNREAD_FLOOD_MIB), timeout=10.0)
+        results.append(("flood-ping-unread", {"blocked": out["blocked"], "goaway": out["goaway"],
+                                              "health": out["health"]["ok"]}))
+        # rapid reset races the server's answers against the peer's cancels by design: its per-stream
+        # frames differ from run to run on one engine, so only its verdict is compared
+        out = t.peer("flood-reset", "--count", "1000", "--linger", "2", timeout=10.0)
+        results.append(("flood-reset", {"goaway": out["goaway"], "ping_after": out["ping_after"],
+                                        "health": out["health"]["ok"]}))
+        return results
+
+    answers = {"native": runs(native), "pure": runs(pure)}
+    differences = [
+        f"{name}:\n  native: {json.dumps(n)[:3000]}\n  pure:   {json.dumps(p)[:3000]}"
+        for (name, n), (_, p) in zip(answers["native"], answers["pure"], strict=True) if n != p
+    ]
+    assert not differences, "the engines answer differently:\n" + "\n".join(differences)
+    # and the answers are the ones the suite asserts (equal but both wrong must fail too)
+    by_case = dict(answers["native"])
+    assert by_case["too-many-streams"]["refused"] == [2 * MAX_STREAMS + 1], by_case["too-many-streams"]
+    assert by_case["hpack-error"]["goaway"] == "COMPRESSION_ERROR", by_case["hpack-error"]
+    assert "unknown ca" in by_case["foreign-ca"]["after"].lower(), by_case["foreign-ca"]
+    for t in (native, pure):
+        t.assert_no_crash_reports()
+
+
+# ------------------------------------------------------------------ strangers: bounded cost
+LOW_NOFILE = 1024  # the soft open-file limit ztunnel-fast is started with here; it must raise it
+PENDING_CAP = 5  # MAX_PENDING_TLS_HANDSHAKES in the cap test
+
+
+def _open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def test_silent_stranger_is_closed_at_the_deadline_and_nofile_is_raised(lab: Lab) -> None:
+    """Started with a soft RLIMIT_NOFILE of 1024, ztunnel-fast raises it to the hard limit and logs
+    it; a connection that never sends a byte is closed at TLS_HANDSHAKE_TIMEOUT, with a WARN."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > LOW_NOFILE, f"hard open-file limit {hard} leaves nothing to raise"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_NOFILE, hard))
+    try:
+        t = _build_target(lab, TLS_HANDSHAKE_TIMEOUT="1s")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _open_file_limits(t.zt.proc.pid) == (hard, hard)
+    assert t.zt.lines(f"raised open file limit (RLIMIT_NOFILE) from {LOW_NOFILE} to {hard}"), t.zt.log()[-3000:]
+
+    since = t.mark()
+    out = t.peer("silent", timeout=30.0)  # bounded wait for the outcome; the deadline is 1 s
+    assert out["closed"] is not None, f"a silent connection was never closed: {out}"
+    t.warning(since, "tls handshake failed", "timed out")
+    t.assert_serving(out)
+    t.assert_no_crash_reports()
+
+
+def test_pending_handshake_cap_refuses_strangers_while_authenticated_traffic_flows(lab: Lab) -> None:
+    """MAX_PENDING_TLS_HANDSHAKES silent connections are held; one more is reset at once (WARN);
+    a connection authenticated before them still carries a tunnel; once they leave, new peers
+    are served again."""
+    t = _build_target(lab, MAX_PENDING_TLS_HANDSHAKES=str(PENDING_CAP), TLS_HANDSHAKE_TIMEOUT="120s")
+    since = t.mark()
+    out = t.peer("strangers", "--count", str(PENDING_CAP), health=False, timeout=20.0)
+    assert "failed_in" not in out, f"{out}\n{t.zt.log()[-4000:]}"
+    assert out["echo_before"]["ok"], out
+    assert out["extra_closed"] is not None, f"the stranger beyond the cap was not refused: {out}"
+    assert out["idle_open"] == PENDING_CAP, f"strangers within the cap were closed: {out}"
+    assert out["echo_during_cap"]["ok"], out
+    line = t.warning(since, "refused connection from", f"MAX_PENDING_TLS_HANDSHAKES={PENDING_CAP}")
+    assert f"{PENDING_CAP} TLS handshakes pending" in line, line
+    # the strangers are gone: their handshakes end (peer closed) and fresh peers are admitted again
+    for _ in range(20):  # bounded: each attempt waits for its own outcome
+        out = t.peer("echo", health=False)
+        if out.get("ok"):
+            break
+    assert out.get("ok"), out
+    t.assert_no_crash_reports()

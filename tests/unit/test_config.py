@@ -36,6 +36,8 @@ def test_defaults():
     assert cfg.ipv6_enabled is True
     assert cfg.node_local_fast_path is False
     assert cfg.connect_timeout == 10.0
+    assert cfg.tls_handshake_timeout == 10.0
+    assert cfg.max_pending_tls_handshakes == 1024
     assert cfg.log_level == "info"
     assert cfg.log_format == "text"
     assert cfg.termination_grace_period is None  # unset: the drain deadline defaults to 5 s (app.drain_deadline)
@@ -73,6 +75,8 @@ def test_all_set():
         "IPV6_ENABLED": "FALSE",
         "NODE_LOCAL_FAST_PATH": "1",
         "CONNECT_TIMEOUT": "500ms",
+        "TLS_HANDSHAKE_TIMEOUT": "2s",
+        "MAX_PENDING_TLS_HANDSHAKES": "50",
         "RUST_LOG": "info,access=debug",
         "LOG_FORMAT": "json",
         "TERMINATION_GRACE_PERIOD_SECONDS": "0",
@@ -102,6 +106,8 @@ def test_all_set():
         ipv6_enabled=False,
         node_local_fast_path=True,
         connect_timeout=0.5,
+        tls_handshake_timeout=2.0,
+        max_pending_tls_handshakes=50,
         log_level="info,access=debug",
         log_format="json",
         termination_grace_period=0.0,
@@ -206,6 +212,10 @@ def test_case_insensitive_choices():
     ({"POOL_UNUSED_RELEASE_TIMEOUT": "0s"}, "POOL_UNUSED_RELEASE_TIMEOUT", "greater than zero"),
     ({"POOL_UNUSED_RELEASE_TIMEOUT": "soon"}, "POOL_UNUSED_RELEASE_TIMEOUT", "units ms, s, m, h"),
     ({"CONNECT_TIMEOUT": "0"}, "CONNECT_TIMEOUT", "greater than zero"),
+    ({"TLS_HANDSHAKE_TIMEOUT": "0s"}, "TLS_HANDSHAKE_TIMEOUT", "greater than zero"),
+    ({"TLS_HANDSHAKE_TIMEOUT": "soon"}, "TLS_HANDSHAKE_TIMEOUT", "invalid duration"),
+    ({"MAX_PENDING_TLS_HANDSHAKES": "0"}, "MAX_PENDING_TLS_HANDSHAKES", "accepted: >= 1"),
+    ({"MAX_PENDING_TLS_HANDSHAKES": "many"}, "MAX_PENDING_TLS_HANDSHAKES", "invalid integer"),
     ({"TERMINATION_GRACE_PERIOD_SECONDS": "-1"}, "TERMINATION_GRACE_PERIOD_SECONDS", "invalid duration"),
     ({"POOL_MAX_STREAMS_PER_CONNECTION": "0"}, "POOL_MAX_STREAMS_PER_CONNECTION", "accepted: >= 1"),
     ({"POOL_MAX_STREAMS_PER_CONNECTION": "ten"}, "POOL_MAX_STREAMS_PER_CONNECTION", "invalid integer"),

@@ -40,6 +40,7 @@ from ..hbone.connection import (
     _code_name,
     _reason,
 )
+from ..proxy.sockets import close_later
 from . import ssl_bridge
 from .base import Completion
 from .pure import PureEngine
@@ -378,10 +379,9 @@ class NativeConnection(ConnectionState):
     def _release(self, error) -> None:
         self.streams.clear()
         self.tls = None  # the worker is done with the SSL*: pyOpenSSL may free it
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        # FIN behind the worker's last frames (a GOAWAY), a bounded drain, then close: never an RST
+        # that would discard them (proxy/sockets.py says why)
+        close_later(self.sock)
         if not self.closed.done():
             self.closed.set_result(error)
 

@@ -11,6 +11,12 @@ Invariants:
 - A protocol error from the peer ends this connection with the GOAWAY code h2 chose, never the
   process; other connections are untouched.
 - Once GOAWAY was sent or received, the connection accepts no new streams (the pool never reuses it).
+- The same answers as the native engine (tests/e2e/test_bad_input.py compares them frame by frame):
+  a stream beyond our MAX_CONCURRENT_STREAMS is refused with RST_STREAM REFUSED_STREAM and the
+  connection lives on (RFC 9113 5.1.2), REFUSED_STREAM_LIMIT such refusals per window end it with
+  ENHANCE_YOUR_CALM; an undecodable header block ends it with COMPRESSION_ERROR; reading stops while
+  OUT_READ_STOP bytes of our output wait (a peer flooding PING/SETTINGS without reading the acks
+  cannot make us buffer without bound).
 """
 
 from __future__ import annotations
@@ -29,20 +35,26 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 from OpenSSL import SSL
 
 from ..errors import HttpStatus, StreamReset
+from ..proxy.sockets import close_later
 
 log = logging.getLogger(__name__)
 
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
 READ_SIZE = 256 * 1024  # bytes per SSL_read attempt: a few TLS records, one syscall worth
 HIGH_WATER = 1024 * 1024  # outgoing bytes buffered before writers wait for the socket
 PING_INTERVAL = 10.0  # seconds between keepalive PINGs (ztunnel)
 PING_TIMEOUT = 20.0  # seconds without a PING ack before the connection is dropped (ztunnel)
 RESET_FLOOD_LIMIT = 100  # peer resets of unanswered streams tolerated per RESET_FLOOD_WINDOW
 RESET_FLOOD_WINDOW = 10.0  # seconds; beyond the limit: GOAWAY ENHANCE_YOUR_CALM ("rapid reset")
+REFUSED_STREAM_LIMIT = 1000  # streams refused beyond MAX_CONCURRENT_STREAMS per window (native engine's)
+REFUSED_STREAM_WINDOW = 10.0  # seconds; beyond the limit: GOAWAY ENHANCE_YOUR_CALM
+OUT_READ_STOP = 2 * 1024 * 1024  # bytes of our output waiting before we stop reading (native OBUF_READ_STOP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +83,23 @@ class _EagerFrameBuffer(h2.frame_buffer.FrameBuffer):
         return super().__next__()
 
 
+class _UndecodableHeaderBlock(h2.exceptions.ProtocolError):
+    """An HPACK decoding failure: the shared compression context is lost, a connection error
+    COMPRESSION_ERROR (RFC 9113 4.3).  h2 itself says PROTOCOL_ERROR (or ENHANCE_YOUR_CALM for an
+    oversized list); the native engine says COMPRESSION_ERROR for both, and so do we."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class _Flood(h2.exceptions.ProtocolError):
+    """A peer abusing a cheap request (streams beyond the limit, rapid reset): ENHANCE_YOUR_CALM,
+    raised from the frame that crossed the limit, so no later frame is answered (as native)."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
 class _H2Connection(h2.connection.H2Connection):
-    """hyper-h2 with graceful GOAWAY.
+    """hyper-h2 with graceful GOAWAY, REFUSED_STREAM beyond the stream limit and COMPRESSION_ERROR.
 
     h2 treats any GOAWAY, sent or received, as the end of the connection and refuses to send
     anything afterwards.  RFC 9113 6.8 lets streams up to the GOAWAY's last stream id finish, and
@@ -93,6 +120,69 @@ class _H2Connection(h2.connection.H2Connection):
         super().close_connection(error_code, additional_data, last_stream_id)
         if error_code == 0 and before is not h2.connection.ConnectionState.CLOSED:
             self.state_machine.state = before
+
+    # h2 makes a stream beyond our MAX_CONCURRENT_STREAMS a connection error; RFC 9113 5.1.2 and the
+    # native engine refuse just that stream.  While `_admit_beyond_limit` is set, h2's own count
+    # check is lifted, the stream is opened (its header block decoded: HPACK state follows every
+    # block, its id becomes the highest seen) and reset with REFUSED_STREAM at once.
+    _admit_beyond_limit = False
+    _refused_times: collections.deque | None = None
+
+    @property
+    def open_inbound_streams(self) -> int:
+        count = h2.connection.H2Connection.open_inbound_streams.fget(self)
+        return 0 if self._admit_beyond_limit else count
+
+    def _receive_headers_frame(self, frame):
+        refuse = (not self.config.client_side and frame.stream_id not in self.streams
+                  and self.open_inbound_streams >= self.local_settings.max_concurrent_streams)
+        self._admit_beyond_limit = refuse
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as exc:
+            if isinstance(exc.__cause__, hpack.HPACKError):
+                # the GOAWAY names this stream as the last one, as the native engine's does (it
+                # takes the stream id before the block is decoded)
+                if frame.stream_id % 2 == 1 and frame.stream_id > self.highest_inbound_stream_id:
+                    self.highest_inbound_stream_id = frame.stream_id
+                raise _UndecodableHeaderBlock(f"undecodable header block ({exc.__cause__})") from exc
+            raise
+        finally:
+            self._admit_beyond_limit = False
+        if not refuse:
+            return frames, events
+        self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+        self._count_refusal()  # after the RST, as native: the refusal that crosses the limit is sent too
+        return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+    _reset_times: collections.deque | None = None
+
+    def _receive_rst_stream_frame(self, frame):
+        """Rapid reset (CVE-2023-44487): a peer cancelling streams before we could answer them."""
+        stream = self.streams.get(frame.stream_id)
+        if (not self.config.client_side and stream is not None and frame.stream_id % 2 == 1
+                and not stream.state_machine.headers_sent):
+            now = time.monotonic()
+            if self._reset_times is None:
+                self._reset_times = collections.deque()
+            times = self._reset_times
+            times.append(now)
+            while now - times[0] > RESET_FLOOD_WINDOW:
+                times.popleft()
+            if len(times) > RESET_FLOOD_LIMIT:
+                raise _Flood(f"peer reset {RESET_FLOOD_LIMIT + 1} streams before they were answered")
+        return super()._receive_rst_stream_frame(frame)
+
+    def _count_refusal(self) -> None:
+        now = time.monotonic()
+        if self._refused_times is None:
+            self._refused_times = collections.deque()
+        times = self._refused_times
+        times.append(now)
+        while now - times[0] > REFUSED_STREAM_WINDOW:
+            times.popleft()
+        if len(times) > REFUSED_STREAM_LIMIT:
+            raise _Flood("peer kept opening streams beyond the limit")
 
 
 class HboneStream:
@@ -326,7 +416,8 @@ class HboneConnection(ConnectionState):
         self._writer_active = False
         self._drain_waiters: list[asyncio.Future] = []
         self._ping_outstanding: float | None = None
-        self._rapid_resets: collections.deque = collections.deque()
+        self._read_paused = False  # reading stopped while OUT_READ_STOP bytes of output wait
+        self._read_stopped = False  # reading stopped for good after an error GOAWAY
         self._fd = sock.fileno()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -348,6 +439,9 @@ class HboneConnection(ConnectionState):
         self.h2.max_inbound_frame_size = s.max_frame_size
         self.h2.incoming_buffer.max_frame_size = s.max_frame_size
         self.h2.initiate_connection()
+        # h2's SETTINGS frame lists every setting it knows; send only ours, as the native engine does
+        self.h2.data_to_send()
+        self._out += (CLIENT_PREFACE if self.client else b"") + SettingsFrame(0, settings=local).serialize()
         extra = s.connection_window - 65_535  # the RFC's initial connection window
         if extra > 0:
             self.h2.increment_flow_control_window(extra)
@@ -373,6 +467,7 @@ class HboneConnection(ConnectionState):
     def close(self, error: Exception | None = None) -> None:
         if self.lost is not None:
             return
+        self._write_last()
         self.lost = error or ConnectionLost("connection closed")
         try:
             self.loop.remove_reader(self._fd)
@@ -394,10 +489,9 @@ class HboneConnection(ConnectionState):
                 self.tls.shutdown()
         except SSL.Error:
             pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        # FIN behind our last frames (a GOAWAY), a bounded drain, then close: never an RST that
+        # would discard them (proxy/sockets.py says why)
+        close_later(self.sock)
         if not self.closed.done():
             self.closed.set_result(error)
 
@@ -445,10 +539,15 @@ class HboneConnection(ConnectionState):
                 events.extend(self.h2.receive_data(data))
                 if len(events) > 4096:
                     break  # let other work run; we are called again while data is pending
+                self._out += self.h2.data_to_send()
+                if len(self._out) >= OUT_READ_STOP:
+                    break
         except h2.exceptions.ProtocolError as exc:
             self._dispatch(events)
             code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
-            log.warning("%s: closing connection, peer violated HTTP/2: %s (GOAWAY %s)", self.name, exc, _code_name(code))
+            # a flood is abuse within the protocol's rules, worded as the native engine words it
+            what = str(exc) if isinstance(exc, _Flood) else f"peer violated HTTP/2: {exc}"
+            log.warning("%s: closing connection, %s (GOAWAY %s)", self.name, what, _code_name(code))
             self.goaway_sent = True
             pending = self.h2.data_to_send()
             if not pending:
@@ -457,7 +556,7 @@ class HboneConnection(ConnectionState):
             self._out += pending
             self.flush()
             self.loop.call_later(0.1, self.close, exc)  # let the GOAWAY reach the peer
-            self.loop.remove_reader(self._fd)
+            self._stop_reading()
             return
         except SSL.ZeroReturnError:
             self._dispatch(events)
@@ -476,13 +575,31 @@ class HboneConnection(ConnectionState):
                 pass
             self.goaway_sent = True
             self.flush()
-            self.loop.remove_reader(self._fd)
+            self._stop_reading()
             self.loop.call_later(0.1, self.close, exc)
             return
         self._dispatch(events)
-        if self.tls.pending():
-            self.loop.call_soon(self._on_readable)
         self.flush()
+        if len(self._out) >= OUT_READ_STOP and self.lost is None:
+            self._pause_reading()  # the peer is not reading what we owe it: stop reading it too
+        elif self.tls.pending() and self.lost is None:
+            self.loop.call_soon(self._on_readable)
+
+    def _stop_reading(self) -> None:
+        """For good (an error GOAWAY is on its way): unlike a pause, never resumed."""
+        self._read_stopped = True
+        self.loop.remove_reader(self._fd)
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused:
+            self._read_paused = True
+            self.loop.remove_reader(self._fd)
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.lost is None and not self._read_stopped:
+            self._read_paused = False
+            self.loop.add_reader(self._fd, self._on_readable)
+            self.loop.call_soon(self._on_readable)  # TLS may hold decrypted bytes already
 
     def _dispatch(self, events) -> None:
         for event in events:
@@ -509,8 +626,6 @@ class HboneConnection(ConnectionState):
                     stream._on_end()
             elif kind is h2.events.StreamReset:
                 if stream is not None:
-                    if not self.client and not stream.responded:
-                        self._count_rapid_reset()
                     stream._on_reset(event.error_code)
             elif kind is h2.events.RemoteSettingsChanged:
                 for s in self.streams.values():
@@ -537,24 +652,6 @@ class HboneConnection(ConnectionState):
             stream.respond(400, end=True)
             return
         self._spawn(self.on_request(stream), f"{self.name}-stream-{event.stream_id}")
-
-    def _count_rapid_reset(self) -> None:
-        now = time.monotonic()
-        resets = self._rapid_resets
-        resets.append(now)
-        while resets and now - resets[0] > RESET_FLOOD_WINDOW:
-            resets.popleft()
-        if len(resets) > RESET_FLOOD_LIMIT and not self.goaway_sent:
-            log.warning("%s: closing connection, peer reset %d streams before they were answered "
-                        "(GOAWAY ENHANCE_YOUR_CALM)", self.name, len(resets))
-            self.goaway_sent = True
-            try:
-                self.h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
-            except h2.exceptions.ProtocolError:
-                pass
-            self.flush()
-            self.loop.remove_reader(self._fd)
-            self.loop.call_later(0.1, self.close, ConnectionLost("peer reset streams too quickly"))
 
     def _on_goaway(self, event) -> None:
         self.goaway_received = True
@@ -597,11 +694,23 @@ class HboneConnection(ConnectionState):
             if self._writer_active:
                 self._writer_active = False
                 self.loop.remove_writer(self._fd)
+        if len(self._out) < OUT_READ_STOP and self._read_paused:
+            self._resume_reading()
         if len(self._out) < HIGH_WATER and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _write_last(self) -> None:
+        """Best effort, once, before closing: what h2 still has for the peer (an error GOAWAY)."""
+        try:
+            self._out += self.h2.data_to_send()
+            while self._out:
+                del self._out[: self.tls.send(self._out[: 16 * 16384])]
+        except (SSL.Error, OSError):
+            pass
+        self._out.clear()
 
     def _peer_alert(self) -> str | None:
         """After a failed write, the TLS alert the peer may have sent (e.g. it rejected our

@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 
+from .. import limits
 from ..config import SELF_PORTS
 from ..engine import abort, close_after
 from ..errors import TlsError
@@ -33,15 +34,64 @@ from .context import ProxyContext
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a peer gets to complete TLS before we drop it
+REFUSAL_LOG_INTERVAL = 1.0  # seconds between WARN lines about refused strangers (a flood logs a count)
 
 
 class Inbound:
+    """Invariants on strangers (connections not yet authenticated): at most
+    MAX_PENDING_TLS_HANDSHAKES of them at once, beyond that a new one is reset at once (WARN, rate
+    limited); each gets TLS_HANDSHAKE_TIMEOUT from accept to a verified peer (WARN "timed out");
+    none leaves a Python object behind once it is gone, and the end of a large wave hands freed
+    heap back to the system (limits.release_free_memory)."""
+
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
         self.connections: set[HboneConnection] = set()
+        self.pending = 0  # connections between accept and a verified peer (or their close)
+        self.refused = 0  # connections refused because `pending` was at the cap, since start
+        self._wave_peak = 0  # the highest `pending` since it was last zero
+        self._unreported_refusals = 0
+        self._last_refusal_log = float("-inf")
 
     async def handle(self, sock: socket.socket) -> None:
+        if self.pending >= self.ctx.config.max_pending_tls_handshakes:
+            self._refuse_stranger(sock)
+            return
+        self.pending += 1
+        self._wave_peak = max(self._wave_peak, self.pending)
+        try:
+            admitted = await self._authenticate(sock)
+        finally:
+            self.pending -= 1
+            if self.pending == 0:
+                if limits.should_trim(self._wave_peak):
+                    limits.release_free_memory()
+                self._wave_peak = 0
+        if admitted is not None:
+            await self._serve(sock, *admitted)
+
+    def _refuse_stranger(self, sock: socket.socket) -> None:
+        """Over the cap: reset at once (no TLS state, no task beyond this call); WARN at most once
+        per REFUSAL_LOG_INTERVAL, with how many were refused since the last line."""
+        self.refused += 1
+        self._unreported_refusals += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            cap = self.ctx.config.max_pending_tls_handshakes
+            try:
+                peer = hbone_headers.format_addr(*sockets.peer(sock))
+            except OSError:
+                peer = "unknown peer"
+            log.warning("refused connection from %s: %d TLS handshakes pending (MAX_PENDING_TLS_HANDSHAKES=%d); "
+                        "%d refused since the last report", peer, self.pending, cap, self._unreported_refusals,
+                        extra={"span": Span("inbound", {})})
+            self._last_refusal_log = now
+            self._unreported_refusals = 0
+        abort(sock)
+
+    async def _authenticate(self, sock: socket.socket):
+        """TLS with the local workload's certificate and a SPIFFE check of the peer: returns what
+        serving needs, or None after closing the socket (WARN with the reason)."""
         ctx = self.ctx
         try:
             sockets.tune(sock)
@@ -49,30 +99,34 @@ class Inbound:
             local_ip, _ = sockets.destination(sock)
         except OSError:
             sock.close()
-            return
+            return None
         workload = ctx.local_workload(local_ip)
         span = Span("inbound", {"peer_ip": peer_ip})
         if workload is None:
             log.warning("no local workload for %s, closing connection", local_ip, extra={"span": span})
             abort(sock)
-            return
+            return None
         try:
             cert = await ctx.certs.get(workload.identity)
-            tls = await handshake(sock, cert.server_context, server_side=True, timeout=HANDSHAKE_TIMEOUT)
+            tls = await handshake(sock, cert.server_context, server_side=True,
+                                  timeout=ctx.config.tls_handshake_timeout)
             peers = peer_identities(tls)
             if not peers:
                 raise TlsError("peer certificate has no SPIFFE identity")
         except TlsError as exc:
             log.warning("%s", exc, extra={"span": span})
-            # a plain close (FIN), not a reset: the TLS alert OpenSSL just wrote (unknown ca,
-            # certificate required, ...) must reach the peer, and an RST would discard it
-            sock.close()
-            return
+            # FIN after the TLS alert OpenSSL just wrote (unknown ca, certificate required, ...),
+            # then drain: a close() with the peer's unread bytes would send RST and drop the alert
+            await sockets.close_gracefully(sock)
+            return None
         except Exception as exc:  # noqa: BLE001 - a bad peer must never take the listener down
             log.error("tls setup failed: %s", exc, extra={"span": span})
             abort(sock)
-            return
-        peer_id = peers[0]
+            return None
+        return tls, peers[0], peer_ip, peer_port, local_ip
+
+    async def _serve(self, sock: socket.socket, tls, peer_id, peer_ip, peer_port, local_ip) -> None:
+        ctx = self.ctx
         arrived_on = None if local_ip.is_unspecified else local_ip
 
         async def on_request(stream: HboneStream) -> None:

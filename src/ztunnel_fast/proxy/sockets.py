@@ -1,7 +1,16 @@
-"""Socket primitives the listeners need, in one place: original destination, marks, transparency.
+"""Socket primitives the listeners need, in one place: original destination, marks, transparency,
+and the graceful close that makes a refusal (TLS alert, GOAWAY) reach the peer.
 
 Every socket ztunnel-fast opens toward a workload carries SO_MARK (1337 by default) so that the
 redirection rules let it pass instead of capturing it again.
+
+Why `close_gracefully` exists: Linux answers close() on a socket whose receive queue still holds
+unread bytes with RST instead of FIN, and drops whatever of our own output is still queued (RFC 2525
+2.17).  A refused TLS client has typically sent more (its Finished, the HTTP/2 preface) that we never
+read, so a plain close() raced our alert: under CPU load the alert was still queued when the RST
+went out and the client saw a bare EOF.  Shutting the write side first queues FIN behind the alert;
+reading what the peer still sends (bounded in bytes and time) empties the receive queue, so the
+final close() sends nothing that could overtake it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ SO_MARK = 36
 KEEPALIVE_IDLE = 180  # seconds, ztunnel's KEEPALIVE_TIME
 KEEPALIVE_INTERVAL = 180
 KEEPALIVE_COUNT = 9
+DRAIN_BYTES = 256 * 1024  # bytes of a closing peer's leftovers read and dropped at most: a bound a stranger cannot raise
+DRAIN_TIMEOUT = 2.0  # seconds a closing peer gets to read our last words and close its side
+DRAIN_READ = 64 * 1024  # bytes per recv() while draining
 
 
 def normalize(ip: str) -> IpAddress:
@@ -135,3 +147,61 @@ async def connect(
         sock.close()
         raise
     return sock
+
+
+_draining: set[asyncio.Task] = set()  # close_gracefully tasks started by close_later (kept from GC)
+
+
+async def close_gracefully(sock: socket.socket, *, drain_bytes: int = DRAIN_BYTES,
+                           drain_timeout: float = DRAIN_TIMEOUT) -> None:
+    """FIN after everything we wrote, then read and drop what the peer still sends until it closes,
+    `drain_bytes` were read or `drain_timeout` passed, then close.  Never raises; always closes."""
+    try:
+        sock.setblocking(False)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # already reset or never connected: nothing left to deliver
+        sock.close()
+        return
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    left = drain_bytes
+
+    def on_readable() -> None:
+        nonlocal left
+        try:
+            while left > 0:
+                data = sock.recv(min(left, DRAIN_READ))
+                if not data:
+                    break  # the peer closed its side: nothing more will come
+                left -= len(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # reset by the peer: nothing of ours is left to protect
+        if not finished.done():
+            finished.set_result(None)
+
+    fd = sock.fileno()
+    try:
+        loop.add_reader(fd, on_readable)
+        await asyncio.wait_for(finished, drain_timeout)
+    except (TimeoutError, asyncio.TimeoutError, OSError, ValueError):
+        pass
+    finally:
+        try:
+            loop.remove_reader(fd)
+        except (ValueError, OSError):
+            pass
+        sock.close()
+
+
+def close_later(sock: socket.socket) -> None:
+    """`close_gracefully` for synchronous callers (connection objects): runs as its own task."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no event loop left (interpreter shutdown): close is all we can do
+        sock.close()
+        return
+    task = loop.create_task(close_gracefully(sock), name="close-gracefully")
+    _draining.add(task)
+    task.add_done_callback(_draining.discard)

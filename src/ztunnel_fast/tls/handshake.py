@@ -11,6 +11,8 @@ Invariants:
 - Every failure is a TlsError "tls handshake failed: <reason>", the reason mapped from OpenSSL's to
   a short, stable phrase (`describe_ssl_error`, pure).
 - Success means: handshake complete and ALPN h2 negotiated.
+- Server side, no TLS state exists before the peer's first bytes arrive: a stranger that connects
+  and says nothing costs a socket and a waiting coroutine, not an SSL object with its buffers.
 """
 
 from __future__ import annotations
@@ -85,14 +87,17 @@ async def handshake(
     if sock.gettimeout() != 0.0:
         raise ValueError("handshake() needs a non-blocking socket")
     loop = loop or asyncio.get_running_loop()
-    conn = SSL.Connection(ctx, sock)
-    if server_side:
-        conn.set_accept_state()
-    else:
-        conn.set_connect_state()
     fd = sock.fileno()
+    conn = None
     try:
         async with asyncio.timeout(timeout):
+            if server_side:
+                await _ready(loop, fd, writing=False)  # the ClientHello (or EOF) is here
+            conn = SSL.Connection(ctx, sock)
+            if server_side:
+                conn.set_accept_state()
+            else:
+                conn.set_connect_state()
             while True:
                 try:
                     conn.do_handshake()

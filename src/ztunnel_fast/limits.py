@@ -1,0 +1,56 @@
+"""Process limits and memory handed back to the system: the bounded cost of strangers, process side.
+
+Role: two small OS-facing helpers the app and the inbound listener call.
+- `raise_open_files()`: the soft RLIMIT_NOFILE raised to the hard limit at start, as ztunnel does
+  (an inherited soft limit of 1,024 would stop accepting long before memory or CPU run out).
+- `release_free_memory()`: glibc keeps freed heap pages in its arenas; after a wave of connections
+  has come and gone, `malloc_trim(0)` hands them back so RSS returns near its baseline.
+
+Invariants: neither ever raises (a limit we cannot change, or a libc without malloc_trim, is a
+fact to report, not an error); both are cheap enough to call from the event loop, and
+`release_free_memory` is only called after waves (`should_trim`), never per connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+
+TRIM_AFTER_PEAK = 256  # pending connections at a wave's peak before its end is worth a malloc_trim
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE to the hard limit; returns (soft before, soft after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+def should_trim(peak: int) -> bool:
+    """Whether the end of a wave that peaked at `peak` pending connections deserves a trim (pure)."""
+    return peak >= TRIM_AFTER_PEAK
+
+
+_malloc_trim = None
+
+
+def release_free_memory() -> bool:
+    """`malloc_trim(0)` when the C library has it (glibc); True when it released something."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+            _malloc_trim.argtypes = [ctypes.c_size_t]
+            _malloc_trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if not _malloc_trim:
+        return False
+    return bool(_malloc_trim(0))
