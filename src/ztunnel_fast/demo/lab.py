@@ -386,9 +386,13 @@ class LabIstiod:
         netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", self.pod.ip,
                        "--dport", str(self.PORT), "-j", "RETURN")
 
+    def token_of(self, p: LabPod) -> str:
+        """The bearer token of the ztunnel serving `p` (see token_for)."""
+        return f"{self.token}.{p.name}"
+
     def token_for(self, p: LabPod, *, shared: bool = False) -> Path:
         """The bearer token file of the ztunnel serving `p` (registered with the CA)."""
-        token = f"{self.token}.{p.name}"
+        token = self.token_of(p)
         self._callers[token] = ("node", p.node) if shared else ("pod", p)
         self.tokens_dir.mkdir(exist_ok=True)
         path = self.tokens_dir / p.name
