@@ -82,10 +82,6 @@ def start_istiod(lab) -> LabIstiod:
     return istiod
 
 
-def volumes_dir(lab, facts: PodFacts) -> Path:
-    return lab.workdir / "volumes" / facts.name
-
-
 @pytest.fixture
 def cni_dir():
     """The node's /var/run/ztunnel (hostPath cni-ztunnel-sock-dir): a short path, because a unix
@@ -112,8 +108,8 @@ def boot_pod(lab, pod, values: dict, facts: PodFacts, *, token: str, root_pem: s
         "cni-ztunnel-sock-dir": {},  # hostPath /var/run/ztunnel (a directory of the test here)
         "xtables-lock": {"xtables.lock": ""},  # hostPath file /run/xtables.lock (node redirection)
     }.items():
-        directory = volumes_dir(lab, facts) / name
-        directory.mkdir(parents=True, exist_ok=True)  # istio-cni may have made its socket directory
+        directory = lab.workdir / "volumes" / facts.name / name
+        directory.mkdir(parents=True)
         for filename, content in files.items():
             (directory / filename).write_text(content)
         volumes[name] = directory / "xtables.lock" if name == "xtables-lock" else directory
@@ -264,7 +260,8 @@ def sa_id(name: str) -> str:
 def test_node_redirection_pod_carries_traffic(lab, engine):
     """`redirection: node`: the rendered pod runs in node-a's network (hostNetwork), installs the
     node rules itself and fills ztunnel-pods-ips from its workloads; node-b runs a plain shared
-    ztunnel-fast with ZTUNNEL_REDIRECTION=node.  Both take certificates from the fake istiod CA.
+    ztunnel-fast with ZTUNNEL_REDIRECTION=node.  Both take workloads over xDS and certificates from
+    the fake istiod.
     A pod on node-a reaches a pod on node-b through both, over HBONE, payload hash-checked."""
     istiod = start_istiod(lab)
     a = lab.node("node-a", NODE_A, "198.18.1.0/24")
