@@ -1,9 +1,10 @@
 """ztunnel-fast configured only over xDS by the fake istiod, end to end in network namespaces.
 
-Topology: an `istiod` pod (not a workload) runs the fake istiod (fakes/xds_server.py, through
-demo.lab.LabIstiod) on 15012 with TLS for istiod.istio-system.svc signed by a test root; each
-mesh pod runs ztunnel-fast in dedicated mode with ztunnel's variables (XDS_ADDRESS, XDS_ROOT_CA, ALT_XDS_HOSTNAME, AUTH_TOKEN,
-POD_*, INSTANCE_IP) and no local config; certificates still come from LOCAL_CA_DIR.  The fake's
+Topology: an `istiod` pod (not a workload) runs the fake istiod (fakes/istiod.py: xDS and CA on
+one port, through demo.lab.LabIstiod) on 15012 with TLS for istiod.istio-system.svc chaining to
+the CA's root; each mesh pod runs ztunnel-fast in dedicated mode with ztunnel's variables
+(XDS_ADDRESS, CA_ADDRESS, one root for XDS_ROOT_CA and CA_ROOT_CA, ALT_*_HOSTNAME, AUTH_TOKEN,
+POD_*, INSTANCE_IP) and no local config or local CA.  The fake's
 config file has the local-config shape; rewriting it pushes deltas.  Both engines; payloads are
 checked by sha256.
 """
@@ -88,7 +89,10 @@ def test_workloads_only_from_xds_carry_hbone_and_a_pushed_policy_denies_new_conn
     assert first["node"]["id"] == f"ztunnel~{a.ip}~ztunnel-sleep.istio-system~istio-system.svc.cluster.local"
     assert first["node"]["metadata"]["NAME"] == "ztunnel-sleep" and first["node"]["metadata"]["NODE_NAME"] == "node1"
     assert first["node"]["metadata"]["CLUSTER_ID"] == "Kubernetes"
-    assert first["metadata"]["authorization"] == f"Bearer {TOKEN}"
+    assert first["metadata"]["authorization"] == f"Bearer {TOKEN}.{a.name}"
+    # its certificate: istiod's CA, same token, its own service account (dedicated: no impersonation)
+    assert any(r["metadata"]["authorization"] == f"Bearer {TOKEN}.{a.name}" and r["impersonated"] is None
+               and r["issued"] == a.identity and r["status"] == "OK" for r in istiod.ca_requests())
     assert first["metadata"]["clusterid"] == "Kubernetes" and first["metadata"]["x_test_run"] == "e2e"
     assert all(r["nack"] is None for r in reqs)
 

@@ -81,3 +81,20 @@ def test_fds_from_ancillary():
 def test_hello_parse_rejects_garbage():
     assert isinstance(p.parse_hello(b"\xff"), p.ProtocolError)
     assert p.parse_hello(p.hello()) == 1
+
+
+def test_eof_is_recognised_with_the_flags_recvmsg_really_returns():
+    """The workload manager reads with MSG_CMSG_CLOEXEC, which Linux echoes in msg_flags: the
+    peer's close must still read as EOF, and an empty datagram with truncation flags must not."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        a.send(p.snapshot_request())
+        data, anc, flags, _ = b.recvmsg(p.RECV_BUFFER, p.ANCILLARY_BUFFER, socket.MSG_CMSG_CLOEXEC)
+        assert not p.is_eof(data, [], flags)
+        a.close()
+        data, anc, flags, _ = b.recvmsg(p.RECV_BUFFER, p.ANCILLARY_BUFFER, socket.MSG_CMSG_CLOEXEC)
+        assert flags & socket.MSG_CMSG_CLOEXEC  # what made the old `not flags` test miss the EOF
+        assert p.is_eof(data, [], flags)
+    finally:
+        b.close()
+    assert not p.is_eof(b"", [], socket.MSG_TRUNC)

@@ -55,13 +55,14 @@ def test_unknown_env_source_is_refused():
 
 def test_setup_script_order():
     p = plan()
-    lines = setup_script(p, Path("/w/hosts")).splitlines()
+    lines = setup_script(p, Path("/w/hosts"), Path("/w/resolv")).splitlines()
     bind_tokens = lines.index("mount --bind /v/token /run/secrets/tokens")
     read_only = lines.index("mount -o remount,bind,ro /")
     tmp = lines.index("mount -t tmpfs -o mode=1777 tmpfs /tmp")
     assert lines[1] == "mount -t tmpfs -o mode=0755 tmpfs /run"
     assert bind_tokens < read_only < tmp  # sources under /tmp are bound before /tmp is covered
     assert "mount --bind /w/hosts /etc/hosts" in lines
+    assert "mount --bind /w/resolv /etc/resolv.conf" in lines
     assert lines[-1].startswith("exec setpriv --bounding-set=-all,+net_admin,+sys_admin,+net_raw "
                                 "--inh-caps=-all --regid=1337 --clear-groups --reuid=0 -- env -i ")
     assert lines[-1].endswith(" ztunnel-fast run")

@@ -2,9 +2,12 @@
 
 Two nodes and three pods are network namespaces on one segment.  Each node runs one ztunnel-fast
 in shared mode with INPOD_ENABLED=true (as Istio's chart starts it) and an istio-cni double
-(`fakes.cni.FakeCni`) listening on that node's ZDS socket.  Enabling ambient does what istio-cni
-does: write the in-pod rules into each pod's namespace (`redirect install --inpod --netns POD`) and
-hand the namespace to the node's ztunnel-fast (AddWorkload + the netns fd), then SnapshotSent.
+(`fakes.cni.FakeCni`) listening on that node's ZDS socket.  The fake istiod (fakes/istiod.py, its
+own namespace, port 15012) is the control plane: workloads over xDS, certificates from its CA.
+Enabling ambient does what istiod and istio-cni do: istiod pushes the pods as HBONE workloads over
+xDS; istio-cni writes the in-pod rules into each pod's namespace (`redirect install --inpod --netns
+POD`) and hands the namespace to the node's ztunnel-fast (AddWorkload + the netns fd), then
+SnapshotSent.
 Then: curl again (HBONE between the pods' own listeners), the logs, `workloadState` with the live
 connection, a pod removed from the mesh (DelWorkload), and an istio-cni restart (reconnect, replay,
 snapshot: pods kept).
@@ -26,8 +29,8 @@ from pathlib import Path
 
 from .. import netns
 from ..fakes.cni import FakeCni, install_inpod_rules
-from .journey import BOLD, RESET, DemoFailed, in_ns, show
-from .lab import Lab, LabPod
+from .journey import BOLD, RESET, DemoFailed, in_ns, push_mesh, show
+from .lab import Lab, LabIstiod, LabPod
 
 NS = "ambient-demo"
 NODES = ("amb1-worker", "amb1-worker2")
@@ -42,12 +45,14 @@ class InpodCluster:
         self.ztunnels = {}
         self.nodes: dict[str, LabPod] = {}
         lab = self.lab
+        self.istiod = lab.attach(LabIstiod(lab))
         for name in NODES:
             self.nodes[name] = lab.pod(name, node=name, workload=False)
-        self.sleep = lab.pod("sleep", namespace=NS, node=NODES[0])
-        self.notsleep = lab.pod("notsleep", namespace=NS, node=NODES[0])
-        self.httpbin = lab.pod("httpbin", namespace=NS, node=NODES[1])
-        lab.write_config()
+        # Not in the mesh until the namespace is labelled: istiod serves them as plain TCP workloads.
+        self.sleep = lab.pod("sleep", namespace=NS, node=NODES[0], mesh=False)
+        self.notsleep = lab.pod("notsleep", namespace=NS, node=NODES[0], mesh=False)
+        self.httpbin = lab.pod("httpbin", namespace=NS, node=NODES[1], mesh=False)
+        self.istiod.start()
         lab.app(self.httpbin, "serve", "80", "http", "--name", "httpbin", port=80)
         lab.app(self.httpbin, "serve", "81", "echo", port=81)  # for a long-lived connection to show
         for name, node in self.nodes.items():
@@ -56,6 +61,7 @@ class InpodCluster:
             self.ztunnels[name] = lab.start_ztunnel(node, shared=True, redirect=False, INPOD_ENABLED="true",
                                                     INPOD_UDS=str(sock))
             self.cni[name].accept()
+        push_mesh(self)  # both ztunnel-fast instances hold istiod's state before istio-cni hands pods over
 
     @property
     def topo(self) -> netns.Topology:
@@ -93,7 +99,9 @@ def step_before(c: InpodCluster) -> None:
 
 
 def _enable(c: InpodCluster) -> list[str]:
-    lines = []
+    for p in (c.sleep, c.notsleep, c.httpbin):
+        p.mesh = True
+    lines = push_mesh(c)  # istiod: the pods are HBONE workloads now
     for p in (c.sleep, c.notsleep, c.httpbin):
         install_inpod_rules(p.pod.netns)
         error = c.add(p)
@@ -110,9 +118,11 @@ def step_enable(c: InpodCluster) -> None:
     lines = _enable(c)
     ready = c.admin(NODES[0], ":15021/healthz/ready").strip()
     show("Enable ambient (kubectl label namespace ambient-demo istio.io/dataplane-mode=ambient)",
-         "# istio-cni: in-pod rules in each pod netns, then ZDS AddWorkload with the netns fd, SnapshotSent",
+         "# istiod: xDS push (pods now HBONE); istio-cni: in-pod rules in each pod netns, then ZDS AddWorkload "
+         "with the netns fd, SnapshotSent",
          "\n".join(lines + [f"{NODES[0]} readiness: {ready}"]),
-         "each pod's namespace now has istio-cni's rules and ztunnel-fast listeners 15001/15006/15008 inside it")
+         "istiod pushed the pods as HBONE workloads over xDS; each pod's namespace now has istio-cni's rules "
+         "and ztunnel-fast listeners 15001/15006/15008 inside it")
 
 
 def step_after(c: InpodCluster) -> None:
@@ -189,6 +199,7 @@ def run_inpod_demo(engine: str = "auto", keep: bool = False, step: str | None = 
         engine_name = c.ztunnels[NODES[0]].lines("proxy ready")[0].split("engine=")[1].split()[0]
         print(f"{BOLD}ztunnel-fast demo (in-pod mode){RESET}: the ambient journey with istio-cni on one machine "
               f"(namespaces {c.topo.prefix}-*, workdir {workdir}, engine {engine_name})")
+        print(f"  istiod (fake) {c.istiod.address}: xDS and CA for {c.istiod.server_name}")
         for name, node in c.nodes.items():
             print(f"  node {name:<13} {node.ip}: ztunnel-fast (shared, INPOD_ENABLED=true), istio-cni at {c.socket(name)}")
         for p in (c.sleep, c.notsleep, c.httpbin):

@@ -5,7 +5,10 @@ cluster's CNI); each node runs one ztunnel-fast in shared mode with node-level r
 (`ztunnel-fast redirect install`, ipset `ztunnel-pods-ips`) and a pod-selection watcher
 (`ztunnel-fast redirect sync --watch`) over an inventory file that stands in for the Kubernetes
 API; a tiny kube-proxy stand-in DNATs the httpbin Service VIP for traffic that is not captured.
-The local config file (read and watched by both ztunnel-fast instances) stands in for istiod.
+The fake istiod (fakes/istiod.py, in its own namespace at ISTIOD_IP:15012) is the control plane:
+both ztunnel-fast instances take the workloads over xDS and their certificates from its CA
+(impersonating their node's pods with their own token), verified with its one root, as in a
+cluster; labelling the namespace is an xDS push.
 
 Then it replays the guide: curl before ambient, label the namespace, curl again (now HBONE), the
 ztunnel logs, `proxy-config workloads` and `secrets`, `ipset list`, the `ztunnel-PREROUTING`
@@ -34,7 +37,7 @@ from typing import Callable
 import yaml
 
 from .. import netns
-from .lab import Lab, LabPod, Ztunnel
+from .lab import Lab, LabIstiod, LabPod, Ztunnel
 
 NS = "ambient-demo"
 VIP, SERVICE_PORT, TARGET_PORT = "198.19.0.10", 8000, 80
@@ -42,6 +45,8 @@ NODES = (("amb1-worker", "198.18.0.11", "198.18.1.0/24"), ("amb1-worker2", "198.
 SYNC_INTERVAL = 0.2  # seconds between the pod-selection watcher's polls of the inventory
 LOG_SETTLE_TIMEOUT = 5.0  # seconds to wait for earlier connections' closing log lines
 STEPS = ("before", "label", "after", "logs", "proxy-config", "ipset", "iptables", "scale")
+ISTIOD_IP = "198.18.0.5"  # the fake istiod's pod, on the nodes' segment
+PUSH_TIMEOUT = 15.0  # seconds both ztunnel-fast instances get to apply an xDS push
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
@@ -57,6 +62,7 @@ class Cluster:
     nodes: dict[str, LabPod]
     ztunnels: dict[str, Ztunnel]
     inventory: Path
+    istiod: LabIstiod
     labelled: bool = False
 
     @property
@@ -142,15 +148,16 @@ def _add_pod(c: Cluster, node: str, name: str, ip: str, sa: str, services: bool 
 def build(workdir: Path, engine: str) -> Cluster:
     topo = netns.Topology(prefix=f"ztf-demo-{int(time.time() * 1000) % 100000}")
     lab = Lab(topo, workdir, engine=engine)
+    istiod = lab.attach(LabIstiod(lab, ip=ISTIOD_IP))
     nodes = {name: lab.node(name, ip, subnet) for name, ip, subnet in NODES}
-    c = Cluster(lab, nodes, {}, workdir / "pods.yaml")
+    c = Cluster(lab, nodes, {}, workdir / "pods.yaml", istiod)
     w1, w2 = (n for n, _, _ in NODES)
     _add_pod(c, w1, "sleep-69cfb4968f-mwglt", "198.18.1.4", "sleep")
     _add_pod(c, w2, "sleep-69cfb4968f-qjmfs", "198.18.2.4", "sleep")
     _add_pod(c, w2, "notsleep-bb6696574-r4xjl", "198.18.2.5", "notsleep")
     httpbin = _add_pod(c, w1, "httpbin-648cd984f8-2q9bn", "198.18.1.5", "httpbin", services=True)
     lab.service("httpbin", NS, VIP, {SERVICE_PORT: TARGET_PORT}, [httpbin])
-    lab.write_config()
+    istiod.start()  # serves Lab.config() over xDS; write_config() below pushes changes
     lab.app(httpbin, "serve", str(TARGET_PORT), "http", "--name", httpbin.name, port=TARGET_PORT)
     _kube_proxy(c)
     _write_inventory(c)
@@ -242,26 +249,57 @@ def step_before(c: Cluster) -> None:
          "plain TCP: the Service VIP is DNATed by the kube-proxy stand-in; no ztunnel-fast on the path")
 
 
-def _enable_ambient(c: Cluster) -> None:
-    """What labelling the namespace sets in motion: istiod marks the workloads HBONE (the local
-    config), istio-cni's selection adds their IPs to the nodes' sets (the inventory + watchers)."""
+def _node_workloads(c: Cluster, node: LabPod) -> dict[str, str]:
+    """uid -> protocol as the node's ztunnel-fast knows them (its config_dump)."""
+    import json
+
+    out = c.topo.run(node.pod, ["curl", "-s", "--max-time", "5", "http://127.0.0.1:15000/config_dump"],
+                     check=False).stdout
+    try:
+        return {w["uid"]: w["protocol"] for w in json.loads(out)["workloads"]}
+    except (ValueError, KeyError):
+        return {}
+
+
+def push_mesh(c: Cluster) -> list[str]:
+    """istiod pushes the Lab's mesh over xDS; returns once every node's ztunnel-fast holds it
+    (its config_dump), as a line saying what was ACKed.  `c`: this Cluster or the in-pod demo's
+    (both have lab, istiod, nodes, topo)."""
+    before = len(c.istiod.requests())
+    c.lab.write_config()
+    expected = {w["uid"]: w["protocol"] for w in c.lab.config()["workloads"]}
+    deadline = time.monotonic() + PUSH_TIMEOUT
+    while not all(_node_workloads(c, n) == expected for n in c.nodes.values()):
+        if time.monotonic() > deadline:
+            raise DemoFailed("the ztunnel-fast instances did not apply istiod's xDS push in time")
+        time.sleep(0.1)
+    acks = [r for r in c.istiod.requests()[before:] if r["nonce"] and not r["nack"]
+            and r["typeUrl"].endswith("istio.workload.Address")]
+    return [f"istiod -> ztunnel-fast: xDS delta of {len(expected)} workloads, ACKed on {len(acks)} streams "
+            f"(nonces {', '.join(sorted({r['nonce'] for r in acks}))})"]
+
+
+def _enable_ambient(c: Cluster) -> list[str]:
+    """What labelling the namespace sets in motion: istiod marks the workloads HBONE (an xDS push
+    to every ztunnel-fast), istio-cni's selection adds their IPs to the nodes' sets (the inventory
+    + watchers)."""
     c.labelled = True
     for p in c.lab.pods.values():
         p.mesh = True
-    c.lab.write_config()
+    pushed = push_mesh(c)
     _write_inventory(c)
     _wait_members(c, lambda n: _ambient_ips(c, n))
-    time.sleep(1.5)  # ztunnel-fast re-reads the local config (polled every second)
+    return pushed
 
 
 def step_label(c: Cluster) -> None:
-    _enable_ambient(c)
+    pushed = _enable_ambient(c)
     pods = "\n".join(f"{p.name:<28} {p.ip:<12} {p.node}" for p in c.lab.pods.values())
     show("Enable ambient: label the namespace (kubectl label namespace ambient-demo "
          "istio.io/dataplane-mode=ambient)",
-         f"# inventory {c.inventory}: namespace {NS} labels istio.io/dataplane-mode=ambient", pods,
-         "the pod-selection watchers put the namespace's pod IPs into each node's ztunnel-pods-ips set; "
-         "no pod was restarted")
+         f"# inventory {c.inventory}: namespace {NS} labels istio.io/dataplane-mode=ambient", "\n".join([pods, *pushed]),
+         "istiod pushed the workloads as HBONE to every ztunnel-fast over xDS; the pod-selection watchers put "
+         "the namespace's pod IPs into each node's ztunnel-pods-ips set; no pod was restarted")
 
 
 def step_after(c: Cluster) -> None:
@@ -294,10 +332,27 @@ def step_proxy_config(c: Cluster) -> None:
     for kind in ("workloads", "secrets"):
         argv = [sys.executable, "-m", "ztunnel_fast", "proxy-config", kind]
         out = c.topo.run(node.pod, argv).stdout
+        if kind == "secrets":
+            out += "\n" + _issued_by_istiod(c, node, out)
         show(f"proxy-config {kind} (istioctl proxy-config {kind} ztunnel-...)",
              in_ns(node, ["ztunnel-fast", "proxy-config", kind]), out,
-             "the workloads this ztunnel-fast knows, with their protocol" if kind == "workloads" else
-             "the certificates it holds for its node's workloads (local CA), state and validity")
+             "the workloads this ztunnel-fast knows (over xDS), with their protocol" if kind == "workloads" else
+             "the certificates it holds for its node's workloads, issued by istiod's CA (CA row: istiod's root), "
+             "state and validity")
+
+
+def _issued_by_istiod(c: Cluster, node: LabPod, table: str) -> str:
+    """The fake istiod's side of the secrets: its CreateCertificate log for this node's token, and
+    a check that the table's CA rows are istiod's root."""
+    root_serial = str(c.istiod.pki.root.serial_number)
+    ca_rows = [line for line in table.splitlines() if re.search(r"\sCA\s", line)]
+    if not ca_rows or not all(root_serial in line for line in ca_rows):
+        raise DemoFailed(f"the certificates are not rooted in istiod's CA (root serial {root_serial}):\n{table}")
+    token = c.istiod.token_of(node)
+    issued = sorted({f"  {r['issued']}: impersonated by istio-system/ztunnel on {node.node}, {r['status']}"
+                     for r in c.istiod.ca_requests()
+                     if r["metadata"].get("authorization") == f"Bearer {token}" and r["status"] == "OK"})
+    return "\n".join([f"# istiod's CA log (root serial {root_serial}):", *issued])
 
 
 def step_ipset(c: Cluster) -> None:
@@ -318,11 +373,10 @@ def step_scale(c: Cluster) -> None:
     w2 = NODES[1][0]
     second = _add_pod(c, w2, "httpbin-648cd984f8-7dglb", "198.18.2.6", "httpbin", services=True)
     c.lab.app(second, "serve", str(TARGET_PORT), "http", "--name", second.name, port=TARGET_PORT)
-    c.lab.write_config()
+    push_mesh(c)  # istiod: the new endpoint of the service, to both ztunnel-fast instances
     _kube_proxy(c)
     _write_inventory(c)
     _wait_members(c, lambda n: _ambient_ips(c, n))
-    time.sleep(1.5)  # both ztunnel-fast instances reload the local config (polled every second)
     sleep = c.pods("sleep-")[0]
     since = _marks(c)
     argv = ["sh", "-c", f"for i in $(seq 1 10); do curl -s -I --max-time 10 http://httpbin:{SERVICE_PORT}/; done"]
@@ -366,6 +420,8 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
         c = build(workdir, engine)
         print(f"{BOLD}ztunnel-fast demo{RESET}: the ambient user journey on one machine "
               f"(namespaces {c.topo.prefix}-*, workdir {workdir}, engine {c.ztunnels[NODES[0][0]].lines('proxy ready')[0].split('engine=')[1].split()[0]})")
+        print(f"  istiod (fake) {c.istiod.address}: xDS and CA for {c.istiod.server_name}, "
+              f"root {c.istiod.root}")
         for name, node in c.nodes.items():
             print(f"  node {name:<13} {node.ip}: ztunnel-fast (shared mode), redirection installed")
         for p in c.lab.pods.values():

@@ -1,9 +1,14 @@
-"""A small mesh on one machine: pods (network namespaces), a local CA, a local config, ztunnel-fast
+"""A small mesh on one machine: pods (network namespaces), a control plane, ztunnel-fast
 processes and demo apps.  Used by `ztunnel-fast demo` and by the end-to-end tests.
 
+The control plane is either the local config file plus a local CA (LOCAL_XDS_PATH, LOCAL_CA_DIR)
+or, once `Lab.attach(LabIstiod(...))`, the fake istiod: workloads over xDS and certificates from
+its CA, as a cluster's ztunnel gets them.
+
 Invariants: everything a Lab starts or creates belongs to its Topology and goes away with
-`Topology.teardown()`; the local config is written once, before any ztunnel-fast starts, and is
-the single source of truth for every instance (as istiod would be).
+`Topology.teardown()`; `Lab.config()` (pods, services, extra workloads) is the single source of
+truth for every instance (as istiod would be): `write_config()` publishes it, to the file or as an
+xDS push, before any ztunnel-fast that needs it starts.
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ class Lab:
         self.services: list[dict] = []
         self.ztunnels: list[Ztunnel] = []
         self.extra_workloads: list[dict] = []
+        self.istiod: LabIstiod | None = None  # attach(): the fake istiod is the source of truth
+
+    def attach(self, istiod: "LabIstiod") -> "LabIstiod":
+        """Make `istiod` the control plane: write_config() pushes through it, start_ztunnel()
+        points every ztunnel-fast at it (xDS and CA) instead of the local file and CA."""
+        self.istiod = istiod
+        return istiod
 
     # -- the mesh --------------------------------------------------------------------------
     def pod(self, name: str, *, namespace: str = "default", service_account: str | None = None,
@@ -133,6 +145,10 @@ class Lab:
         return {"workloads": workloads + self.extra_workloads, "services": self.services}
 
     def write_config(self) -> Path:
+        """Publish the mesh: to the attached fake istiod (an xDS push), else to the local file."""
+        if self.istiod is not None:
+            self.istiod.write()
+            return self.istiod.config_path
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
         return self.config_path
 
@@ -159,7 +175,9 @@ class Lab:
         minimal in-pod rule)."""
         if shared:
             env = {"PROXY_MODE": "shared", "PROXY_WORKLOAD_INFO": "", **env}
-        if not self.config_path.exists():
+        if self.istiod is not None:
+            env = {**self.istiod.env(p, shared=shared), **env}
+        elif not self.config_path.exists():
             self.write_config()
         log_path = self.workdir / f"ztunnel-{p.name}.log"
         out = open(log_path, "ab")
@@ -242,71 +260,125 @@ class Lab:
 
 
 class LabIstiod:
-    """The fake istiod's xDS side (fakes/xds_server.py) as a process in its own pod, fed from a
-    file in the local-config shape built from the Lab (its pods and services) plus `policies`.
+    """The fake istiod (fakes/istiod.py: xDS and CA on one port, one TLS) as a process in its own
+    pod, fed from a file in the local-config shape built from the Lab (its pods and services) plus
+    `policies`, `malformed` and the CA's `callers`.
 
-    `write()` pushes the Lab's current mesh (the fake re-reads the file and sends deltas);
-    `stop()`/`start()` restart it on the same address; `requests()` returns what it received
-    (node, metadata, ACK/NACK) from its JSON log.  `env(pod)` gives the ztunnel variables of a
-    ztunnel-fast that serves `pod` from it (no local config file).  TLS: a serving certificate for
-    istiod.istio-system.svc signed by a test root (XDS_ROOT_CA), reached by IP with
-    ALT_XDS_HOSTNAME.
+    `write()` pushes the Lab's current mesh (the fake re-reads the file and sends deltas) and
+    returns once the fake took it; `stop()`/`start()` restart it on the same address;
+    `requests()` returns the xDS requests it received (node, metadata, ACK/NACK) and
+    `ca_requests()` the certificate requests.  `env(pod)` gives the ztunnel variables of a
+    ztunnel-fast that serves `pod` from it (no local config file, no local CA) and registers that
+    ztunnel's bearer token with the CA, as the API server knows every service account token:
+    a dedicated proxy's token is its pod's service account, a shared (node) proxy's is
+    istio-system/ztunnel, allowed to impersonate the identities of the pods on its node.  TLS: the
+    CA authority's serving certificate for istiod.istio-system.svc, so `root` (root-cert.pem) is
+    both XDS_ROOT_CA and CA_ROOT_CA; reached by IP with ALT_XDS_HOSTNAME / ALT_CA_HOSTNAME.
+
+    `Lab.attach(istiod)` makes it the Lab's source of truth: `Lab.write_config()` pushes through it
+    and `Lab.start_ztunnel()` uses `env()`.
     """
 
     PORT = 15012  # istiod's xDS/CA port
-    START_TIMEOUT = 20.0  # seconds for the fake to listen
+    START_TIMEOUT = 20.0  # seconds for the fake to listen or take a new config file
+    NODE_ACCOUNT = "istio-system/ztunnel"  # the service account istiod trusts to impersonate
 
-    def __init__(self, lab: Lab, *, token: str = "lab-bearer-token"):
-        from ..fakes.xds_server import ISTIOD_NAME, make_serving_tls
+    def __init__(self, lab: Lab, *, token: str = "lab-bearer-token", ip: str | None = None):
+        from ..fakes.ca_server import ISTIOD_NAME, FakePki
 
         self.lab = lab
         self.server_name = ISTIOD_NAME
-        self.pod = lab.pod("istiod", namespace="istio-system", workload=False)
-        self.tls = make_serving_tls(lab.workdir / "istiod-tls", (ISTIOD_NAME,))
+        self.pod = lab.pod("istiod", namespace="istio-system", workload=False, ip=ip)
+        self.pki = FakePki.create(lab.workdir / "istiod-pki")
         self.config_path = lab.workdir / "istiod-config.yaml"
         self.log_path = lab.workdir / "istiod.log"
+        self.record_path = lab.workdir / "istiod-ca-requests.jsonl"
         self.token = token
-        self.token_path = lab.workdir / "istio-token"
-        self.token_path.write_text(token + "\n")
+        self.tokens_dir = lab.workdir / "tokens"
         self.proc: subprocess.Popen | None = None
         self.policies: list[dict] = []
         self.malformed: list[dict] = []  # raw resources for tests: {typeUrl, name, hex}
+        self._callers: dict[str, tuple[str, object]] = {}  # token -> ("pod", LabPod) | ("node", node name)
+
+    @property
+    def root(self) -> Path:
+        """root-cert.pem: the trust bundle of the cluster (istio-ca-root-cert)."""
+        return self.pki.root_path
+
+    @property
+    def address(self) -> str:
+        return f"{self.pod.ip}:{self.PORT}"
+
+    # -- the file --------------------------------------------------------------------------
+    def callers(self) -> list[dict]:
+        out = []
+        for token, (kind, who) in self._callers.items():
+            if kind == "node":
+                ids = sorted({q.identity for q in self.lab.pods.values() if q.node == who})
+                out.append({"token": token, "serviceAccount": self.NODE_ACCOUNT, "identities": ids})
+            else:
+                out.append({"token": token, "serviceAccount": f"{who.namespace}/{who.service_account}"})
+        return out
 
     def write(self) -> None:
-        doc = {**self.lab.config(), "policies": list(self.policies)}
+        """Write the fake's file (atomically); when it runs, wait until it loaded this version."""
+        doc = {**self.lab.config(), "policies": list(self.policies), "callers": self.callers()}
         if self.malformed:
             doc["malformed"] = list(self.malformed)
+        loaded = self._loaded()
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         tmp.replace(self.config_path)  # atomic: the fake never reads half a file
+        if self.proc is not None and self.proc.poll() is None:
+            self._wait(lambda: self._loaded() > loaded, "took the new config")
 
-    def start(self) -> None:
-        if not self.config_path.exists():
-            self.write()
-        out = open(self.log_path, "ab")
-        self.proc = self.topology_popen(out)
-        out.close()
+    def _events(self) -> list[dict]:
+        import json
+
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+    def _loaded(self) -> int:
+        return sum(e["event"] in ("config", "config-error") for e in self._events())
+
+    def _wait(self, cond, what: str) -> None:
         deadline = time.monotonic() + self.START_TIMEOUT
-        while '"listening"' not in self.log_path.read_text():
+        while not cond():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fake istiod did not start:\n{self.log_path.read_text()}")
+                raise RuntimeError(f"fake istiod never {what}:\n{self.log_path.read_text()}")
             time.sleep(0.05)
 
-    def topology_popen(self, out) -> subprocess.Popen:
-        return self.lab.topology.popen(
-            self.pod.pod, [sys.executable, "-m", "ztunnel_fast.fakes.xds_server", "--config", str(self.config_path),
-                           "--listen", f"{self.pod.ip}:{self.PORT}", "--tls-dir", str(self.tls.root.parent)],
+    # -- the process -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.write()
+        listening = sum(e["event"] == "listening" for e in self._events())
+        loaded = self._loaded()
+        out = open(self.log_path, "ab")
+        self.proc = self.lab.topology.popen(
+            self.pod.pod, [sys.executable, "-m", "ztunnel_fast.fakes.istiod", "--pki", str(self.pki.directory),
+                           "--config", str(self.config_path), "--listen", self.address,
+                           "--record", str(self.record_path)],
             stdout=out, stderr=out)
+        out.close()
+        self._wait(lambda: sum(e["event"] == "listening" for e in self._events()) > listening
+                   and self._loaded() > loaded, "listened and loaded its config")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.lab.topology.stop(self.proc)
 
     def requests(self) -> list[dict]:
+        """The xDS requests received (every run of the fake)."""
+        return [e for e in self._events() if e["event"] == "request"]
+
+    def ca_requests(self) -> list[dict]:
+        """The CA requests received: fakes.ca_server.RecordedRequest as dicts."""
         import json
 
-        events = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
-        return [e for e in events if e["event"] == "request"]
+        if not self.record_path.exists():
+            return []
+        return [json.loads(line) for line in self.record_path.read_text().splitlines() if line]
 
     def exempt(self, p: LabPod) -> None:
         """As in a cluster, ztunnel's own connection to istiod is not captured: exempt it from the
@@ -314,14 +386,34 @@ class LabIstiod:
         netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", self.pod.ip,
                        "--dport", str(self.PORT), "-j", "RETURN")
 
-    def env(self, p: LabPod, **extra: str) -> dict[str, str]:
-        """ztunnel's variables for a ztunnel-fast serving `p` from this istiod."""
+    def token_of(self, p: LabPod) -> str:
+        """The bearer token of the ztunnel serving `p` (see token_for)."""
+        return f"{self.token}.{p.name}"
+
+    def token_for(self, p: LabPod, *, shared: bool = False) -> Path:
+        """The bearer token file of the ztunnel serving `p` (registered with the CA)."""
+        token = self.token_of(p)
+        self._callers[token] = ("node", p.node) if shared else ("pod", p)
+        self.tokens_dir.mkdir(exist_ok=True)
+        path = self.tokens_dir / p.name
+        path.write_text(token + "\n")
+        if self.proc is not None and self.proc.poll() is None:
+            self.write()
+        return path
+
+    def env(self, p: LabPod, *, shared: bool = False, **extra: str) -> dict[str, str]:
+        """ztunnel's variables for a ztunnel-fast serving `p` (or, `shared`, `p`'s node) from this
+        istiod: workloads over xDS and certificates from its CA, both verified with `root`."""
         return {
             "LOCAL_XDS_PATH": "",  # no local file: xDS is the source
-            "XDS_ADDRESS": f"{self.pod.ip}:{self.PORT}",  # scheme optional: https:// assumed
+            "LOCAL_CA_DIR": "",  # no local CA: istiod's CA signs
+            "XDS_ADDRESS": self.address,  # scheme optional: https:// assumed
             "ALT_XDS_HOSTNAME": self.server_name,
-            "XDS_ROOT_CA": str(self.tls.root),
-            "AUTH_TOKEN": str(self.token_path),
+            "XDS_ROOT_CA": str(self.root),
+            "CA_ADDRESS": self.address,
+            "ALT_CA_HOSTNAME": self.server_name,
+            "CA_ROOT_CA": str(self.root),
+            "AUTH_TOKEN": str(self.token_for(p, shared=shared)),
             "POD_NAME": f"ztunnel-{p.name}",
             "POD_NAMESPACE": "istio-system",
             "INSTANCE_IP": p.ip,

@@ -215,6 +215,11 @@ class FakeCA(ca_pb2_grpc.IstioCertificateServiceServicer):
     record_path: Path | None = None  # append each RecordedRequest as a JSON line
     requests: list[RecordedRequest] = field(default_factory=list)
 
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Serve this CA on `server` (its own FakeCaServer, or one shared with the xDS side:
+        fakes/istiod.py)."""
+        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self, server)
+
     async def CreateCertificate(self, request, context):  # noqa: N802 - gRPC method name
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         impersonated = None
@@ -295,7 +300,7 @@ class FakeCaServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         server = grpc.aio.server()
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self.ca, server)
+        self.ca.add_to(server)
         creds = grpc.ssl_server_credentials([(self.ca.pki.serving_key_pem, self.ca.pki.serving_chain_pem)])
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.port = server.add_secure_port(target, creds)

@@ -8,7 +8,7 @@ does), its mounts (each volume materialised by the caller: token, ConfigMaps, ho
 as tmpfs), the capability set, the user and group, the read-only root and the readiness probe.
 `prepare` writes the script that runs it in the pod's network namespace: a private mount namespace where the
 root file system is read-only, /run is an empty tmpfs holding the mount points (as an image's
-/var/run would), each volume is bind-mounted at its mountPath, /etc/hosts is the kubelet's file,
+/var/run would), each volume is bind-mounted at its mountPath, /etc/hosts and /etc/resolv.conf are the kubelet's files,
 /tmp is the emptyDir; then setpriv keeps exactly the container's capabilities and group.
 `probe` performs the manifest's readiness probe against the pod IP.
 
@@ -142,7 +142,7 @@ def plan_pod(daemonset: dict, facts: PodFacts, volumes: Mapping[str, Path | None
     )
 
 
-def setup_script(plan: LaunchPlan, hosts_file: Path | None) -> str:
+def setup_script(plan: LaunchPlan, hosts_file: Path | None, resolv_file: Path | None = None) -> str:
     """The shell run in the pod's private mount namespace before exec (pure; tested as text)."""
     q = shlex.quote
     lines = ["set -e", "mount -t tmpfs -o mode=0755 tmpfs /run"]
@@ -161,6 +161,8 @@ def setup_script(plan: LaunchPlan, hosts_file: Path | None) -> str:
             lines.append(f"mount -o remount,bind,ro {q(target)}")
     if hosts_file is not None:
         lines.append(f"mount --bind {q(str(hosts_file))} /etc/hosts")
+    if resolv_file is not None:
+        lines.append(f"mount --bind {q(str(resolv_file))} /etc/resolv.conf")
     if plan.read_only_root:
         lines += ["mount -o remount,bind,ro /", "mount -o remount,ro /run"]
     for target in tmp_mounts:  # last: the sources above may live under /tmp
@@ -183,13 +185,19 @@ def prepare(plan: LaunchPlan, workdir: Path) -> list[str]:
     """Write the pod's /etc/hosts and setup script into `workdir`; returns the argv that starts
     the container when run inside the pod's network namespace (`ip netns exec POD ...`).  The
     container's process keeps the PID of that argv (every step execs)."""
-    hosts_file = None
+    hosts_file = resolv_file = None
     if plan.hosts:
         hosts_file = workdir / "etc-hosts"
         hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
                               + "".join(f"{ip} {name}\n" for name, ip in plan.hosts.items()))
+        # The kubelet writes each pod's resolv.conf too (cluster DNS).  This double has no DNS
+        # server: names come from /etc/hosts, and with no nameserver line resolvers ask
+        # 127.0.0.1:53, refused at once, instead of waiting out the host's unreachable resolver
+        # for the lookups /etc/hosts cannot answer (AAAA, gRPC's TXT service config).
+        resolv_file = workdir / "etc-resolv.conf"
+        resolv_file.write_text("# kubelet double: no cluster DNS server; names resolve from /etc/hosts\n")
     script = workdir / "container-setup.sh"
-    script.write_text(setup_script(plan, hosts_file))
+    script.write_text(setup_script(plan, hosts_file, resolv_file))
     return ["unshare", "--mount", "--propagation", "private", "sh", str(script)]
 
 

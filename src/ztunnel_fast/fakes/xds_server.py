@@ -186,6 +186,11 @@ class FakeXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nonces = itertools.count(1)
         self._on_request = on_request
 
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Serve this double on `server` (its own FakeXdsServer, or one shared with the CA:
+        fakes/istiod.py)."""
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+
     # -- control surface ---------------------------------------------------------------------------
     def set_state(self, workloads=(), services=(), policies=()) -> None:
         """Make the served set exactly these models; connected clients get the difference."""
@@ -320,7 +325,7 @@ class FakeXdsServer:
 
     async def start(self) -> int:
         server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, server)
+        self.xds.add_to(server)
         target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         if self.tls is None:
             port = server.add_insecure_port(target)
@@ -345,16 +350,26 @@ class FakeXdsServer:
 # --- standalone (e2e and demo) --------------------------------------------------------------------
 
 
-def load_config_file(path: Path) -> tuple[LocalConfig, list[dict]]:
+# Keys of the config file that are the doubles' knobs, not local config: `malformed` (below) and
+# `callers` (the CA's bearer tokens, read by fakes/istiod.py).
+DOUBLE_KEYS = ("malformed", "callers")
+
+
+def load_config_file(path: Path) -> tuple[LocalConfig, list[dict], dict]:
     """The local-config YAML plus an optional `malformed` list for tests:
-    [{typeUrl, name, anyTypeUrl, hex}], sent once each time the file changes."""
+    [{typeUrl, name, anyTypeUrl, hex}], sent once each time the file changes.  The third value
+    holds the doubles' keys (DOUBLE_KEYS) as found."""
     document = yaml.safe_load(path.read_text()) or {}
-    malformed = document.pop("malformed", None) or []
-    return parse_local_config(yaml.safe_dump(document), f"fake istiod config {path}"), malformed
+    knobs = {k: document.pop(k) for k in DOUBLE_KEYS if k in document}
+    malformed = knobs.get("malformed") or []
+    return parse_local_config(yaml.safe_dump(document), f"fake istiod config {path}"), malformed, knobs
 
 
-async def serve_file(path: Path, server: FakeXdsServer, stop: asyncio.Event) -> None:
-    """Serve `path` and push its changes (checked every CONFIG_POLL_INTERVAL) until `stop`."""
+async def serve_file(path: Path, xds: FakeXds, stop: asyncio.Event,
+                     on_knobs: Callable[[dict], None] | None = None) -> None:
+    """Serve `path` and push its changes (checked every CONFIG_POLL_INTERVAL) until `stop`.
+    `on_knobs` gets the doubles' keys of each version before the "config" line is printed (so a
+    reader of that line knows every side is current)."""
     last = None
     while not stop.is_set():
         try:
@@ -364,13 +379,15 @@ async def serve_file(path: Path, server: FakeXdsServer, stop: asyncio.Event) -> 
         if stamp != last and stamp is not None:
             last = stamp
             try:
-                config, malformed = load_config_file(path)
+                config, malformed, knobs = load_config_file(path)
+                if on_knobs is not None:
+                    on_knobs(knobs)
             except Exception as exc:  # noqa: BLE001 - a test's bad file is reported, not fatal
                 print(json.dumps({"event": "config-error", "error": str(exc)}), flush=True)
             else:
-                server.xds.set_local_config(config)
+                xds.set_local_config(config)
                 for m in malformed:
-                    server.xds.push_raw(m["typeUrl"], m["name"], m.get("anyTypeUrl", m["typeUrl"]),
+                    xds.push_raw(m["typeUrl"], m["name"], m.get("anyTypeUrl", m["typeUrl"]),
                                         bytes.fromhex(m.get("hex", "")))
                 print(json.dumps({"event": "config", "workloads": len(config.workloads),
                                   "services": len(config.services), "policies": len(config.policies),
@@ -398,7 +415,7 @@ async def _main(args: argparse.Namespace) -> int:
     await server.start()
     print(json.dumps({"event": "listening", "address": server.address}), flush=True)
     try:
-        await serve_file(Path(args.config), server, stop)
+        await serve_file(Path(args.config), server.xds, stop)
     finally:
         await server.stop(0)
     return 0

@@ -97,6 +97,12 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int]
     return fds, error
 
 
+def is_eof(data: bytes, fds: list[int], flags: int) -> bool:
+    """Whether a recvmsg result is the peer's close.  Linux copies MSG_CMSG_CLOEXEC from the call's
+    flags into msg_flags, also on EOF, so only the flags a datagram can carry count."""
+    return not data and not fds and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
+
 def parse_request(data: bytes, fds: list[int], flags: int = 0) -> Request | ProtocolError:
     """One received datagram -> a typed request, or the reason it must be NACKed."""
     if flags & socket.MSG_TRUNC:

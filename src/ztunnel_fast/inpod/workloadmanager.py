@@ -95,7 +95,7 @@ class WorkloadManager:
         while True:
             data, ancdata, flags = await _recvmsg(sock)
             fds, cmsg_error = protocol.fds_from_ancillary(ancdata)
-            if not data and not fds and not flags:
+            if protocol.is_eof(data, fds, flags):
                 return  # EOF: istio-cni went away
             try:
                 error = await self._handle(data, fds, flags, cmsg_error)
