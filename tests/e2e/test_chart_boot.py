@@ -44,6 +44,11 @@ WAIT = 60.0  # seconds: bound of every wait loop (never a pass condition)
 CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN = 12, 13, 21
 
 
+# This checkout and its venv stand for the image's files; they stay visible in the pod even when
+# the checkout lies under /tmp, which the pod's emptyDir covers.
+IMAGE_PATHS = tuple(dict.fromkeys(p for p in (ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())))
+
+
 def image_env() -> dict[str, str]:
     """The Containerfile's runtime ENV, with its venv path pointing at this checkout's venv."""
     text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
@@ -125,7 +130,7 @@ def boot_pod(lab, pod, values: dict, facts: PodFacts, *, token: str, root_pem: s
     workdir.mkdir(parents=True)
     log_path = workdir / "container.log"
     with open(log_path, "wb") as out:
-        proc = lab.topology.popen(pod.pod, prepare(plan, workdir), stdout=out, stderr=subprocess.STDOUT)
+        proc = lab.topology.popen(pod.pod, prepare(plan, workdir, image_paths=IMAGE_PATHS), stdout=out, stderr=subprocess.STDOUT)
     if ready:
         wait_ready(plan, pod, facts, proc, log_path)
     return plan, proc, log_path

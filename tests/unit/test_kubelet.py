@@ -66,3 +66,16 @@ def test_setup_script_order():
     assert lines[-1].startswith("exec setpriv --bounding-set=-all,+net_admin,+sys_admin,+net_raw "
                                 "--inh-caps=-all --regid=1337 --clear-groups --reuid=0 -- env -i ")
     assert lines[-1].endswith(" ztunnel-fast run")
+
+
+def test_image_paths_under_an_empty_dir_stay_visible_read_only():
+    # A checkout under /tmp (as a CI clone may be) is the image's files: the emptyDir on /tmp must
+    # not hide it.  It is parked under /run first and bound back, read-only, after the tmpfs.
+    lines = setup_script(plan(), None, None, (Path("/tmp/clone"), Path("/opt/py"))).splitlines()
+    park = lines.index("mount --bind /tmp/clone /run/.image/0")
+    tmp = lines.index("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    back = lines.index("mount --bind /run/.image/0 /tmp/clone")
+    assert park < lines.index("mount -o remount,bind,ro /") < tmp < back
+    assert lines[back + 1] == "mount -o remount,bind,ro /tmp/clone"
+    # a path no emptyDir covers is parked but needs no re-bind
+    assert "mount --bind /run/.image/1 /opt/py" not in lines

@@ -142,10 +142,21 @@ def plan_pod(daemonset: dict, facts: PodFacts, volumes: Mapping[str, Path | None
     )
 
 
-def setup_script(plan: LaunchPlan, hosts_file: Path | None, resolv_file: Path | None = None) -> str:
-    """The shell run in the pod's private mount namespace before exec (pure; tested as text)."""
+def setup_script(plan: LaunchPlan, hosts_file: Path | None, resolv_file: Path | None = None,
+                 image_paths: tuple[Path, ...] = ()) -> str:
+    """The shell run in the pod's private mount namespace before exec (pure; tested as text).
+
+    `image_paths` are host directories that stand for the image's own files (the checkout and its
+    venv): they stay visible, read-only, even when they lie under an emptyDir target such as /tmp
+    (a checkout under /tmp would otherwise vanish under the emptyDir's tmpfs)."""
     q = shlex.quote
     lines = ["set -e", "mount -t tmpfs -o mode=0755 tmpfs /run"]
+    # Park each image path under /run before anything covers it; re-bound after the emptyDirs.
+    parked = []
+    for i, path in enumerate(image_paths):
+        stage = f"/run/.image/{i}"
+        lines += [f"mkdir -p {stage}", f"mount --bind {q(str(path))} {stage}"]
+        parked.append((stage, str(path)))
     tmp_mounts = []
     for m in plan.mounts:
         target = m.target.replace("/var/run/", "/run/", 1) if m.target.startswith("/var/run/") else m.target
@@ -167,6 +178,10 @@ def setup_script(plan: LaunchPlan, hosts_file: Path | None, resolv_file: Path | 
         lines += ["mount -o remount,bind,ro /", "mount -o remount,ro /run"]
     for target in tmp_mounts:  # last: the sources above may live under /tmp
         lines.append(f"mount -t tmpfs -o mode=1777 tmpfs {q(target)}")
+    for stage, path in parked:
+        if any(path == t or path.startswith(t.rstrip("/") + "/") for t in tmp_mounts):
+            lines += [f"mkdir -p {q(path)}", f"mount --bind {stage} {q(path)}",
+                      f"mount -o remount,bind,ro {q(path)}"]
     lines.append("cd /")
     keep = ",".join(["-all"] + [f"+{c.lower()}" for c in plan.capabilities])
     setpriv = ["setpriv", f"--bounding-set={keep}", "--inh-caps=-all"]
@@ -181,7 +196,7 @@ def setup_script(plan: LaunchPlan, hosts_file: Path | None, resolv_file: Path | 
 # ------------------------------------------------------------------------------------ I/O
 
 
-def prepare(plan: LaunchPlan, workdir: Path) -> list[str]:
+def prepare(plan: LaunchPlan, workdir: Path, image_paths: tuple[Path, ...] = ()) -> list[str]:
     """Write the pod's /etc/hosts and setup script into `workdir`; returns the argv that starts
     the container when run inside the pod's network namespace (`ip netns exec POD ...`).  The
     container's process keeps the PID of that argv (every step execs)."""
@@ -197,7 +212,7 @@ def prepare(plan: LaunchPlan, workdir: Path) -> list[str]:
         resolv_file = workdir / "etc-resolv.conf"
         resolv_file.write_text("# kubelet double: no cluster DNS server; names resolve from /etc/hosts\n")
     script = workdir / "container-setup.sh"
-    script.write_text(setup_script(plan, hosts_file, resolv_file))
+    script.write_text(setup_script(plan, hosts_file, resolv_file, image_paths))
     return ["unshare", "--mount", "--propagation", "private", "sh", str(script)]
 
 

@@ -51,7 +51,7 @@ __all__ = [
 XTABLES_LIBDIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
                    "/usr/lib64/xtables", "/usr/lib/xtables", "/usr/libexec/xtables")
 XTABLES_LOCK = "/run/xtables.lock"  # iptables-legacy's lock (host-wide, like theirs)
-LOCK_WAIT_S = 10.0
+LOCK_WAIT_S = 30.0  # seconds; iptables -w waits without bound, a busy node (tests beside CI load) needs more than 10
 COMMIT_TRIES = 3  # EAGAIN: someone committed between our read and our commit
 CMD_TIMEOUT_S = 30.0
 OURS_RE = re.compile(r"^(ztunnel-|ISTIO_)")  # chain names that mean "redirection installed"
