@@ -2,7 +2,7 @@
 
 `istioctl ztunnel-config`-style readers and `ztunnel-fast proxy-config` consume this.  Policies are
 rendered in the local-config shape (`rules` nested three lists deep, StringMatch as `{Exact: x}` /
-`Presence`), so a dumped policy can be pasted back into a LOCAL_XDS_PATH file.
+`{Presence: []}`), so a dumped policy can be pasted back into a LOCAL_XDS_PATH file.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def service_json(s: Service, state: ProxyState) -> dict[str, Any]:
 
 
 def _string_match(m: StringMatch) -> Any:
-    return "Presence" if m.kind is StringMatchKind.PRESENCE else {m.kind.value: m.value}
+    # ztunnel (serde) writes the Presence tuple variant as {"Presence": []}
+    return {"Presence": []} if m.kind is StringMatchKind.PRESENCE else {m.kind.value: m.value}
 
 
 def _sa(m: ServiceAccountMatch) -> dict[str, str]:
@@ -120,13 +121,19 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if dataclasses.is_dataclass(value):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+        return {_camel(f.name): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     return value
 
 
 def config_json(config) -> dict[str, Any]:
     """The effective configuration, camelCase keys."""
-    return {_camel(f.name): _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    out = {_camel(f.name): _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    token = config.auth_token
+    if token is not None and not token.startswith(("/", "./")):
+        out["authToken"] = "<redacted>"  # a literal bearer token never leaves the process
+    return out
 
 
 def config_dump(state: ProxyState, *, config, certificates: list[dict], version: dict[str, Any]) -> dict[str, Any]:

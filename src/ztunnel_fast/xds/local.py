@@ -439,8 +439,10 @@ def _match(value: object, path: str) -> Match:
 
 
 def _string_match(value: object, path: str) -> StringMatch:
-    accepted = "{Exact: x}, {Prefix: x}, {Suffix: x} or the plain string Presence"
-    if value == "Presence":
+    accepted = "{Exact: x}, {Prefix: x}, {Suffix: x}, {Presence: []} or the plain string Presence"
+    # {Presence: []} is how ztunnel's config_dump writes it (a serde tuple variant): a dumped
+    # policy pastes back.
+    if value == "Presence" or value == {"Presence": []}:
         return StringMatch(StringMatchKind.PRESENCE)
     if not isinstance(value, dict):
         raise _Refusal(path, f"invalid string match {value!r}; accepted: {accepted}")
