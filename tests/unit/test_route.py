@@ -262,3 +262,16 @@ def test_services_behind_one_waypoint_share_a_pool_key(wstate):
 
 def test_waypoint_routes_skip_the_node_local_fast_path(wstate):
     assert route(wstate, "198.19.0.10", 8000, fast_path_node="n2").via is Via.SERVICE_WAYPOINT
+
+
+def test_inbound_accepts_authorities_the_local_waypoint_fronts(wstate):
+    from ztunnel_fast.proxy.route import is_waypoint_for
+    wp, canary, plain = (wstate.workload_by_uid(u) for u in ("wp", "wp-canary", "plain"))
+    assert is_waypoint_for(wstate, wp, ip("198.19.0.10"))  # service VIP, waypoint by address
+    assert is_waypoint_for(wstate, wp, ip("198.19.0.11"))  # service VIP, waypoint by hostname
+    assert is_waypoint_for(wstate, wp, ip("198.18.0.2"))  # workload with that waypoint
+    assert is_waypoint_for(wstate, canary, ip("198.19.0.13"))  # one of the weighted waypoints
+    assert not is_waypoint_for(wstate, canary, ip("198.19.0.10"))
+    assert not is_waypoint_for(wstate, plain, ip("198.19.0.10"))
+    assert not is_waypoint_for(wstate, wp, ip("198.19.0.12"))  # a service without a waypoint
+    assert not is_waypoint_for(wstate, wp, ip("203.0.113.1"))  # unknown address

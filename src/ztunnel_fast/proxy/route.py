@@ -240,3 +240,21 @@ def _to_waypoint(
         via=via,
         waypoint=gateway,
     )
+
+
+def is_waypoint_for(state: ProxyState, local: Workload, ip: IpAddress, network: str = "") -> bool:
+    """Inbound `validate_destination`: may a CONNECT that arrived on `local`'s IP name `ip` in its
+    :authority?  Yes when `ip` is a workload or a service VIP whose waypoint (or one of whose
+    weighted waypoints) resolves to `local`: the waypoint gets traffic addressed to what it fronts."""
+    gateways: list[GatewayAddress] = []
+    target = state.workload_by_ip(ip, network)
+    if target is not None:
+        if target.waypoint is not None:
+            gateways.append(target.waypoint)
+    else:
+        service = state.service_by_vip(ip, network)
+        if service is not None:
+            if service.waypoint is not None:
+                gateways.append(service.waypoint)
+            gateways.extend(w.destination for w in service.weighted_waypoints)
+    return any(w.uid == local.uid for g in gateways for w in waypoint_workloads(state, g))
