@@ -39,7 +39,8 @@ SIZES = {"1MiB": MIB, "64MiB": 64 * MIB}
 TUNNEL_PORT = 15088  # the sandwich app's PROXY-protocol port (Istio's waypoints use 15088 too)
 
 
-def _mesh(lab: Lab, *, service_waypoint: bool, workload_waypoint: bool, sandwich: bool = False):
+def _mesh(lab: Lab, *, service_waypoint: bool, workload_waypoint: bool, sandwich: bool = False,
+          policies: tuple = ()):
     a = lab.pod("sleep", namespace="default", service_account="sleep")
     wp = lab.pod("waypoint", namespace="default", service_account="waypoint")
     b = lab.pod("httpbin", namespace="default", service_account="httpbin")
@@ -58,6 +59,7 @@ def _mesh(lab: Lab, *, service_waypoint: bool, workload_waypoint: bool, sandwich
     config["services"].append({"name": "waypoint", "namespace": "default",
                                "hostname": "waypoint.default.svc.cluster.local", "vips": ["/198.19.0.50"],
                                "ports": {HBONE_PORT: HBONE_PORT}})
+    config["policies"] = list(policies)
     lab.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return a, wp, b
 
@@ -176,3 +178,47 @@ def test_sandwich_delivers_a_proxy_v2_header_with_the_source_identity(lab: Lab) 
     assert got["tlv"] == {str(0xD0): a.identity}, got
     assert _wait_line(za, f"proxy to {VIP}:{SVC_PORT} using HBONE via {wp.ip}:{HBONE_PORT} type ToServiceWaypoint")
     assert _wait_line(zw, f"got CONNECT request to {VIP}:{SVC_PORT}", f"peer_id={a.identity}"), zw.log()
+
+
+SHORT_CONNECTIONS = 500
+SHORT_SIZE = 4096
+SHORT_CONCURRENCY = 8
+
+
+def test_short_connections_through_the_waypoint_share_pooled_hbone_connections(lab: Lab) -> None:
+    """500 short hash-checked connections to the service: every one reaches the app through the
+    waypoint, as a CONNECT stream on a few pooled HBONE connections (not one each)."""
+    a, wp, b = _mesh(lab, service_waypoint=True, workload_waypoint=False)
+    lab.app(b, "serve", str(APP_PORT), "echo", port=APP_PORT)
+    lab.start_ztunnel(b, redirect=False)
+    envoy = _envoy_waypoint(lab, a, wp, b)
+    za = lab.start_ztunnel(a)
+    out = lab.client(a, "echo", VIP, str(SVC_PORT), "--size", str(SHORT_SIZE), "--count", str(SHORT_CONNECTIONS),
+                     "--concurrency", str(SHORT_CONCURRENCY), timeout=RUN_TIMEOUT)
+    assert out["ok"] == SHORT_CONNECTIONS and out["failed"] == 0 and out["mismatched"] == 0, out
+    streams = stat_total(lab.topology, wp.pod, envoy, "http.hbone_terminator.downstream_rq_total")
+    conns = stat_total(lab.topology, wp.pod, envoy, "http.hbone_terminator.downstream_cx_total")
+    assert streams == SHORT_CONNECTIONS, streams
+    assert 1 <= conns < SHORT_CONNECTIONS // 10, conns  # pooled: at most a handful of HBONE connections
+    assert len(za.lines("type ToServiceWaypoint")) == SHORT_CONNECTIONS
+
+
+DENY_WAYPOINT = {"name": "deny-waypoint", "namespace": "default", "scope": "Namespace", "action": "Deny",
+                 "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/waypoint"}]}]]]}
+
+
+def test_l4_deny_of_the_waypoint_at_the_destination(lab: Lab) -> None:
+    """An L4 policy at the destination denying the waypoint's identity: the destination's
+    ztunnel-fast answers the waypoint's CONNECT with 401 and the app is never dialled."""
+    a, wp, b = _mesh(lab, service_waypoint=True, workload_waypoint=False, policies=(DENY_WAYPOINT,))
+    app = _echo_app(lab, b)
+    zb = lab.start_ztunnel(b, redirect=False)
+    envoy = _envoy_waypoint(lab, a, wp, b)
+    za = lab.start_ztunnel(a)
+    res = _send_recv(lab, a, VIP, SVC_PORT, MIB, timeout=20)
+    assert res["received"] == 0, res
+    refused = _wait_line(zb, "refused CONNECT with 401 Unauthorized", f"peer_id={wp.identity}")
+    assert refused, zb.log()
+    assert _wait_line(za, "type ToServiceWaypoint"), za.log()
+    assert stat_total(lab.topology, wp.pod, envoy, "downstream_cx_upgrades_total") >= 1
+    assert app.poll() is None  # never dialled
