@@ -89,6 +89,11 @@ def test_service_traffic_goes_through_the_envoy_waypoint(lab: Lab, size: str) ->
     assert _wait_line(zb, f"got CONNECT request to {b.ip}:{APP_PORT}", f"peer_id={wp.identity}"), zb.log()
     assert stat_total(lab.topology, wp.pod, envoy, "downstream_cx_upgrades_total") >= 1, _envoy_log(lab, "waypoint")
     assert stat_total(lab.topology, wp.pod, envoy, "cluster.hbone_peer.upstream_cx_total") >= 1
+    # the access log names the waypoint as the destination workload, the service as dst.service
+    access = _wait_line(za, "connection complete", "direction=outbound")
+    assert access and f"dst.addr={wp.ip}:{HBONE_PORT}" in access[0] and f"dst.hbone_addr={VIP}:{SVC_PORT}" in access[0]
+    assert "dst.service=httpbin.default.svc.cluster.local dst.workload=waypoint" in access[0], access
+    assert f"dst.identity={wp.identity}" in access[0], access
 
 
 def test_workload_traffic_goes_to_its_waypoint_found_by_hostname(lab: Lab) -> None:
