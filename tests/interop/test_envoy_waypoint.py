@@ -106,6 +106,13 @@ def test_workload_traffic_goes_to_its_waypoint_found_by_hostname(lab: Lab) -> No
     _assert_echoed(res, _served(app), MIB)
     line = f"proxy to {b.ip}:{APP_PORT} using HBONE via {wp.ip}:{HBONE_PORT} type ToWorkloadWaypoint"
     assert _wait_line(za, line), za.log()
+    # the operator's view from the client's ztunnel-fast: the WAYPOINT column is filled
+    tables = {kind: lab.topology.run(a.pod, [sys.executable, "-m", "ztunnel_fast", "proxy-config", kind],
+                                     timeout=30).stdout for kind in ("workloads", "services")}
+    rows = {line.split()[0]: line.split() for line in tables["workloads"].splitlines()[1:]}
+    assert rows["httpbin"][4] == "waypoint" and rows["sleep"][4] == "None", tables["workloads"]
+    svc_rows = {line.split()[1]: line.split() for line in tables["services"].splitlines()[1:]}
+    assert svc_rows["httpbin"][2:] == [VIP, "None", "1/1"], tables["services"]
     assert _wait_line(zb, f"got CONNECT request to {b.ip}:{APP_PORT}", f"peer_id={wp.identity}"), zb.log()
     assert stat_total(lab.topology, wp.pod, envoy, "downstream_cx_upgrades_total") >= 1
 
