@@ -30,8 +30,8 @@ def parse_authority(authority: str) -> tuple[IpAddress, int]:
     """Parse a CONNECT `:authority` of the form ip:port (IPv6 bracketed).
 
     Raises ValueError for anything else; the server answers that with 400.
-    (Hostname authorities are used only through waypoints and E/W gateways, which this proxy does
-    not terminate.)
+    (Hostname authorities are used only by double HBONE through E/W gateways, which this proxy does
+    not terminate; traffic through a waypoint keeps the original IP authority.)
     """
     host, sep, port_text = authority.rpartition(":")
     if not sep or not host or not port_text.isdigit():
