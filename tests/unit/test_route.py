@@ -179,7 +179,7 @@ def test_traffic_from_the_waypoint_itself_goes_direct(wstate):
     r = route(wstate, "198.18.0.2", 80, source_uid="wp")
     assert r.kind is Kind.HBONE and r.via is Via.DIRECT
     assert r.next_hop == (ip("198.18.0.2"), 15008) and r.workload.uid == "httpbin-1"
-    assert from_waypoint(wstate, RoundRobin(), wstate.workload_by_uid("httpbin-1").waypoint,
+    assert from_waypoint(wstate, wstate.workload_by_uid("httpbin-1").waypoint,
                          wstate.workload_by_uid("wp"))
 
 
@@ -188,9 +188,9 @@ def test_waypoint_identity_on_another_ip_or_another_identity_on_its_ip_is_not_th
     wp = wstate.workload_by_uid("wp")
     elsewhere = dataclasses.replace(wp, uid="x", workload_ips=(ip("198.18.0.77"),))
     other_sa = dataclasses.replace(wp, uid="y", service_account="sleep")
-    assert not from_waypoint(wstate, RoundRobin(), gateway, elsewhere)
-    assert not from_waypoint(wstate, RoundRobin(), gateway, other_sa)
-    assert not from_waypoint(wstate, RoundRobin(), gateway, None)
+    assert not from_waypoint(wstate, gateway, elsewhere)
+    assert not from_waypoint(wstate, gateway, other_sa)
+    assert not from_waypoint(wstate, gateway, None)
 
 
 def test_service_without_waypoint_to_an_endpoint_with_a_waypoint_goes_to_the_workload_waypoint(wstate):

@@ -123,7 +123,7 @@ def decide(
         return Route(Kind.REFUSE, workload=workload, reason=f"self call: refusing to connect to ztunnel's own port {port}")
     target = (ip, port)
 
-    if workload.waypoint is not None and not from_waypoint(state, lb, workload.waypoint, source):
+    if workload.waypoint is not None and not from_waypoint(state, workload.waypoint, source):
         return _to_waypoint(state, lb, workload.waypoint, Via.WORKLOAD_WAYPOINT, target, service)
 
     if workload.protocol is not TunnelProtocol.HBONE:
@@ -190,7 +190,7 @@ def waypoint_workloads(state: ProxyState, gateway: GatewayAddress) -> tuple[Work
     return tuple(ep.workload for ep in state.endpoints(service)) if service is not None else ()
 
 
-def from_waypoint(state: ProxyState, lb: RoundRobin, gateway: GatewayAddress, source: Workload | None) -> bool:
+def from_waypoint(state: ProxyState, gateway: GatewayAddress, source: Workload | None) -> bool:
     """ztunnel's check_from_waypoint: the source is one of the waypoint's workloads (same
     identity and a shared IP), so sending it back to the waypoint would loop."""
     if source is None:
