@@ -25,8 +25,19 @@ import yaml
 
 from tests.interop.envoy import hbone_waypoint, stat_total
 from tests.interop.test_envoy_ztunnel import (
-    APP_PORT, HBONE_PORT, IO_TIMEOUT, MIB, RUN_TIMEOUT, _assert_echoed, _certs, _echo_app, _envoy, _envoy_log,
-    _send_recv, _served, _wait_line,
+    APP_PORT,
+    HBONE_PORT,
+    IO_TIMEOUT,
+    MIB,
+    RUN_TIMEOUT,
+    _assert_echoed,
+    _certs,
+    _echo_app,
+    _envoy,
+    _envoy_log,
+    _send_recv,
+    _served,
+    _wait_line,
 )
 from ztunnel_fast.demo.lab import Lab
 from ztunnel_fast.netns import wait_listening

@@ -35,7 +35,13 @@ from ..config import INBOUND_PORT, SELF_PORTS
 from ..identity.spiffe import Identity
 from ..state.service import Service
 from ..state.store import ProxyState, RoundRobin
-from ..state.workload import GatewayAddress, IpAddress, TunnelProtocol, WeightedWaypoint, Workload
+from ..state.workload import (
+    GatewayAddress,
+    IpAddress,
+    TunnelProtocol,
+    WeightedWaypoint,
+    Workload,
+)
 
 
 class Kind(enum.Enum):
