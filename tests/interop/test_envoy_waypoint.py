@@ -245,3 +245,21 @@ def test_l4_deny_of_the_waypoint_at_the_destination(lab: Lab) -> None:
     assert _wait_line(za, "type ToServiceWaypoint"), za.log()
     assert stat_total(lab.topology, wp.pod, envoy, "downstream_cx_upgrades_total") >= 1
     assert app.poll() is None  # never dialled
+
+
+def test_missing_waypoint_refuses_the_connection_with_a_log_line(lab: Lab) -> None:
+    """A service whose waypoint resolves to nothing: the client's connection is refused at once
+    (not carried direct, which would bypass the waypoint's policy), with ztunnel's wording."""
+    a, wp, b = _mesh(lab, service_waypoint=False, workload_waypoint=False)
+    config = yaml.safe_load(lab.config_path.read_text())
+    config["services"][0]["waypoint"] = {"hostname": {"namespace": "default", "hostname": "gone.default.svc.cluster.local"}}
+    lab.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    app = _echo_app(lab, b)
+    za = lab.start_ztunnel(a)
+    res = _send_recv(lab, a, VIP, SVC_PORT, MIB, timeout=20)
+    assert res["received"] == 0 and not (res["error"] and "timed out" in res["error"]), res
+    failed = _wait_line(za, "outbound{", "failed dur=",
+                        "err=unknown waypoint: default/gone.default.svc.cluster.local (no healthy upstream)")
+    assert failed, za.log()
+    assert not za.lines("proxy to")
+    assert app.poll() is None
