@@ -55,7 +55,7 @@ def test_serial_column_is_what_istioctl_prints():
 def test_json_and_all():
     assert orjson.loads(render("workloads", DUMP, "json"))[0]["name"] == "sleep-69cfb4968f-mwglt"
     text = render("all", DUMP)
-    assert "PROTOCOL" in text and "SERIAL NUMBER" in text
+    assert "PROTOCOL" in text and "SERVICE VIP" in text and "SERIAL NUMBER" in text
 
 
 WAYPOINT_DUMP = {

@@ -114,4 +114,4 @@ def render(kind: str, dump: dict[str, Any], output: str = "table") -> str:
         return services_table(dump)
     if kind == "secrets":
         return secrets_table(dump)
-    return workloads_table(dump) + "\n\n" + secrets_table(dump)
+    return workloads_table(dump) + "\n\n" + services_table(dump) + "\n\n" + secrets_table(dump)
