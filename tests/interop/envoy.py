@@ -248,3 +248,43 @@ def stat_total(topology: Topology | None, pod: Pod | None, envoy: subprocess.Pop
         if name_part in name and value.strip().isdigit():
             total += int(value)
     return total
+
+
+def hbone_waypoint(listen: tuple[str, int], upstream: tuple[str, int], upstream_authority: str,
+                   cert_paths: Any, root_path: str | Path, allowed_client_sans: Sequence[str],
+                   expected_server_sans: Sequence[str], admin_port: int = 0) -> dict:
+    """A waypoint built the way Istio builds one, reduced to L4: HBONE terminated on `listen`
+    (mTLS, client SAN in `allowed_client_sans`), each CONNECT handed to an Envoy *internal
+    listener* (`connect_originate`, as Istio names it) whose tcp_proxy originates a new HBONE
+    CONNECT `upstream_authority` over mTLS to `upstream` (the destination's 15008), expecting a
+    server SAN in `expected_server_sans`.  The waypoint presents `cert_paths` on both sides.
+
+    Istio picks the upstream per request from the original destination; this static test
+    waypoint fronts one destination, so the upstream and its :authority are fixed.
+    """
+    term = hbone_terminator(listen, ("127.0.0.1", 1), cert_paths, root_path, allowed_client_sans, admin_port)
+    # route the terminated CONNECT into the internal listener instead of a plain TCP app
+    term["static_resources"]["clusters"] = [{
+        "name": "connect_originate",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": "connect_originate",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "envoy_internal_address": {"server_listener_name": "connect_originate"}}}}]}],
+        },
+    }]
+    hcm = term["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"] = "connect_originate"
+    orig = hbone_originator(("127.0.0.1", 1), upstream, upstream_authority, cert_paths, root_path,
+                            expected_server_sans)
+    internal = orig["static_resources"]["listeners"][0]
+    internal["name"] = "connect_originate"
+    del internal["address"]
+    internal["internal_listener"] = {}
+    term["static_resources"]["listeners"].append(internal)
+    term["static_resources"]["clusters"].extend(orig["static_resources"]["clusters"])
+    term["bootstrap_extensions"] = [{
+        "name": "envoy.bootstrap.internal_listener",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
+    }]
+    return term

@@ -90,3 +90,14 @@ def test_new_trace_ids_are_random_hex():
 def test_status_text():
     assert H.status_text(401) == "401 Unauthorized"
     assert H.status_text(400) == "400 Bad Request"
+
+
+def test_check_connect_allows_another_ip_only_when_may_differ_says_so():
+    req = {":method": "CONNECT", ":authority": "198.19.0.10:8000"}
+    assert isinstance(H.check_connect(req, arrived_on=POD, self_ports=SELF, may_differ=lambda ip: False), H.Refusal)
+    ok = H.check_connect(req, arrived_on=POD, self_ports=SELF, may_differ=lambda ip: str(ip) == "198.19.0.10")
+    assert not isinstance(ok, H.Refusal) and (str(ok.ip), ok.port) == ("198.19.0.10", 8000)
+    # own ports stay refused for a waypoint too
+    bad = H.check_connect({":method": "CONNECT", ":authority": "198.19.0.10:15008"}, arrived_on=POD,
+                          self_ports=SELF, may_differ=lambda ip: True)
+    assert isinstance(bad, H.Refusal) and bad.status == 503

@@ -211,9 +211,23 @@ REFUSALS = [
     ("workloads:\n- {name: '', namespace: n}", "workloads[0].name", "must not be empty"),
     ("workloads:\n- {name: a}", "workloads[0].namespace", "required"),
     (W % "nme: x", "workloads[0].nme", "unknown key"),
-    (W % "waypoint: {destination: 10.0.0.9}", "workloads[0].waypoint", "not supported yet"),
+    (W % "waypoint: {}", "workloads[0].waypoint", "exactly one of address"),
+    (W % "waypoint: {address: n/10.0.0.9, hostname: {namespace: n, hostname: h}}", "workloads[0].waypoint",
+     "exactly one of address"),
+    (W % "waypoint: {address: n/10.0.0.x}", "workloads[0].waypoint.address", "invalid IP address '10.0.0.x'"),
+    (W % "waypoint: {hostname: {namespace: n}}", "workloads[0].waypoint.hostname.hostname", "required"),
+    (W % "waypoint: {hostname: {namespace: n, hostname: h, port: 1}}", "workloads[0].waypoint.hostname.port",
+     "unknown key"),
+    (W % "waypoint: {destination: nohost}", "workloads[0].waypoint.destination", "invalid destination 'nohost'"),
+    (W % "waypoint: {address: /10.0.0.9, hboneMtlsPort: 0}", "workloads[0].waypoint.hboneMtlsPort",
+     "port 0 out of range"),
+    (W % "waypoint: {address: /10.0.0.9, via: x}", "workloads[0].waypoint.via", "unknown key"),
+    (W % "waypoint: 10.0.0.9", "workloads[0].waypoint", "expected a mapping, got string"),
+    (W % "applicationTunnel: {protocol: HTTP}", "workloads[0].applicationTunnel.protocol",
+     "accepted: NONE, PROXY"),
+    (W % "applicationTunnel: {protocol: PROXY, port: 70000}", "workloads[0].applicationTunnel.port",
+     "port 70000 out of range"),
     (W % "networkGateway: x", "workloads[0].networkGateway", "not supported yet"),
-    (W % "applicationTunnel: {protocol: PROXY}", "workloads[0].applicationTunnel", "not supported yet"),
     (W % "hostname: x.example", "workloads[0].hostname", "not supported yet"),
     (W % "nativeTunnel: true", "workloads[0].nativeTunnel", "not supported yet"),
     (W % "networkMode: HostNetwork", "workloads[0].networkMode", "not supported yet"),
@@ -254,7 +268,13 @@ REFUSALS = [
     ("services:\n- {name: s, hostname: h}", "services[0].namespace", "required"),
     ("services:\n- {name: s, namespace: n}", "services[0].hostname", "required"),
     (S % "vip: [10.0.0.1]", "services[0].vip", "unknown key"),
-    (S % "waypoint: {}", "services[0].waypoint", "not supported yet"),
+    (S % "waypoint: {}", "services[0].waypoint", "exactly one of address"),
+    (S % "weightedWaypoints: {address: /10.0.0.9}", "services[0].weightedWaypoints", "expected a list"),
+    (S % "weightedWaypoints: [{weight: 1}]", "services[0].weightedWaypoints[0].destination", "required"),
+    (S % "weightedWaypoints: [{destination: {address: /10.0.0.9}, weight: -1}]",
+     "services[0].weightedWaypoints[0].weight", "weight -1 out of range"),
+    (S % "weightedWaypoints: [{destination: {address: /10.0.0.9}, weight: '2'}]",
+     "services[0].weightedWaypoints[0].weight", "expected an integer (weight), got string"),
     (S % "loadBalancer: {mode: STRICT}", "services[0].loadBalancer", "not supported yet"),
     (S % "vips: 10.96.0.1", "services[0].vips", "expected a list, got string"),
     (S % "vips: [net/10.96.0.x]", "services[0].vips[0]", "invalid IP address '10.96.0.x'"),
@@ -396,3 +416,60 @@ def test_same_ip_on_different_networks_is_allowed():
         "workloads:\n- {name: a, namespace: n, network: n1, workloadIps: [10.0.0.1]}\n"
         "- {name: b, namespace: n, network: n2, workloadIps: [10.0.0.1]}\n", SOURCE)
     assert len(cfg.workloads) == 2
+
+
+def test_waypoints_and_application_tunnel_parse_in_every_form():
+    from ztunnel_fast.state.workload import (
+        ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, WeightedWaypoint)
+    cfg = parse_local_config(textwrap.dedent("""\
+        workloads:
+        - name: a
+          namespace: n
+          waypoint: {address: net1/10.0.0.9}
+          applicationTunnel: {protocol: PROXY, port: 15088}
+        - name: b
+          namespace: n
+          waypoint: {hostname: {namespace: n, hostname: wp.n.svc.cluster.local}, hboneMtlsPort: 15009}
+          applicationTunnel: {}
+        services:
+        - name: s
+          namespace: n
+          hostname: s.n.svc.cluster.local
+          waypoint: {destination: n/wp.n.svc.cluster.local}
+          weightedWaypoints:
+          - {destination: {destination: /fd00::9}, weight: 9}
+          - {destination: {address: 10.0.0.8}}
+        """), SOURCE)
+    a, b = cfg.workloads
+    assert a.waypoint == GatewayAddress(network="net1", address=ip_address("10.0.0.9"), hbone_mtls_port=15008)
+    assert a.application_tunnel == ApplicationTunnel(ApplicationTunnelProtocol.PROXY, 15088)
+    assert b.waypoint == GatewayAddress(namespace="n", hostname="wp.n.svc.cluster.local", hbone_mtls_port=15009)
+    assert b.application_tunnel == ApplicationTunnel(ApplicationTunnelProtocol.NONE, 0)
+    (s,) = cfg.services
+    assert s.waypoint == GatewayAddress(namespace="n", hostname="wp.n.svc.cluster.local")
+    assert s.weighted_waypoints == (
+        WeightedWaypoint(GatewayAddress(network="", address=ip_address("fd00::9")), 9),
+        WeightedWaypoint(GatewayAddress(network="", address=ip_address("10.0.0.8")), 1),
+    )
+
+
+def test_config_dump_waypoint_form_reads_back():
+    """A dumped workload's waypoint ({destination, hboneMtlsPort}) pastes back into the file."""
+    from ztunnel_fast.state.dump import service_json, workload_json
+    from ztunnel_fast.state.store import ProxyState
+    import yaml
+    text = W % "waypoint: {hostname: {namespace: n, hostname: wp}, hboneMtlsPort: 15009}, " \
+               "applicationTunnel: {protocol: PROXY, port: 15088}"
+    (w,) = parse_local_config(text, SOURCE).workloads
+    dumped = workload_json(w)
+    assert dumped["waypoint"] == {"destination": "n/wp", "hboneMtlsPort": 15009}
+    assert dumped["applicationTunnel"] == {"protocol": "PROXY", "port": 15088}
+    again = parse_local_config(yaml.safe_dump({"workloads": [{
+        "name": "a", "namespace": "n", "waypoint": dumped["waypoint"],
+        "applicationTunnel": dumped["applicationTunnel"]}]}), SOURCE)
+    assert again.workloads[0].waypoint == w.waypoint
+    assert again.workloads[0].application_tunnel == w.application_tunnel
+    svc_text = S % "weightedWaypoints: [{destination: {address: /10.0.0.9}, weight: 2}]"
+    (svc,) = parse_local_config(svc_text, SOURCE).services
+    assert service_json(svc, ProxyState())["weightedWaypoints"] == [
+        {"destination": {"destination": "/10.0.0.9", "hboneMtlsPort": 15008}, "weight": 2}]

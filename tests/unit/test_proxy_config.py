@@ -55,4 +55,39 @@ def test_serial_column_is_what_istioctl_prints():
 def test_json_and_all():
     assert orjson.loads(render("workloads", DUMP, "json"))[0]["name"] == "sleep-69cfb4968f-mwglt"
     text = render("all", DUMP)
-    assert "PROTOCOL" in text and "SERIAL NUMBER" in text
+    assert "PROTOCOL" in text and "SERVICE VIP" in text and "SERIAL NUMBER" in text
+
+
+WAYPOINT_DUMP = {
+    "workloads": [
+        {"uid": "u-httpbin", "name": "httpbin-1", "namespace": "demo", "workloadIps": ["10.0.0.2"], "node": "n1",
+         "protocol": "HBONE", "status": "Healthy",
+         "waypoint": {"destination": "demo/waypoint.demo.svc.cluster.local", "hboneMtlsPort": 15008}},
+        {"uid": "u-bare", "name": "bare", "namespace": "demo", "workloadIps": ["10.0.0.3"], "node": "n1",
+         "protocol": "HBONE", "status": "Unhealthy", "waypoint": {"destination": "/10.0.0.99", "hboneMtlsPort": 15008}},
+        {"uid": "u-wp", "name": "waypoint-1", "namespace": "demo", "workloadIps": ["10.0.0.50"], "node": "n1",
+         "protocol": "HBONE", "status": "Healthy"},
+    ],
+    "services": [
+        {"name": "httpbin", "namespace": "demo", "hostname": "httpbin.demo.svc.cluster.local", "vips": ["/10.96.0.10"],
+         "waypoint": {"destination": "/10.96.0.50", "hboneMtlsPort": 15008},
+         "endpoints": {"u-httpbin": {"workloadUid": "u-httpbin"}, "u-bare": {"workloadUid": "u-bare"}}},
+        {"name": "waypoint", "namespace": "demo", "hostname": "waypoint.demo.svc.cluster.local",
+         "vips": ["/10.96.0.50"], "endpoints": {"u-wp": {"workloadUid": "u-wp"}}},
+    ],
+}
+
+
+def test_waypoint_column_names_the_waypoint_service():
+    rows = {line.split()[0]: line.split() for line in workloads_table(WAYPOINT_DUMP).splitlines()[1:]}
+    assert rows["httpbin-1"][4] == "waypoint"  # found by namespace/hostname
+    assert rows["waypoint-1"][4] == "None"
+    assert rows["bare"][4] == "/10.0.0.99"  # no service at that address: the destination itself
+
+
+def test_services_table_shows_vip_waypoint_and_healthy_endpoints():
+    lines = render("services", WAYPOINT_DUMP).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"]
+    assert lines[1].split() == ["demo", "httpbin", "10.96.0.10", "waypoint", "1/2"]  # found by VIP
+    assert lines[2].split() == ["demo", "waypoint", "10.96.0.50", "None", "1/1"]
+    assert orjson.loads(render("services", WAYPOINT_DUMP, "json"))[0]["waypoint"]["destination"] == "/10.96.0.50"

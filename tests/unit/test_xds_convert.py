@@ -201,3 +201,36 @@ def test_waypoints_show_in_config_dump_in_the_local_config_shape():
     assert service_json(s, ProxyState())["waypoint"] == {"destination": "ns/wp", "hboneMtlsPort": 15008}
     plain = convert.address_from_proto("v", wpb.Address(workload=wpb.Workload(uid="v")))
     assert "waypoint" not in workload_json(plain)
+
+
+def test_weighted_waypoints_and_application_tunnel_convert_both_ways():
+    from ztunnel_fast.state.workload import ApplicationTunnel, ApplicationTunnelProtocol, WeightedWaypoint
+
+    gw = wpb.GatewayAddress(address=wpb.NetworkAddress(network="", address=bytes([10, 1, 0, 1])))
+    s = convert.address_from_proto("ns/h", wpb.Address(service=wpb.Service(
+        namespace="ns", hostname="h",
+        weighted_waypoints=[wpb.WeightedWaypoint(destination=gw, weight=3),
+                            wpb.WeightedWaypoint(destination=wpb.GatewayAddress(
+                                hostname=wpb.NamespacedHostname(namespace="ns", hostname="wp2"), hbone_mtls_port=15009),
+                                weight=1)])))
+    assert s.weighted_waypoints == (
+        WeightedWaypoint(GatewayAddress(address=ip_address("10.1.0.1")), 3),
+        WeightedWaypoint(GatewayAddress(namespace="ns", hostname="wp2", hbone_mtls_port=15009), 1),
+    )
+    assert convert.address_from_proto("ns/h", convert.service_to_proto(s)) == s
+
+    w = convert.address_from_proto("u", wpb.Address(workload=wpb.Workload(
+        uid="u", application_tunnel=wpb.ApplicationTunnel(protocol=wpb.ApplicationTunnel.PROXY, port=15088))))
+    assert w.application_tunnel == ApplicationTunnel(ApplicationTunnelProtocol.PROXY, 15088)
+    assert convert.address_from_proto("u", convert.workload_to_proto(w)) == w
+
+
+def test_bad_application_tunnel_and_weighted_waypoint_are_rejected():
+    with pytest.raises(Rejected) as info:
+        convert.address_from_proto("u", wpb.Address(workload=wpb.Workload(
+            uid="u", application_tunnel=wpb.ApplicationTunnel(protocol=wpb.ApplicationTunnel.PROXY, port=70000))))
+    assert "application_tunnel.port" in str(info.value) and "out of range" in str(info.value)
+    with pytest.raises(Rejected) as info:
+        convert.address_from_proto("ns/h", wpb.Address(service=wpb.Service(
+            namespace="ns", hostname="h", weighted_waypoints=[wpb.WeightedWaypoint(weight=1)])))
+    assert "weighted_waypoints[0].destination" in str(info.value)

@@ -1,8 +1,9 @@
-"""`ztunnel-fast proxy-config workloads|secrets|all`: the guide's istioctl tables from /config_dump.
+"""`ztunnel-fast proxy-config workloads|services|secrets|all`: the guide's istioctl tables from /config_dump.
 
 Rendering is pure (a config dump in, text out); only `fetch_config_dump` does I/O.  Columns and
 values follow `istioctl proxy-config` for ztunnel:
     NAME NAMESPACE IP NODE WAYPOINT PROTOCOL
+    NAMESPACE SERVICE NAME SERVICE VIP WAYPOINT ENDPOINTS
     NAME TYPE STATUS VALID CERT SERIAL NUMBER NOT AFTER NOT BEFORE
 """
 
@@ -32,13 +33,39 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], gap: int = 1) ->
     return "\n".join(lines)
 
 
+def waypoint_name(waypoint: dict[str, Any] | None, dump: dict[str, Any]) -> str:
+    """The WAYPOINT cell, as istioctl words it: the name of the waypoint's service (found by VIP
+    "network/ip" or by "namespace/hostname"), `None` without a waypoint, else the destination."""
+    if not waypoint:
+        return "None"
+    destination = waypoint.get("destination", "")
+    for svc in dump.get("services", []):
+        if destination in svc.get("vips", []) or destination == f"{svc.get('namespace')}/{svc.get('hostname')}":
+            return svc["name"]
+    return destination or "None"
+
+
 def workloads_table(dump: dict[str, Any]) -> str:
     rows = []
     for w in sorted(dump.get("workloads", []), key=lambda w: (w["name"], w["namespace"])):
         ips = w.get("workloadIps") or [""]
-        waypoint = w.get("waypoint") or "None"
+        waypoint = waypoint_name(w.get("waypoint"), dump)
         rows.append([w["name"], w["namespace"], ips[0], w.get("node") or "", waypoint, w.get("protocol", "TCP")])
     return table(["NAME", "NAMESPACE", "IP", "NODE", "WAYPOINT", "PROTOCOL"], rows)
+
+
+def services_table(dump: dict[str, Any]) -> str:
+    """istioctl's services table; ENDPOINTS is healthy/total."""
+    status = {w.get("uid"): w.get("status", "Healthy") for w in dump.get("workloads", [])}
+    rows = []
+    for s in sorted(dump.get("services", []), key=lambda s: (s["namespace"], s["name"])):
+        endpoints = list((s.get("endpoints") or {}).values())
+        healthy = sum(1 for ep in endpoints if status.get(ep.get("workloadUid"), "Healthy") == "Healthy")
+        vips = s.get("vips") or [""]
+        vip = vips[0].rpartition("/")[2]
+        rows.append([s["namespace"], s["name"], vip, waypoint_name(s.get("waypoint"), dump),
+                     f"{healthy}/{len(endpoints)}"])
+    return table(["NAMESPACE", "SERVICE NAME", "SERVICE VIP", "WAYPOINT", "ENDPOINTS"], rows)
 
 
 def _valid(cert: dict[str, Any], now: datetime) -> str:
@@ -78,10 +105,13 @@ def secrets_table(dump: dict[str, Any], now: datetime | None = None) -> str:
 def render(kind: str, dump: dict[str, Any], output: str = "table") -> str:
     if output == "json":
         part = dump if kind == "all" else {"workloads": dump.get("workloads", []),
+                                            "services": dump.get("services", []),
                                             "secrets": dump.get("certificates", [])}[kind]
         return orjson.dumps(part, option=orjson.OPT_INDENT_2).decode()
     if kind == "workloads":
         return workloads_table(dump)
+    if kind == "services":
+        return services_table(dump)
     if kind == "secrets":
         return secrets_table(dump)
-    return workloads_table(dump) + "\n\n" + secrets_table(dump)
+    return workloads_table(dump) + "\n\n" + services_table(dump) + "\n\n" + secrets_table(dump)

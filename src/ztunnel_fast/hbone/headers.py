@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..state.workload import IpAddress, Workload
 
@@ -30,8 +30,8 @@ def parse_authority(authority: str) -> tuple[IpAddress, int]:
     """Parse a CONNECT `:authority` of the form ip:port (IPv6 bracketed).
 
     Raises ValueError for anything else; the server answers that with 400.
-    (Hostname authorities are used only through waypoints and E/W gateways, which this proxy does
-    not terminate.)
+    (Hostname authorities are used only by double HBONE through E/W gateways, which this proxy does
+    not terminate; traffic through a waypoint keeps the original IP authority.)
     """
     host, sep, port_text = authority.rpartition(":")
     if not sep or not host or not port_text.isdigit():
@@ -148,11 +148,14 @@ def check_connect(
     *,
     arrived_on: IpAddress | None,
     self_ports: Iterable[int],
+    may_differ: Callable[[IpAddress], bool] | None = None,
 ) -> ConnectTarget | Refusal:
     """Validate one inbound request's headers (steps 1, 2, 4 and the self-call part of 5).
 
     `arrived_on` is the local IP the TLS connection was accepted on (the destination pod IP), or
-    None when the listener does not know it.  Workload lookup and authorization come after this.
+    None when the listener does not know it.  `may_differ(ip)` says whether an :authority IP other
+    than `arrived_on` is allowed anyway (the local workload is a waypoint for it, or has an
+    application tunnel).  Workload lookup and authorization come after this.
     """
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     h = {k.lower(): v for k, v in pairs}
@@ -162,7 +165,7 @@ def check_connect(
         ip, port = parse_authority(h.get(":authority", ""))
     except ValueError:
         return Refusal(400, "no valid authority pseudo header")
-    if arrived_on is not None and ip != arrived_on:
+    if arrived_on is not None and ip != arrived_on and not (may_differ is not None and may_differ(ip)):
         return Refusal(400, f"ip mismatch: {ip} != {arrived_on}")
     if port in set(self_ports):
         return Refusal(503, f"self call: port {port} is one of ztunnel's own ports")

@@ -3,9 +3,13 @@
 Per connection: choose the local workload (ours in dedicated mode, else by destination IP),
 handshake with its certificate (client certificate required, same trust domain), then serve
 HTTP/2.  Per CONNECT stream, in this order (reference 3.2): method and :authority checks (400),
-destination must be the IP the connection arrived on (400), never ztunnel's own ports (503),
+destination must be the IP the connection arrived on (400) unless the local workload is the
+waypoint of that destination or has an application tunnel (then the bytes go to the local pod),
+never ztunnel's own ports (503),
 a local workload at the target (503), the upstream dial to the app (503 on failure); only then
-`200`, and the engine moves the bytes.  The guide's line `got CONNECT request to <ip:port>` is
+`200`, and the engine moves the bytes.  A workload with `applicationTunnel: {protocol: PROXY}`
+(the waypoint sandwich) is dialled on its tunnel port and first gets a PROXY v2 header with the
+original addresses and the source identity (proxy_protocol.py).  The guide's line `got CONNECT request to <ip:port>` is
 logged under `inbound{id=... peer_ip=... peer_id=spiffe://...}`.
 """
 
@@ -23,14 +27,16 @@ from ..errors import TlsError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import HboneConnection, HboneStream
 from ..state.rbac import ConnectionInfo
+from ..state.workload import ApplicationTunnelProtocol
 from ..telemetry.access import ConnectionRecord, log_early_deny
 from ..telemetry.logs import Span
 from ..telemetry.metrics import Peer
 from ..tls.handshake import handshake
 from ..tls.verify import peer_identities
-from . import sockets
+from . import proxy_protocol, sockets
 from .common import format_duration
 from .context import ProxyContext
+from .route import is_waypoint_for
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +153,17 @@ class Inbound:
     async def _stream(self, stream: HboneStream, peer_ip, peer_port, peer_id, arrived_on) -> None:
         ctx = self.ctx
         start = time.monotonic()
-        checked = hbone_headers.check_connect(stream.request_headers, arrived_on=arrived_on, self_ports=SELF_PORTS)
+        local = ctx.local_workload(arrived_on) if arrived_on is not None else None
+
+        def may_differ(ip) -> bool:
+            # ztunnel's validate_destination: a waypoint (or an app-tunnel workload) receives
+            # CONNECTs addressed to what it fronts, not to its own IP
+            if local is None:
+                return False
+            return local.application_tunnel is not None or is_waypoint_for(ctx.state, local, ip, ctx.config.network)
+
+        checked = hbone_headers.check_connect(stream.request_headers, arrived_on=arrived_on, self_ports=SELF_PORTS,
+                                              may_differ=may_differ)
         trace = getattr(checked, "trace_id", None) or hbone_headers.new_trace_id()
         span = Span("inbound", {"id": trace, "peer_ip": peer_ip, "peer_id": peer_id})
         client = hbone_headers.format_addr(peer_ip, peer_port)
@@ -157,7 +173,10 @@ class Inbound:
                            direction="inbound", error=checked.reason)
             return
         target = hbone_headers.format_addr(checked.ip, checked.port)
-        workload = ctx.local_workload(checked.ip)
+        if arrived_on is not None and checked.ip != arrived_on:
+            workload, app_ip = local, arrived_on  # accepted by may_differ: deliver to the local pod
+        else:
+            workload, app_ip = ctx.local_workload(checked.ip), checked.ip
         if workload is None:
             reason = f"unknown destination {checked.ip}: no local workload"
             self._refuse(stream, 503, reason, span)
@@ -187,15 +206,34 @@ class Inbound:
         if stream.reset_code is not None:  # the peer gave up already: do not dial the app
             record.complete(0, 0, "stream reset by peer before it was answered")
             return
-        spoof = peer_ip if ctx.orig_src else None
+        tunnel = workload.application_tunnel
+        sandwich = tunnel is not None and tunnel.protocol is ApplicationTunnelProtocol.PROXY
+        app_port = (tunnel.port or checked.port) if sandwich else checked.port
+        header = None
+        if sandwich:
+            try:
+                header = proxy_protocol.encode((peer_ip, peer_port), (checked.ip, checked.port), str(peer_id))
+            except ValueError as exc:
+                self._refuse(stream, 503, f"cannot write the PROXY header: {exc}", span)
+                record.complete(0, 0, str(exc), "CONNECT")
+                return
+        # the PROXY header carries the client address, so the sandwich does not spoof it
+        spoof = peer_ip if ctx.orig_src and not sandwich else None
+        upstream = None
         try:
             upstream = await sockets.connect(
-                checked.ip, checked.port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof,
+                app_ip, app_port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout, source=spoof,
                 factory=ctx.socket_factory,
             )
+            if header is not None:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(upstream, header),
+                                       ctx.config.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
+            if upstream is not None:
+                abort(upstream)
             reason = f"io error: {exc.strerror} (os error {exc.errno})" if isinstance(exc, OSError) else "connect timed out"
-            self._refuse(stream, 503, f"failed to connect to {target}: {reason}", span)
+            self._refuse(stream, 503, f"failed to connect to {hbone_headers.format_addr(app_ip, app_port)}: {reason}",
+                         span)
             record.complete(0, 0, reason, "CONNECT")
             return
         tracked = ctx.connections.track(workload, info, span)

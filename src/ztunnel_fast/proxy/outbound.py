@@ -3,7 +3,8 @@
 For each accepted socket: find the original destination and the source workload, take the pure
 routing decision, then either open a CONNECT stream on a pooled HBONE connection or dial plain
 TCP, and hand the pair to the engine.  Log lines follow the user guide:
-`proxy to <ip:port> using HBONE via <ip>:15008 type Direct`, `proxying to <ip:port> using node local
+`proxy to <ip:port> using HBONE via <ip>:15008 type Direct` (or `ToServiceWaypoint` /
+`ToWorkloadWaypoint` with the waypoint as the `via`), `proxying to <ip:port> using node local
 fast path`, `complete dur=...`.
 """
 
@@ -134,9 +135,10 @@ class Outbound:
         ctx = self.ctx
         src_identity = source.identity if source is not None else ctx.config.identity()
         log.info(
-            "proxy to %s using HBONE via %s type Direct",
+            "proxy to %s using HBONE via %s type %s",
             route.authority,
             hbone_headers.format_addr(*route.next_hop),
+            route.via.value,
             extra={"span": span},
         )
         request = hbone_headers.connect_request(

@@ -45,6 +45,11 @@ def workload_json(w: Workload) -> dict[str, Any]:
         out["authorizationPolicies"] = list(w.authorization_policies)
     if w.waypoint is not None:
         out["waypoint"] = gateway_json(w.waypoint)
+    if w.application_tunnel is not None:
+        tunnel: dict[str, Any] = {"protocol": w.application_tunnel.protocol.value}
+        if w.application_tunnel.port:
+            tunnel["port"] = w.application_tunnel.port
+        out["applicationTunnel"] = tunnel
     return out
 
 
@@ -69,6 +74,9 @@ def service_json(s: Service, state: ProxyState) -> dict[str, Any]:
     }
     if s.waypoint is not None:
         out["waypoint"] = gateway_json(s.waypoint)
+    if s.weighted_waypoints:
+        out["weightedWaypoints"] = [{"destination": gateway_json(ww.destination), "weight": ww.weight}
+                                    for ww in s.weighted_waypoints]
     return out
 
 

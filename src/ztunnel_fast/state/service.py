@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .workload import GatewayAddress, IpAddress
+from .workload import GatewayAddress, IpAddress, WeightedWaypoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,8 @@ class Service:
     subject_alt_names: tuple[str, ...] = ()
     canonical: bool = False
     waypoint: GatewayAddress | None = None
+    # sampled per connection by weight; when non-empty it is used instead of `waypoint`
+    weighted_waypoints: tuple[WeightedWaypoint, ...] = ()
 
     @property
     def key(self) -> str:

@@ -295,6 +295,17 @@ class RoundRobin:
         self._next[service.key] = index + 1
         return candidates[index]
 
+    def pick_any(self, state: ProxyState, service: Service) -> Workload | None:
+        """The next healthy endpoint with an IP, whatever its ports: a waypoint named by its
+        service is dialled on its HBONE port, which need not be one of the service's ports."""
+        candidates = [ep.workload for ep in state.endpoints(service)
+                      if ep.workload.status is WorkloadStatus.HEALTHY and ep.workload.workload_ips]
+        if not candidates:
+            return None
+        index = self._next.get(service.key, 0) % len(candidates)
+        self._next[service.key] = index + 1
+        return candidates[index]
+
 
 # --- the state store: several sources, one state -------------------------------------------------
 

@@ -37,7 +37,7 @@ class Locality:
 @dataclass(frozen=True, slots=True)
 class GatewayAddress:
     """Where a waypoint (or network gateway) is: an address on a network, or a service by
-    namespace/hostname; kept as istiod sends it (waypoint routing itself is not implemented yet)."""
+    namespace/hostname, as istiod sends it; proxy/route.py resolves it to a workload per connection."""
 
     network: str = ""
     address: "IpAddress | None" = None  # set for an address destination
@@ -51,6 +51,29 @@ class GatewayAddress:
         if self.address is not None:
             return f"{self.network}/{self.address}"
         return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedWaypoint:
+    """One entry of a service's `weighted_waypoints`: a waypoint and its relative weight (a weight
+    of 0 is never picked)."""
+
+    destination: GatewayAddress
+    weight: int = 1
+
+
+class ApplicationTunnelProtocol(enum.Enum):
+    NONE = "NONE"  # deliver the tunnelled bytes as they are
+    PROXY = "PROXY"  # prefix them with a PROXY protocol v2 header (the waypoint "sandwich")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationTunnel:
+    """How inbound tunnels reach this workload's app: with `PROXY`, on `port` (0 = the CONNECT's
+    port) behind a PROXY v2 header carrying the original addresses and the source identity."""
+
+    protocol: ApplicationTunnelProtocol = ApplicationTunnelProtocol.NONE
+    port: int = 0
 
 
 def _frozen(mapping: Mapping | None) -> Mapping:
@@ -80,6 +103,7 @@ class Workload:
     authorization_policies: tuple[str, ...] = ()
     capacity: int = 1
     waypoint: GatewayAddress | None = None
+    application_tunnel: ApplicationTunnel | None = None
 
     @property
     def identity(self) -> Identity:

@@ -41,7 +41,17 @@ from ..state.policy import (
 )
 from ..state.service import NetworkAddress, Service
 from ..state.store import canonical_ip
-from ..state.workload import GatewayAddress, IpAddress, Locality, TunnelProtocol, Workload, WorkloadStatus
+from ..state.workload import (
+    ApplicationTunnel,
+    ApplicationTunnelProtocol,
+    GatewayAddress,
+    IpAddress,
+    Locality,
+    TunnelProtocol,
+    WeightedWaypoint,
+    Workload,
+    WorkloadStatus,
+)
 from .local import _MAX_PORT, _namespaced, _Refusal, _spiffe_id
 
 ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
@@ -52,6 +62,8 @@ DEFAULT_HBONE_MTLS_PORT = 15008  # a GatewayAddress without a port means the HBO
 
 _TUNNEL = {wpb.NONE: TunnelProtocol.TCP, wpb.HBONE: TunnelProtocol.HBONE}
 _WORKLOAD_TYPE = {wpb.DEPLOYMENT: "deployment", wpb.CRONJOB: "cronjob", wpb.POD: "pod", wpb.JOB: "job"}
+_APP_TUNNEL = {wpb.ApplicationTunnel.NONE: ApplicationTunnelProtocol.NONE,
+               wpb.ApplicationTunnel.PROXY: ApplicationTunnelProtocol.PROXY}
 _STATUS = {wpb.HEALTHY: WorkloadStatus.HEALTHY, wpb.UNHEALTHY: WorkloadStatus.UNHEALTHY}
 _SCOPE = {apb.GLOBAL: Scope.GLOBAL, apb.NAMESPACE: Scope.NAMESPACE, apb.WORKLOAD_SELECTOR: Scope.WORKLOAD_SELECTOR}
 _ACTION = {apb.ALLOW: Action.ALLOW, apb.DENY: Action.DENY}
@@ -171,7 +183,13 @@ def _workload(w: wpb.Workload) -> Workload:
             for i, p in enumerate(w.authorization_policies)),
         capacity=w.capacity.value if w.HasField("capacity") else 1,
         waypoint=_gateway(w.waypoint, "workload.waypoint") if w.HasField("waypoint") else None,
+        application_tunnel=_application_tunnel(w.application_tunnel) if w.HasField("application_tunnel") else None,
     )
+
+
+def _application_tunnel(t: wpb.ApplicationTunnel) -> ApplicationTunnel:
+    protocol = _enum(_APP_TUNNEL, t.protocol, wpb.ApplicationTunnel.Protocol, "workload.application_tunnel.protocol")
+    return ApplicationTunnel(protocol, _port(t.port, "workload.application_tunnel.port", 0, "port"))
 
 
 def _service(s: wpb.Service) -> Service:
@@ -195,6 +213,9 @@ def _service(s: wpb.Service) -> Service:
                                 for i, san in enumerate(s.subject_alt_names)),
         canonical=s.canonical,
         waypoint=_gateway(s.waypoint, "service.waypoint") if s.HasField("waypoint") else None,
+        weighted_waypoints=tuple(
+            WeightedWaypoint(_gateway(ww.destination, f"service.weighted_waypoints[{i}].destination"), ww.weight)
+            for i, ww in enumerate(s.weighted_waypoints)),
     )
 
 
@@ -298,6 +319,9 @@ def workload_to_proto(w: Workload) -> wpb.Address:
         msg.services[key].ports.extend(_ports_proto(ports))
     if w.waypoint is not None:
         msg.waypoint.CopyFrom(_gateway_proto(w.waypoint))
+    if w.application_tunnel is not None:
+        msg.application_tunnel.CopyFrom(wpb.ApplicationTunnel(
+            protocol=_reverse(_APP_TUNNEL)[w.application_tunnel.protocol], port=w.application_tunnel.port))
     return wpb.Address(workload=msg)
 
 
@@ -309,6 +333,8 @@ def service_to_proto(s: Service) -> wpb.Address:
     )
     if s.waypoint is not None:
         msg.waypoint.CopyFrom(_gateway_proto(s.waypoint))
+    msg.weighted_waypoints.extend(wpb.WeightedWaypoint(destination=_gateway_proto(ww.destination), weight=ww.weight)
+                                  for ww in s.weighted_waypoints)
     return wpb.Address(service=msg)
 
 

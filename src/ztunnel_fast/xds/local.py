@@ -9,7 +9,7 @@ Invariants:
   No partially parsed object ever escapes.
 - Strict like ztunnel's `deny_unknown_fields`: unknown keys are refused at every level, and so are
   duplicate YAML keys (PyYAML would silently keep the last one).  Real ztunnel keys we do not
-  implement yet (waypoints, gateways, ...) are refused as "not supported yet" rather than ignored,
+  implement yet (network gateways, load balancing, ...) are refused as "not supported yet" rather than ignored,
   because ignoring them would route traffic differently from what the file says.
 - An explicit null counts as an absent key (YAML writes `services:` with nothing under it).
 - IPs are canonical (IPv4-mapped IPv6 folded to IPv4), as the state indexes expect.
@@ -43,7 +43,17 @@ from ..state.policy import (
 )
 from ..state.service import NetworkAddress, Service
 from ..state.store import canonical_ip
-from ..state.workload import IpAddress, Locality, TunnelProtocol, Workload, WorkloadStatus
+from ..state.workload import (
+    ApplicationTunnel,
+    ApplicationTunnelProtocol,
+    GatewayAddress,
+    IpAddress,
+    Locality,
+    TunnelProtocol,
+    WeightedWaypoint,
+    Workload,
+    WorkloadStatus,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -58,17 +68,25 @@ _WORKLOAD_KEYS = (
     "uid", "name", "namespace", "workloadIps", "protocol", "trustDomain", "serviceAccount",
     "network", "node", "clusterId", "workloadName", "workloadType", "canonicalName",
     "canonicalRevision", "status", "locality", "services", "authorizationPolicies", "capacity",
+    "waypoint", "applicationTunnel",
 )
 _WORKLOAD_UNSUPPORTED = (
-    "waypoint", "networkGateway", "applicationTunnel", "hostname", "nativeTunnel", "networkMode",
+    "networkGateway", "hostname", "nativeTunnel", "networkMode",
 )
 _WORKLOAD_TYPES = ("deployment", "cronjob", "pod", "job")
 _LOCALITY_KEYS = ("region", "zone", "subzone")
-_SERVICE_KEYS = ("name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "canonical")
+_SERVICE_KEYS = ("name", "namespace", "hostname", "vips", "ports", "subjectAltNames", "canonical",
+                 "waypoint", "weightedWaypoints")
 _SERVICE_UNSUPPORTED = (
-    "cidrVips", "endpoints", "waypoint", "weightedWaypoints", "loadBalancer", "ipFamilies",
-    "visibility",
+    "cidrVips", "endpoints", "loadBalancer", "ipFamilies", "visibility",
 )
+# A waypoint is one of: {address: "network/ip"}, {hostname: {namespace, hostname}}, or the
+# config_dump form {destination: "network/ip" | "namespace/hostname"}; plus hboneMtlsPort.
+_GATEWAY_KEYS = ("address", "hostname", "destination", "hboneMtlsPort")
+_HOSTNAME_KEYS = ("namespace", "hostname")
+_WEIGHTED_KEYS = ("destination", "weight")
+_APP_TUNNEL_KEYS = ("protocol", "port")
+DEFAULT_HBONE_MTLS_PORT = 15008  # a waypoint without hboneMtlsPort listens for HBONE here
 _POLICY_KEYS = ("name", "namespace", "scope", "action", "rules", "dryRun")
 _STRING_MATCH_FIELDS = {
     "namespaces": "namespaces", "notNamespaces": "not_namespaces",
@@ -360,6 +378,64 @@ def _workload(value: object, path: str) -> Workload:
             m, "authorizationPolicies", path, lambda v, p: _namespaced(v, p, "policy name")),
         capacity=1 if capacity is None else _int(capacity, _at(path, "capacity"), 1, _MAX_U32,
                                                  "capacity"),
+        waypoint=_optional(m, "waypoint", path, _gateway),
+        application_tunnel=_optional(m, "applicationTunnel", path, _application_tunnel),
+    )
+
+
+def _optional(m: dict, key: str, path: str, parse: Callable[[object, str], T]) -> T | None:
+    value = m.get(key)
+    return None if value is None else parse(value, _at(path, key))
+
+
+def _gateway(value: object, path: str) -> GatewayAddress:
+    m = _mapping(value, path, _GATEWAY_KEYS)
+    forms = [k for k in ("address", "hostname", "destination") if m.get(k) is not None]
+    if len(forms) != 1:
+        raise _Refusal(path, "a waypoint has exactly one of address (\"network/ip\"), "
+                             "hostname ({namespace, hostname}) or destination")
+    port_value = m.get("hboneMtlsPort")
+    port = DEFAULT_HBONE_MTLS_PORT if port_value is None else \
+        _int(port_value, _at(path, "hboneMtlsPort"), 1, _MAX_PORT, "port")
+    (form,) = forms
+    where = _at(path, form)
+    if form == "address":
+        vip = _vip(m[form], where)
+        return GatewayAddress(network=vip.network, address=vip.address, hbone_mtls_port=port)
+    if form == "hostname":
+        h = _mapping(m[form], where, _HOSTNAME_KEYS)
+        return GatewayAddress(namespace=_str(h, "namespace", where, required=True),
+                              hostname=_str(h, "hostname", where, required=True), hbone_mtls_port=port)
+    # destination: "network/ip" when the part after the last "/" is an IP, else "namespace/hostname"
+    text = _expect(m[form], str, 'a "network/ip" or "namespace/hostname" string', where)
+    head, slash, tail = text.rpartition("/")
+    try:
+        return GatewayAddress(network=head, address=canonical_ip(tail), hbone_mtls_port=port)
+    except ValueError:
+        pass
+    if not slash or not head or not tail:
+        raise _Refusal(where, f"invalid destination {text!r}; expected <network>/<ip> or <namespace>/<hostname>")
+    return GatewayAddress(namespace=head, hostname=tail, hbone_mtls_port=port)
+
+
+def _weighted_waypoint(value: object, path: str) -> WeightedWaypoint:
+    m = _mapping(value, path, _WEIGHTED_KEYS)
+    if m.get("destination") is None:
+        raise _Refusal(_at(path, "destination"), "required")
+    weight = m.get("weight")
+    return WeightedWaypoint(
+        destination=_gateway(m["destination"], _at(path, "destination")),
+        weight=1 if weight is None else _int(weight, _at(path, "weight"), 0, _MAX_U32, "weight"),
+    )
+
+
+def _application_tunnel(value: object, path: str) -> ApplicationTunnel:
+    m = _mapping(value, path, _APP_TUNNEL_KEYS)
+    protocol = _choice(m, "protocol", path, tuple(p.value for p in ApplicationTunnelProtocol), "NONE")
+    port = m.get("port")
+    return ApplicationTunnel(
+        protocol=ApplicationTunnelProtocol(protocol),
+        port=0 if port is None else _int(port, _at(path, "port"), 1, _MAX_PORT, "port"),
     )
 
 
@@ -384,6 +460,8 @@ def _service(value: object, path: str) -> Service:
         ports=_port_map(m.get("ports"), _at(path, "ports")),
         subject_alt_names=_items(m, "subjectAltNames", path, _spiffe_id),
         canonical=_bool(m, "canonical", path),
+        waypoint=_optional(m, "waypoint", path, _gateway),
+        weighted_waypoints=_items(m, "weightedWaypoints", path, _weighted_waypoint),
     )
 
 
