@@ -344,7 +344,7 @@ def step_proxy_config(c: Cluster) -> None:
 def _issued_by_istiod(c: Cluster, node: LabPod, table: str) -> str:
     """The fake istiod's side of the secrets: its CreateCertificate log for this node's token, and
     a check that the table's CA rows are istiod's root."""
-    root_serial = str(c.istiod.pki.root.serial_number)
+    root_serial = format(c.istiod.pki.root.serial_number, "x")  # the table prints serials as istioctl: %x
     ca_rows = [line for line in table.splitlines() if re.search(r"\sCA\s", line)]
     if not ca_rows or not all(root_serial in line for line in ca_rows):
         raise DemoFailed(f"the certificates are not rooted in istiod's CA (root serial {root_serial}):\n{table}")
