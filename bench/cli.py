@@ -1,8 +1,9 @@
 """`python -m bench`: measure direct, ztunnel-fast native, ztunnel-fast pure and an Envoy HBONE pair
-side by side, print the table, write JSON + Markdown + PNG to bench/results/.
+(at --concurrency 2 and 1) side by side, print the table, write JSON + Markdown + PNG to bench/results/.
 
 Orchestration only: one setup at a time, each on a fresh two-pod topology (bench.lab); one step per
-figure (bench.runners).  A failed step is recorded with its reason, the setup is rebuilt from
+figure (bench.runners).  Steps marked `own_lab` (the worker-thread scaling and the second topology)
+build their own fresh setups through `Labs`; the shared setup is torn down before them.  A failed step is recorded with its reason, the setup is rebuilt from
 scratch and the step retried once; then the run goes on: a hung tunnel costs one figure at most,
 never the run, and a figure obtained on the retry says so (JSON "retried", notes under the table).
 
@@ -26,22 +27,27 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Callable
 
 from . import micro, report, runners
-from .settings import DEFAULT, MIB, QUICK, Settings
+from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
+DEFAULT_SETUPS = "direct,native,pure,envoy,envoy1"
 
 
 @dataclass(frozen=True)
 class Step:
     key: str
     title: str
-    fn: Callable[[runners.Ctx], dict]
+    fn: Callable  # (runners.Ctx) -> dict, or (runners.Labs) -> dict when own_lab
     summary: Callable[[dict], str]
+    proxied_only: bool = False  # nothing to measure without a proxy
+    own_lab: bool = False  # builds its own setups (variants): gets a Labs, not the shared Ctx
+    applies: Callable[[Settings], bool] = lambda s: True
 
 
 def _mib(b: float) -> str:
@@ -54,7 +60,24 @@ def _iperf_summary(r: dict) -> str:
 
 
 def _wrk_summary(r: dict) -> str:
-    return f"{r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, errors {r['errors']}"
+    cpu = r.get("proxy_cpu_us_per_request")
+    return (f"{r['rps']:,.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, errors {r['errors']}"
+            + (f", proxy CPU {cpu:,.0f} µs/request" if cpu is not None else ""))
+
+
+def _syscalls_summary(r: dict) -> str:
+    g = r["per_gb"]
+    return (f"{g['total']:,.0f} syscalls/GB (read {g['read']:,.0f}, write {g['write']:,.0f}, epoll "
+            f"{g['epoll']:,.0f}, other {g['other']:,.0f}) by {r['tool']}")
+
+
+def _scaling_summary(r: dict) -> str:
+    return ", ".join(f"{t} thread(s) {v['rps']:,.0f} req/s" for t, v in r["by_threads"].items())
+
+
+def _topology_summary(r: dict) -> str:
+    return (f"{r['topology']}: 1 stream {r['tput1']['gbps']:.2f} Gbit/s, 4 streams {r['tput4']['gbps']:.2f} Gbit/s"
+            + (f", proxy CPU {r['cpu']['proxy_cpu_s_per_gb']:.2f} s/GB" if r["cpu"].get("proxy_cpu_s_per_gb") else ""))
 
 
 def _tunnels_summary(r: dict) -> str:
@@ -76,9 +99,15 @@ STEPS = (
     Step("tput1", "throughput, 1 stream", lambda c: runners.throughput(c, 1), _iperf_summary),
     Step("tput4", "throughput, 4 streams", lambda c: runners.throughput(c, 4), _iperf_summary),
     Step("cpu", "CPU per GB (fixed-size transfer)", runners.cpu_per_gb, _iperf_summary),
+    Step("syscalls", "syscalls per GB (separate transfer, counted)", runners.syscalls, _syscalls_summary,
+         proxied_only=True),
     Step("http_ka", "HTTP keep-alive", lambda c: runners.http(c, False), _wrk_summary),
     Step("http_nc", "HTTP new connection per request", lambda c: runners.http(c, True), _wrk_summary),
     Step("tunnels", "concurrent tunnels", runners.tunnels, _tunnels_summary),
+    Step("scaling", "new connection per request at 1 and 2 worker threads", runners.scaling, _scaling_summary,
+         proxied_only=True, own_lab=True),
+    Step("topology2", "throughput and CPU per GB on the second topology", runners.other_topology,
+         _topology_summary, own_lab=True, applies=lambda s: bool(s.second_topology)),
 )
 
 
@@ -88,17 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure direct (no proxy), ztunnel-fast native, ztunnel-fast pure twin and an Envoy HBONE pair "
             "side by side, in network namespaces (198.18.0.0/15) on this machine: iperf3 throughput (1 and 4 "
-            "streams), proxy CPU seconds per GB, HTTP request rate and p50/p99 latency with keep-alive and with a "
-            "new connection per request (wrk -> nginx), idle RSS, RSS and connections with many open tunnels. "
-            "Prints a table with ratios vs direct and vs Envoy; writes bench/results/<UTC>.json/.md/.png and "
-            "latest.*. Needs root. Default run ~10 minutes, --quick ~2-3 minutes."),
+            "streams), proxy CPU seconds per GB, proxy syscalls per GB by type, HTTP request rate and p50/p99 "
+            "latency with keep-alive and with a new connection per request (wrk -> nginx) with proxy CPU per new "
+            "connection, the new-connection rate at 1 and 2 worker threads, idle RSS, RSS and connections with "
+            "many open tunnels; throughput and CPU/GB also on a plain veth pair. Envoy runs at --concurrency 2 "
+            "(envoy) and 1 (envoy1). Prints a table with ratios vs direct and vs Envoy; writes "
+            "bench/results/<UTC>.json/.md/.png and latest.*. Needs root. Default run ~15 minutes, --quick ~5."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="short durations, 2,000 tunnels (~2-3 minutes)")
-    p.add_argument("--setups", default="direct,native,pure,envoy", help="comma-separated subset, run in the order given")
+    p.add_argument("--quick", action="store_true", help="short durations, 2,000 tunnels (~5 minutes)")
+    p.add_argument("--setups", default=DEFAULT_SETUPS,
+                   help="comma-separated subset of direct,native,pure,envoy,envoy1, run in the order given")
+    p.add_argument("--topology", choices=("both",) + TOPOLOGIES, default="both",
+                   help="bridge: pods on a bridge (every figure); veth: one veth pair between the pods (every "
+                        "figure); both: every figure on the bridge, throughput and CPU/GB also on the veth pair")
+    p.add_argument("--worker-threads", type=int, default=DEFAULT.worker_threads,
+                   help="ZTUNNEL_WORKER_THREADS of ztunnel-fast (the scaling figure always uses 1 and 2)")
+    p.add_argument("--syscall-tool", choices=("auto", "perf", "strace"), default=DEFAULT.syscall_tool,
+                   help="how syscalls are counted: perf stat on syscall tracepoints, strace -c -f, or perf when "
+                        "it works here")
+    p.add_argument("--syscall-mib", type=int, help="override: MiB of the syscall-counted transfer")
+    p.add_argument("--skip", default="", help="comma-separated step keys not to run (idle, check, tput1, tput4, cpu, "
+                                              "syscalls, http_ka, http_nc, tunnels, scaling, topology2)")
     p.add_argument("--profile", action="store_true",
-                   help="also record py-spy flame graphs (--native) of the ztunnel-fast processes during an extra "
-                        "1-stream iperf3 run; SVGs go to the results directory")
+                   help="also record flame graphs during extra 1-stream iperf3 runs: perf (every thread, C and "
+                        "kernel frames, native worker threads apart) of every proxy, and py-spy (--native) of the "
+                        "ztunnel-fast processes; SVGs go to the results directory")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--iperf-seconds", type=float, help="override: seconds per throughput run")
     p.add_argument("--wrk-seconds", type=float, help="override: seconds per HTTP run")
@@ -117,8 +161,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     over = {
         "iperf_seconds": args.iperf_seconds, "wrk_seconds": args.wrk_seconds, "wrk_connections": args.wrk_connections,
         "cpu_bytes": args.cpu_mib * MIB if args.cpu_mib else None, "tunnels": args.tunnels,
+        "syscall_bytes": args.syscall_mib * MIB if args.syscall_mib else None,
+        "syscall_tool": args.syscall_tool, "worker_threads": args.worker_threads,
+        "topology": "bridge" if args.topology == "both" else args.topology,
     }
-    return dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
+    s = dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
+    return dataclasses.replace(s, second_topology="veth" if args.topology == "both" else None)
 
 
 def preflight(setup_names: list[str], profile: bool) -> list[str]:
@@ -139,10 +187,13 @@ def preflight(setup_names: list[str], profile: bool) -> list[str]:
         except ImportError:
             problems.append(f"python package {mod} missing (pip install '.[bench]')")
     if profile:
+        from .flame import perf_binary
         from .profiling import py_spy_binary
 
         if py_spy_binary() is None:
             problems.append("py-spy not found (pip install '.[bench]')")
+        if perf_binary() is None:
+            problems.append("perf not found (apt: linux-perf)")
     return problems
 
 
@@ -186,11 +237,13 @@ class Runner:
     """Runs every step of every setup, recording into `doc`."""
 
     def __init__(self, doc: dict, settings: Settings, workroot: Path, run_id: str, progress, task, console,
-                 profile: bool, results_dir: Path, stamp: str):
+                 profile: bool, results_dir: Path, stamp: str, skip: frozenset = frozenset()):
         self.doc, self.settings, self.workroot, self.run_id = doc, settings, workroot, run_id
         self.progress, self.task, self.console = progress, task, console
         self.profile, self.results_dir, self.stamp = profile, results_dir, stamp
+        self.skip = skip
         self.current = None  # the live BenchLab, for teardown on interruption
+        self.labs_built = 0  # names of the variant labs: unique within the run
 
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -200,16 +253,23 @@ class Runner:
             bl, self.current = self.current, None
             bl.teardown()
 
-    def _build(self, setup, attempt: int):
+    def _build(self, setup, attempt: int | str, threads: int | None = None, topology: str | None = None):
         from .lab import BenchLab
 
         workdir = self.workroot / f"{setup.name}-{attempt}"
         workdir.mkdir(parents=True, exist_ok=True)
-        bl = BenchLab(workdir, setup.name if attempt == 0 else f"{setup.name}-r{attempt}", self.run_id,
-                      self.settings.body_bytes)
+        name = setup.name if attempt == 0 else f"{setup.name}-r{attempt}" if isinstance(attempt, int) \
+            else f"{setup.name}-{attempt}"
+        bl = BenchLab(workdir, name, self.run_id, self.settings.body_bytes,
+                      topology=topology or self.settings.topology)
         self.current = bl
-        started = setup.start(bl)
+        started = setup.start(bl, threads)
         return bl, started, runners.Ctx(bl, started.proxies, self.settings, workdir)
+
+    def steps_for(self, setup) -> list[Step]:
+        return [st for st in STEPS if st.key not in self.skip and st.key not in setup.skip
+                and st.applies(self.settings) and (setup.proxied or not st.proxied_only)
+                and (st.key != "scaling" or setup.scales)]
 
     def run_setup(self, setup) -> None:
         rec = self.doc["setups"][setup.name] = {
@@ -223,15 +283,20 @@ class Runner:
             self.say(f"[yellow]{_esc(setup.label)}: not measured: {_esc(why)}[/]")
             self.progress.advance(self.task, len(STEPS))
             return
+        steps = self.steps_for(setup)
+        self.progress.advance(self.task, len(STEPS) - len(steps))
         self.say(f"[bold]{_esc(setup.label)}[/]")
         ctx = None
         fresh = False
         give_up = None  # once set, the remaining steps are recorded as not run, with this reason
         try:
-            for step in STEPS:
+            for step in steps:
                 self.progress.update(self.task, description=f"{setup.name}: {step.title}")
+                if step.own_lab and ctx is not None:
+                    self.teardown()  # variants build their own setups, one at a time
+                    ctx = None
                 for attempt in (1, 2):  # a failed figure is retried once, on a fresh setup
-                    if ctx is None and give_up is None:
+                    if ctx is None and give_up is None and not step.own_lab:
                         try:
                             _, started, ctx = self._build(setup, rec["rebuilds"])
                             rec["info"] = started.info
@@ -246,10 +311,13 @@ class Runner:
                         break
                     t = time.monotonic()
                     try:
-                        if fresh and rec["rebuilds"] and step.key != "check":
-                            runners.path_check(ctx)  # a rebuilt setup must carry traffic before it is measured
-                        fresh = False
-                        result = step.fn(ctx)
+                        if step.own_lab:
+                            result = step.fn(_Labs(self, setup, rec))
+                        else:
+                            if fresh and rec["rebuilds"] and step.key != "check":
+                                runners.path_check(ctx)  # a rebuilt setup must carry traffic before it is measured
+                            fresh = False
+                            result = step.fn(ctx)
                         rec["raw"][step.key] = result
                         again = " [yellow](retry)[/]" if attempt > 1 else ""
                         self.say(f"  [green]✓[/] {step.title}{again}: {_esc(step.summary(result))}  "
@@ -273,28 +341,75 @@ class Runner:
                     self.say(f"  [red]✗[/] {step.title}: {_esc(msg[-300:])}  [dim]({time.monotonic() - t:.0f} s)[/]")
                     break
                 self.progress.advance(self.task)
-            if self.profile and ctx is not None and setup.name in ("native", "pure"):
-                self.progress.update(self.task, description=f"{setup.name}: py-spy profile")
-                rec["profile"] = self._profile(setup, ctx)
+            if self.profile and setup.proxied and give_up is None:
+                self.progress.update(self.task, description=f"{setup.name}: flame graphs")
+                if ctx is None:
+                    try:
+                        _, started, ctx = self._build(setup, "profile")
+                    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                        self.teardown()
+                        rec["profile"] = {"error": f"setup did not start: {exc}"}
+                if ctx is not None:
+                    rec["profile"] = self._profile(setup, ctx)
         finally:
             self.teardown()
             rec["seconds"] = round(time.monotonic() - t0, 1)
 
     def _profile(self, setup, ctx: runners.Ctx) -> dict:
+        """perf flame graphs (every proxy; native worker threads apart), then py-spy (ztunnel-fast
+        only), each during an extra 1-stream iperf3 run of its own: never during a timed figure."""
+        from . import flame
         from .profiling import Recorder
 
         s = self.settings
-        rec = Recorder(ctx.proxies, self.results_dir / f"{self.stamp}-{setup.name}", s.iperf_seconds + s.iperf_omit)
+        seconds = s.iperf_seconds + s.iperf_omit
+        out: dict = {}
+        recorders = [("perf", lambda: flame.Recorder(ctx.proxies, self.results_dir / f"{self.stamp}-{setup.name}-perf",
+                                                     seconds))]
+        if setup.name in ("native", "pure"):
+            recorders.append(("py-spy", lambda: Recorder(ctx.proxies, self.results_dir / f"{self.stamp}-{setup.name}",
+                                                         seconds)))
+        for tool, make in recorders:
+            try:
+                rec = make()
+            except Exception as exc:  # noqa: BLE001
+                out[tool] = {"error": str(exc)}
+                continue
+            try:
+                result = runners.throughput(ctx, 1)
+            except Exception as exc:  # noqa: BLE001
+                result = {"error": str(exc)}
+            finally:
+                files = rec.finish()
+                rec.abort()
+            for side, f in files.items():
+                shown = f.get("svg", f) if isinstance(f, dict) else f
+                extra = f" (+ {f['workers_svg']})" if isinstance(f, dict) and f.get("workers_svg") else ""
+                self.say(f"  [green]✓[/] {tool} {side}: {_esc(str(shown))}{_esc(extra)}")
+            out[tool] = {"flamegraphs": files, "profiled_run": result}
+        return out
+
+
+class _Labs:
+    """runners.Labs for the variant steps: fresh setups of one Setup with other worker threads or
+    another topology, built one at a time, each checked before it is measured, torn down after."""
+
+    def __init__(self, runner: Runner, setup, rec: dict):
+        self.runner, self.setup, self.rec = runner, setup, rec
+        self.settings = runner.settings
+
+    @contextmanager
+    def open(self, threads: int | None = None, topology: str | None = None):
+        self.runner.labs_built += 1
+        tag = f"v{self.runner.labs_built}"
         try:
-            result = runners.throughput(ctx, 1)
-        except Exception as exc:  # noqa: BLE001
-            result = {"error": str(exc)}
+            _, started, ctx = self.runner._build(self.setup, tag, threads=threads, topology=topology)
+            self.rec.setdefault("variants", {})[tag] = {"threads": threads, "topology": topology or
+                                                        self.settings.topology, "info": started.info}
+            runners.path_check(ctx)
+            yield ctx
         finally:
-            files = rec.finish()
-            rec.abort()
-        for side, f in files.items():
-            self.say(f"  [green]✓[/] py-spy {side}: {_esc(f)}")
-        return {"flamegraphs": files, "profiled_run": result}
+            self.runner.teardown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,8 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(doc["micro"] or "no micro-benchmarks registered yet (see bench/micro.py)")
         return 0
     names = [n.strip() for n in args.setups.split(",") if n.strip()]
+    skip = frozenset(k.strip() for k in args.skip.split(",") if k.strip())
+    unknown_steps = skip - {st.key for st in STEPS}
+    if unknown_steps:
+        console.print(f"[red]error:[/] unknown step(s) in --skip: {', '.join(sorted(unknown_steps))}")
+        return 2
     try:
-        setups = setups_mod.make(names)
+        setups = setups_mod.make(names, args.worker_threads)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
@@ -359,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": args.profile,
         "machine": machine_info(),
         "versions": versions(envoy),
-        "settings": {**settings.as_dict(), "nofile_limit": nofile},
+        "settings": {**settings.as_dict(), "nofile_limit": nofile, "skipped_steps": sorted(skip)},
         "setups": {},
         "micro": {},
     }
@@ -382,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("starting", total=len(STEPS) * len(setups))
             runner = Runner(doc, settings, workroot, run_id, progress, task, progress.console,
-                            args.profile, args.results_dir, stamp)
+                            args.profile, args.results_dir, stamp, skip)
             for setup in setups:
                 runner.run_setup(setup)
         doc["micro"] = micro.run_all(args.quick)

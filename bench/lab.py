@@ -1,8 +1,14 @@
-"""The bench topology: two pods (client, server) on a bridge, their apps and kernel settings.
+"""The bench topology: two pods (client, server) on a bridge or on one veth pair, their apps and
+kernel settings.
 
   pod client  198.18.0.1   load generators (iperf3 -c, wrk, tunnels.py open), the client-side proxy
   pod server  198.18.0.2   iperf3 -s :5201, nginx :80 (1 KiB body), tunnels.py serve :7000,
                            the server-side proxy (HBONE on :15008)
+
+Topology "bridge" (the default): each pod's eth0 is a veth whose peer is a port of a bridge in a
+third namespace (netns.Topology).  "veth": the same pods, then their eth0s are replaced by one veth
+pair between the two pods (no bridge on the path), same addresses; what the held-out measurement
+of issue 14 used.
 
 Every setup gets a fresh topology (a new `ztb-<hex>-<setup>` namespace set), so TIME_WAIT
 sockets, conntrack entries and pooled connections of one setup never affect the next.
@@ -72,14 +78,19 @@ class BenchLab:
     """Two pods with their apps, on a fresh topology named after `setup`."""
 
     def __init__(self, workdir: Path, setup: str, run_id: str, body_bytes: int,
-                 apps: tuple[str, ...] = ("iperf3", "nginx", "holder")):
+                 apps: tuple[str, ...] = ("iperf3", "nginx", "holder"), topology: str = "bridge"):
+        if topology not in ("bridge", "veth"):
+            raise ValueError(f"unknown topology {topology!r} (bridge or veth)")
         self.workdir = Path(workdir)
+        self.kind = topology
         self.topology = netns.Topology(prefix=f"{PREFIX}{run_id}-{setup}")
         self.apps: dict[str, subprocess.Popen] = {}
         try:
             self.lab = Lab(self.topology, self.workdir, engine="auto", log_level="info")
             self.client: LabPod = self.lab.pod("client", namespace=NAMESPACE, service_account="client")
             self.server: LabPod = self.lab.pod("server", namespace=NAMESPACE, service_account="server")
+            if topology == "veth":
+                self._direct_veth()
             for pod in (self.client, self.server):
                 for key, value in POD_SYSCTLS.items():
                     self.run(pod, ["sysctl", "-q", "-w", f"{key}={value}"])
@@ -88,6 +99,19 @@ class BenchLab:
         except BaseException:
             self.topology.teardown()  # a half-built lab leaves nothing behind
             raise
+
+    def _direct_veth(self) -> None:
+        """Replace both pods' bridge ports by one veth pair between them (addresses unchanged).
+        Both ends live in the pods' namespaces, so deleting them (teardown) removes the pair."""
+        prefixlen = self.topology.subnet.prefixlen
+        for pod in (self.client, self.server):
+            self.run(pod, ["ip", "link", "del", netns.Topology.POD_IF])  # also removes its bridge port
+        self.run(self.client, ["ip", "link", "add", netns.Topology.POD_IF, "type", "veth", "peer", "name",
+                               netns.Topology.POD_IF, "netns", self.server.pod.netns])
+        for pod in (self.client, self.server):
+            self.run(pod, ["ip", "addr", "add", f"{pod.ip}/{prefixlen}", "dev", netns.Topology.POD_IF])
+            self.run(pod, ["ip", "link", "set", netns.Topology.POD_IF, "up"])
+            self.run(pod, ["ip", "route", "add", "default", "dev", netns.Topology.POD_IF])
 
     # -- processes ---------------------------------------------------------------------------
     def run(self, pod: LabPod, argv: list[str], timeout: float = netns.CMD_TIMEOUT_S,

@@ -1,5 +1,7 @@
-"""Pure parsers of load-generator output (no I/O): iperf3 `-J`, wrk (`--latency` text or the JSON
-line our Lua `done` hook prints), and `ss` listings.
+"""Pure parsers of load-generator and tracer output (no I/O): iperf3 `-J`, wrk (`--latency` text or
+the JSON line our Lua `done` hook prints), `ss` listings, syscall counts (`strace -c` summaries and
+`perf stat -x,` of syscall tracepoints) with their grouping by type, and `perf script` stacks
+folded for flame graphs.
 
 Invariant: every parser either returns a complete result or raises ParseError naming what was
 missing; a partially parsed figure never reaches the report.
@@ -157,3 +159,153 @@ def count_ss_lines(text: str) -> int:
 def ss_bytes_received(text: str) -> int:
     """Sum of `bytes_received:N` over the sockets of an `ss -ti` listing (0 when none)."""
     return sum(int(n) for n in re.findall(r"\bbytes_received:(\d+)", text))
+
+
+# ---------------------------------------------------------------------------------------- syscalls
+# Syscall names by type, as the report groups them ("other" is everything else, e.g. futex, close).
+SYSCALL_TYPES = {
+    "read": ("read", "readv", "pread64", "preadv", "preadv2", "recvfrom", "recvmsg", "recvmmsg", "recv"),
+    "write": ("write", "writev", "pwrite64", "pwritev", "pwritev2", "sendto", "sendmsg", "sendmmsg",
+              "sendfile", "sendfile64", "send"),
+    "epoll": ("epoll_wait", "epoll_pwait", "epoll_pwait2", "epoll_ctl", "epoll_create", "epoll_create1"),
+}
+_TYPE_OF = {name: kind for kind, names in SYSCALL_TYPES.items() for name in names}
+# Counted by name as well when perf counts tracepoints (the rest of "other" is total minus the named)
+SYSCALLS_NAMED_OTHER = (
+    "futex", "splice", "close", "accept", "accept4", "connect", "shutdown", "socket", "getsockopt",
+    "setsockopt", "getsockname", "getpeername", "poll", "ppoll", "select", "pselect6", "io_uring_enter",
+    "nanosleep", "clock_nanosleep", "sched_yield", "mmap", "munmap", "mremap", "madvise", "mprotect", "brk",
+    "ioctl", "fcntl", "eventfd2", "timerfd_settime", "getrandom",
+)
+PERF_TOTAL_EVENT = "raw_syscalls:sys_enter"  # every syscall entry: the total, whatever its name
+PERF_SYSCALL_PREFIX = "syscalls:sys_enter_"
+TOTAL = "total"  # key of the total in a counts dict
+
+
+def syscall_type(name: str) -> str:
+    return _TYPE_OF.get(name, "other")
+
+
+def parse_strace_c(text: str) -> dict[str, int]:
+    """`strace -c` summary -> {syscall: calls, ..., "total": calls}.  The table has `% time, seconds,
+    usecs/call, calls, [errors], syscall`; the errors column is blank when a call never failed.
+    Lines outside the table ("Process N attached", strace's own warnings) are ignored."""
+    counts: dict[str, int] = {}
+    total = None
+    in_table = False
+    for line in text.splitlines():
+        cols = line.split()
+        if cols[:2] == ["%", "time"]:
+            in_table = True
+            continue
+        if not in_table or not cols or set(line.strip()) <= {"-", " "}:
+            continue
+        try:
+            float(cols[0]), float(cols[1])
+        except ValueError:
+            continue
+        if len(cols) not in (5, 6, 7) or not cols[3].isdigit():  # 7 with -w/-Y decorations: tolerated
+            continue
+        name = cols[-1]
+        if name == "total":
+            total = int(cols[3])
+        else:
+            counts[name] = counts.get(name, 0) + int(cols[3])
+    if total is None:
+        raise ParseError(f"strace -c output has no total line: {text[-300:]!r}")
+    if sum(counts.values()) != total:
+        raise ParseError(f"strace -c rows sum to {sum(counts.values())}, its total says {total}")
+    counts[TOTAL] = total
+    return counts
+
+
+def parse_perf_stat_syscalls(text: str) -> dict[str, int]:
+    """`perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_<name>,...` -> {name: count,
+    "total": count}.  A counter perf could not read (`<not counted>`, `<not supported>`) is left
+    out; the total (raw_syscalls:sys_enter) must be there."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        cols = line.split(",")
+        if len(cols) < 3 or line.startswith("#"):
+            continue
+        value, event = cols[0].strip(), cols[2].strip()
+        if not value.isdigit():
+            continue
+        if event == PERF_TOTAL_EVENT:
+            counts[TOTAL] = counts.get(TOTAL, 0) + int(value)
+        elif event.startswith(PERF_SYSCALL_PREFIX):
+            name = event[len(PERF_SYSCALL_PREFIX):]
+            counts[name] = counts.get(name, 0) + int(value)
+    if TOTAL not in counts:
+        raise ParseError(f"perf stat output has no {PERF_TOTAL_EVENT} count: {text[-300:]!r}")
+    return counts
+
+
+def merge_counts(*parts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def syscalls_by_type(counts: dict[str, int]) -> dict[str, int]:
+    """{"read", "write", "epoll", "other", "total"} from per-name counts with a "total" (from
+    strace all names are there; from perf only the traced ones, so other = total - the typed)."""
+    out = {kind: 0 for kind in SYSCALL_TYPES}
+    for name, n in counts.items():
+        if name != TOTAL and name in _TYPE_OF:
+            out[_TYPE_OF[name]] += n
+    total = counts.get(TOTAL, sum(n for k, n in counts.items() if k != TOTAL))
+    out["other"] = max(0, total - sum(out.values()))
+    out[TOTAL] = total
+    return out
+
+
+def per_gb(counts: dict[str, int], bytes_moved: int) -> dict[str, float]:
+    """Counts per 10^9 bytes of payload."""
+    if bytes_moved <= 0:
+        raise ValueError("no payload moved")
+    return {k: v * 1e9 / bytes_moved for k, v in counts.items()}
+
+
+# ------------------------------------------------------------------------------------ flame graphs
+def fold_perf_script(text: str, keep_frame: str | None = None) -> dict[str, int]:
+    """`perf script -F comm,tid,ip,sym,dso` text -> folded stacks {"comm;outer;...;leaf": samples}
+    (root first, as flamegraph tools read them).  A sample is a header line (`comm tid ...`) then one
+    frame per indented line (innermost first), then a blank line.  Unknown symbols read
+    `[dso]`.  With `keep_frame`, only samples whose stack holds that frame are kept (e.g. the native
+    engine's `worker_main`)."""
+    folded: dict[str, int] = {}
+
+    def flush(comm: str | None, frames: list[str]) -> None:
+        if comm is None:
+            return
+        if keep_frame is not None and not any(keep_frame in f for f in frames):
+            return
+        key = ";".join([comm] + frames[::-1])
+        folded[key] = folded.get(key, 0) + 1
+
+    comm, frames = None, []
+    for line in text.splitlines():
+        if not line.strip():
+            flush(comm, frames)
+            comm, frames = None, []
+        elif line[0] in " \t":
+            parts = line.split(None, 1)
+            rest = parts[1] if len(parts) > 1 else "[unknown]"
+            sym, _, dso = rest.rpartition(" (")
+            sym = sym.strip() or rest.strip()
+            if sym.startswith("[unknown]") or not sym:
+                sym = "[" + dso.rstrip(")").rsplit("/", 1)[-1] + "]" if dso else "[unknown]"
+            else:
+                sym = re.sub(r"\+0x[0-9a-f]+$", "", sym)
+            frames.append(sym.replace(";", ":"))
+        else:
+            flush(comm, frames)
+            comm_tid = line.split()
+            # "comm tid ..." (comm may hold spaces: the tid is the first all-digit field after it)
+            idx = next((i for i, c in enumerate(comm_tid) if i and c.rstrip(":").isdigit()), len(comm_tid))
+            comm, frames = " ".join(comm_tid[:idx]).replace(";", ":") or "?", []
+    flush(comm, frames)
+    return folded

@@ -16,10 +16,11 @@ from typing import Any
 
 MIB = 1 << 20
 KIB = 1 << 10
-ORDER = ("direct", "native", "pure", "envoy")
-SHORT = {"direct": "direct", "native": "native", "pure": "pure", "envoy": "Envoy"}
+ORDER = ("direct", "native", "pure", "envoy", "envoy1")
+SHORT = {"direct": "direct", "native": "native", "pure": "pure", "envoy": "Envoy", "envoy1": "Envoy c1"}
 RATIO_COLUMNS = (  # (setup, reference)
     ("native", "direct"), ("pure", "direct"), ("envoy", "direct"), ("native", "envoy"), ("pure", "envoy"),
+    ("native", "envoy1"), ("pure", "envoy1"),
 )
 
 
@@ -38,12 +39,24 @@ METRICS = (
     Metric("throughput_1", "throughput, 1 stream", "Gbit/s", True, ".2f"),
     Metric("throughput_4", "throughput, 4 streams", "Gbit/s", True, ".2f"),
     Metric("cpu_per_gb", "proxy CPU, both sides", "s/GB", False, ".2f", proxy_only=True),
+    Metric("throughput_1_t2", "throughput, 1 stream, T2", "Gbit/s", True, ".2f"),
+    Metric("throughput_4_t2", "throughput, 4 streams, T2", "Gbit/s", True, ".2f"),
+    Metric("cpu_per_gb_t2", "proxy CPU, both sides, T2", "s/GB", False, ".2f", proxy_only=True),
+    Metric("syscalls_per_gb", "proxy syscalls, both sides", "/GB", False, ",.0f", proxy_only=True),
+    Metric("syscalls_read_per_gb", "proxy syscalls: read, readv, recv*", "/GB", False, ",.0f", proxy_only=True),
+    Metric("syscalls_write_per_gb", "proxy syscalls: write, writev, send*", "/GB", False, ",.0f", proxy_only=True),
+    Metric("syscalls_epoll_per_gb", "proxy syscalls: epoll_*", "/GB", False, ",.0f", proxy_only=True),
+    Metric("syscalls_other_per_gb", "proxy syscalls: other (futex, close, ...)", "/GB", False, ",.0f", proxy_only=True),
     Metric("rps_keepalive", "keep-alive", "req/s", True, ",.0f"),
     Metric("p50_keepalive", "keep-alive p50", "ms", False, ".3f"),
     Metric("p99_keepalive", "keep-alive p99", "ms", False, ".3f"),
     Metric("rps_newconn", "new conn per request", "req/s", True, ",.0f"),
     Metric("p50_newconn", "new conn per request p50", "ms", False, ".3f"),
     Metric("p99_newconn", "new conn per request p99", "ms", False, ".3f"),
+    Metric("cpu_per_newconn", "proxy CPU per new connection, both sides", "µs", False, ",.0f", proxy_only=True),
+    Metric("rps_newconn_1t", "new conn per request, 1 worker thread", "req/s", True, ",.0f", proxy_only=True),
+    Metric("rps_newconn_2t", "new conn per request, 2 worker threads", "req/s", True, ",.0f", proxy_only=True),
+    Metric("newconn_scaling", "new conn rate, 2 threads ÷ 1 thread", "×", True, ".2f", proxy_only=True),
     Metric("idle_rss", "idle RSS per proxy", "MiB", False, ".1f", proxy_only=True),
     Metric("tunnels_rss", "RSS, N tunnels, both sides", "MiB", False, ".1f", proxy_only=True),
     Metric("rss_per_tunnel", "RSS per tunnel, both sides", "KiB", False, ".2f", proxy_only=True),
@@ -63,7 +76,11 @@ def partial_tunnels(setup_rec: dict) -> bool:
 SOURCE = {
     "throughput_1": "tput1", "throughput_4": "tput4", "cpu_per_gb": "cpu",
     "rps_keepalive": "http_ka", "p50_keepalive": "http_ka", "p99_keepalive": "http_ka",
-    "rps_newconn": "http_nc", "p50_newconn": "http_nc", "p99_newconn": "http_nc",
+    "rps_newconn": "http_nc", "p50_newconn": "http_nc", "p99_newconn": "http_nc", "cpu_per_newconn": "http_nc",
+    "throughput_1_t2": "topology2", "throughput_4_t2": "topology2", "cpu_per_gb_t2": "topology2",
+    "syscalls_per_gb": "syscalls", "syscalls_read_per_gb": "syscalls", "syscalls_write_per_gb": "syscalls",
+    "syscalls_epoll_per_gb": "syscalls", "syscalls_other_per_gb": "syscalls",
+    "rps_newconn_1t": "scaling", "rps_newconn_2t": "scaling", "newconn_scaling": "scaling",
     "idle_rss": "idle", "tunnels_rss": "tunnels", "rss_per_tunnel": "tunnels", "tunnels_open": "tunnels",
     "proxy_sockets": "tunnels", "hbone_connections": "tunnels",
 }
@@ -82,8 +99,20 @@ def metrics_from_raw(raw: dict, proxied: bool) -> dict[str, float | None]:
     m: dict[str, float | None] = {k: None for k in BY_KEY}
     m["throughput_1"] = _get(raw, "tput1", "gbps")
     m["throughput_4"] = _get(raw, "tput4", "gbps")
+    m["throughput_1_t2"] = _get(raw, "topology2", "tput1", "gbps")
+    m["throughput_4_t2"] = _get(raw, "topology2", "tput4", "gbps")
     if proxied:
         m["cpu_per_gb"] = _get(raw, "cpu", "proxy_cpu_s_per_gb")
+        m["cpu_per_gb_t2"] = _get(raw, "topology2", "cpu", "proxy_cpu_s_per_gb")
+        m["cpu_per_newconn"] = _get(raw, "http_nc", "proxy_cpu_us_per_request")
+        per_gb = _get(raw, "syscalls", "per_gb") or {}
+        m["syscalls_per_gb"] = per_gb.get("total")
+        for kind in ("read", "write", "epoll", "other"):
+            m[f"syscalls_{kind}_per_gb"] = per_gb.get(kind)
+        by_threads = _get(raw, "scaling", "by_threads") or {}
+        one, two = _get(by_threads, "1", "rps"), _get(by_threads, "2", "rps")
+        m["rps_newconn_1t"], m["rps_newconn_2t"] = one, two
+        m["newconn_scaling"] = two / one if one and two else None
     for suffix, step in (("keepalive", "http_ka"), ("newconn", "http_nc")):
         m[f"rps_{suffix}"] = _get(raw, step, "rps")
         m[f"p50_{suffix}"] = _get(raw, step, "p50_ms")
@@ -132,9 +161,41 @@ def _fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}×"
 
 
-def metric_label(m: Metric, tunnels: int | None = None) -> str:
+def metric_label(m: Metric, tunnels: int | None = None, topology2: str | None = None) -> str:
     label = m.label.replace("N tunnels", f"{tunnels:,} tunnels") if tunnels else m.label
+    label = label.replace("T2", topology2 or "second topology")
     return f"{label} ({m.unit})" if m.unit else label
+
+
+def shown_metrics(doc: dict) -> list[Metric]:
+    """The metrics of the table: all, less the second-topology rows when none was measured."""
+    topo2 = _get(doc, "settings", "second_topology")
+    return [m for m in METRICS if topo2 or SOURCE.get(m.key) != "topology2"]
+
+
+def configuration(doc: dict) -> str:
+    """One line: what the figures were taken with (topology, threads, durations, sizes, tools)."""
+    s = doc.get("settings", {})
+    setups = doc.get("setups", {})
+    topo, topo2 = s.get("topology", "bridge"), s.get("second_topology")
+    parts = [f"topology {topo}" + (f" (throughput and CPU/GB also on {topo2})" if topo2 else "")]
+    conc = sorted({(st.get("info") or {}).get("concurrency") for n, st in setups.items() if n.startswith("envoy")}
+                  - {None})
+    if conc:
+        parts.append("Envoy --concurrency " + " and ".join(map(str, conc)))
+    if any(n in setups for n in ("native", "pure")):
+        parts.append(f"ztunnel-fast ZTUNNEL_WORKER_THREADS={s.get('worker_threads', '?')}")
+    parts.append("scaling at " + " and ".join(map(str, s.get("scaling_threads") or ())) + " worker threads")
+    parts.append(f"iperf3 {s.get('iperf_seconds')} s + {s.get('iperf_omit')} s warm-up")
+    parts.append(f"CPU/GB from {(s.get('cpu_bytes') or 0) / MIB:,.0f} MiB")
+    tool = next((st["raw"]["syscalls"]["tool"] for st in setups.values() if (st.get("raw") or {}).get("syscalls")),
+                s.get("syscall_tool"))
+    parts.append(f"syscalls from a separate {(s.get('syscall_bytes') or 0) / MIB:,.0f} MiB transfer ({tool})")
+    parts.append(f"wrk {s.get('wrk_seconds')} s, {s.get('wrk_connections')} connections")
+    parts.append(f"{s.get('tunnels') or 0:,} tunnels")
+    if s.get("skipped_steps"):
+        parts.append("steps skipped: " + ", ".join(s["skipped_steps"]))
+    return "configuration: " + "; ".join(parts)
 
 
 def table(doc: dict) -> tuple[list[str], list[list[str]]]:
@@ -147,9 +208,10 @@ def table(doc: dict) -> tuple[list[str], list[list[str]]]:
     header = ["figure"] + [SHORT[s] for s in setups] + [
         f"{SHORT[k.split('/')[0]]} ÷ {SHORT[k.split('/')[1]]}" for k in ratio_cols]
     tunnels = _get(doc, "settings", "tunnels")
+    topo2 = _get(doc, "settings", "second_topology")
     rows = []
-    for m in METRICS:
-        row = [metric_label(m, tunnels)]
+    for m in shown_metrics(doc):
+        row = [metric_label(m, tunnels, topo2)]
         for s in setups:
             v = metrics[s].get(m.key)
             failed = SOURCE[m.key] in doc["setups"][s].get("errors", {}) or not doc["setups"][s].get("available", True)
@@ -213,7 +275,9 @@ def notes(doc: dict) -> list[str]:
     """Lines printed under the table: how to read it, what each setup was, what failed and why."""
     s = doc.get("settings", {})
     out = [
-        "ratios are value ÷ reference: above 1 is better for throughput and req/s, worse for latency, CPU and memory",
+        configuration(doc),
+        "ratios are value ÷ reference: above 1 is better for throughput, req/s and scaling, worse for latency, CPU, "
+        "syscalls and memory",
         f"iperf3 {s.get('iperf_seconds')} s after {s.get('iperf_omit')} s warm-up, client -> server; CPU per GB from a "
         f"{(s.get('cpu_bytes') or 0) / (1 << 20):,.0f} MiB transfer (utime+stime of both proxies from /proc)",
         f"wrk {s.get('wrk_threads')} thread, {s.get('wrk_connections')} connections, {s.get('wrk_seconds')} s, "
@@ -221,6 +285,11 @@ def notes(doc: dict) -> list[str]:
         "(latency from request write, after connect)",
         f"tunnels: {s.get('tunnels'):,} concurrent connections each proven by a 1-byte round trip; RSS per tunnel = "
         "(RSS at N - RSS just before) / N",
+        "proxy CPU per new connection = utime+stime of both proxies over the new-connection wrk run ÷ requests "
+        "completed; the 1/2 worker-thread rates come from fresh setups run back to back (ztunnel-fast "
+        "ZTUNNEL_WORKER_THREADS, Envoy --concurrency; the pure twin has no worker threads)",
+        "syscalls per GB: both proxies, every thread, counted on a transfer of their own (never a timed one), "
+        "÷ GB received; read = read/readv/recv*, write = write/writev/send*, epoll = epoll_*",
     ]
     for name in ORDER:
         st = doc["setups"].get(name)
@@ -229,7 +298,7 @@ def notes(doc: dict) -> list[str]:
         info = st.get("info") or {}
         desc = st.get("label", name)
         if info:
-            shown = ("engine", "concurrency", "log_level")
+            shown = ("engine", "concurrency", "worker_threads", "log_level")
             desc += " [" + ", ".join(f"{k}={v}" for k, v in info.items() if k in shown) + "]"
         if not st.get("available", True):
             out.append(f"{name}: not measured: {st.get('reason')}")
@@ -268,9 +337,12 @@ def write_results(doc: dict, directory: Path, stamp: str, latest: bool = True) -
     return paths
 
 
-CHART_METRICS = ("throughput_1", "throughput_4", "cpu_per_gb", "rps_keepalive", "p50_keepalive", "p99_keepalive",
-                 "rps_newconn", "p50_newconn", "p99_newconn", "idle_rss", "tunnels_rss", "rss_per_tunnel")
-COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "pure": "#aec7e8", "envoy": "#ff7f0e"}
+CHART_METRICS = ("throughput_1", "throughput_4", "cpu_per_gb", "syscalls_per_gb",
+                 "throughput_1_t2", "throughput_4_t2", "cpu_per_gb_t2", "cpu_per_newconn",
+                 "rps_keepalive", "p50_keepalive", "p99_keepalive", "newconn_scaling",
+                 "rps_newconn", "p50_newconn", "p99_newconn", "rps_newconn_1t",
+                 "idle_rss", "tunnels_rss", "rss_per_tunnel", "rps_newconn_2t")
+COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "pure": "#aec7e8", "envoy": "#ff7f0e", "envoy1": "#ffbb78"}
 
 
 def chart(doc: dict, path: Path, title: str) -> Path:
@@ -283,10 +355,12 @@ def chart(doc: dict, path: Path, title: str) -> Path:
 
     setups = [s for s in ORDER if s in doc["setups"]]
     tunnels = _get(doc, "settings", "tunnels")
+    topo2 = _get(doc, "settings", "second_topology")
+    keys = [k for k in CHART_METRICS if topo2 or SOURCE.get(k) != "topology2"]
     cols = 4
-    rows = (len(CHART_METRICS) + cols - 1) // cols
+    rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, CHART_METRICS):
+    for ax, key in zip(axes.flat, keys):
         m = BY_KEY[key]
         values = [doc["setups"][s].get("metrics", {}).get(key) for s in setups]
         xs = list(range(len(setups)))
@@ -303,12 +377,14 @@ def chart(doc: dict, path: Path, title: str) -> Path:
                 ax.text(x, b.get_height(), format(v, m.fmt) + star, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs, [SHORT[s] for s in setups], fontsize=8)
         ax.set_ylim(0, top * 1.18)
-        ax.set_title(metric_label(m, tunnels) + ("  ↑" if m.higher_is_better else "  ↓"), fontsize=9)
+        ax.set_title(metric_label(m, tunnels, topo2).strip() + ("  ↑" if m.higher_is_better else "  ↓"), fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
         ax.spines[["top", "right"]].set_visible(False)
-    for ax in list(axes.flat)[len(CHART_METRICS):]:
+    for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+
+    fig.suptitle(title + "\n" + textwrap.fill(configuration(doc), 220), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

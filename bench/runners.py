@@ -4,7 +4,12 @@ returns a plain dict of raw results (what `report` turns into metrics).
 Invariants: every command has a timeout derived from Settings; a function either returns a
 complete raw result or raises (BenchError or a subprocess/parse error) - the caller records the
 failure and rebuilds the setup, so one hung figure never hides the others.  CPU and RSS are
-sampled from /proc around the runs (procstat), never from the tools' own reports.
+sampled from /proc around the runs (procstat), never from the tools' own reports.  Syscalls are
+counted (syscount) on a transfer of their own, never on a timed one.
+
+Most functions take a `Ctx` (one started setup).  The variant figures (`scaling`,
+`other_topology`) take a `Labs`: they build their own fresh setups (other worker threads, other
+topology) one at a time, each checked with `path_check` before it is measured.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
-from . import parse
+from . import parse, syscount
 from .lab import HOLD_PORT, HTTP_PORT, IPERF_PORT, TUNNELS_SCRIPT, BenchLab
 from .procstat import Proxies
 from .settings import Settings
@@ -40,6 +47,13 @@ class Ctx:
     @property
     def server_ip(self) -> str:
         return self.bl.server.ip
+
+
+class Labs(Protocol):
+    settings: Settings
+
+    def open(self, threads: int | None = None, topology: str | None = None) -> AbstractContextManager[Ctx]:
+        """A fresh, checked setup with these worker threads / this topology; torn down on exit."""
 
 
 def _check_alive(ctx: Ctx) -> None:
@@ -125,6 +139,40 @@ def cpu_per_gb(ctx: Ctx) -> dict:
     return _iperf(ctx, ["-P", "1", "-n", str(n)], timeout=30 + n / 10e6)  # bound: >= 10 MB/s
 
 
+_TOOL: dict[str, str] = {}  # syscall_tool setting -> the tool that works here (probed once per run)
+
+
+def syscalls(ctx: Ctx) -> dict:
+    """Syscalls of both proxies (every thread) during a fixed-size 1-stream transfer of their own,
+    by name and by type (read/recv*, write/send*, epoll_*, other), per GB received."""
+    s = ctx.settings
+    if s.syscall_tool not in _TOOL:
+        _TOOL[s.syscall_tool] = syscount.choose_tool(s.syscall_tool)
+    tool = _TOOL[s.syscall_tool]
+    _check_alive(ctx)
+    n = s.syscall_bytes
+    slow = 1e6 if tool == "strace" else 10e6  # bound: >= 1 MB/s under strace, 10 MB/s under perf
+    counter = syscount.Counter(ctx.proxies, tool, ctx.workdir)
+    try:
+        transfer = _iperf(ctx, ["-P", "1", "-n", str(n)], timeout=30 + n / slow)
+        counts = counter.stop()
+    finally:
+        counter.abort()
+    total = parse.merge_counts(*counts.values())
+    by_type = parse.syscalls_by_type(total)
+    received = transfer["bytes_received"]
+    named = {k: v for k, v in sorted(total.items(), key=lambda kv: -kv[1]) if k != parse.TOTAL and v}
+    return {
+        "tool": "perf stat (syscall tracepoints)" if tool == "perf" else "strace -c -f",
+        "bytes_received": received, "seconds": transfer["seconds"],
+        "counts_by_side": counts, "by_type": by_type,
+        "per_gb": {k: round(v, 1) for k, v in parse.per_gb(by_type, received).items()},
+        "by_name_per_gb": {k: round(v, 1) for k, v in parse.per_gb(named, received).items()},
+        # CPU while counted: perf's counters cost little, strace's a lot; shown for reference only
+        "proxy_cpu_s_per_gb_while_counted": transfer["proxy_cpu_s_per_gb"],
+    }
+
+
 # -------------------------------------------------------------------------------------------- wrk
 def http(ctx: Ctx, new_connection: bool) -> dict:
     """wrk closed loop against nginx in the server pod; keep-alive, or `Connection: close` so that
@@ -139,17 +187,43 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{ctx.server_ip}:{HTTP_PORT}/")
     timeout = s.wrk_seconds + 30
+    cpu0 = ctx.proxies.cpu()
     try:
         cp = ctx.bl.run(ctx.bl.client, argv, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"wrk did not finish in {timeout:.0f}s") from None
+    cpu = ctx.proxies.cpu() - cpu0
     if cp.returncode != 0:
         raise BenchError(f"wrk exited {cp.returncode}: {(cp.stderr.strip() or cp.stdout.strip())[-500:]}")
     res = parse.parse_wrk(cp.stdout)
     if res.requests == 0:
         raise BenchError(f"wrk completed no request: {cp.stdout.strip()[-500:]}")
     _check_alive(ctx)
-    return res.as_dict()
+    out = res.as_dict()
+    # CPU of both proxies (all threads) over the whole wrk run, per request completed: with
+    # `Connection: close` that is per new connection (one tunnel each, through both proxies)
+    out["proxy_cpu_seconds"] = round(cpu, 3) if ctx.proxies else None
+    out["proxy_cpu_us_per_request"] = round(cpu * 1e6 / res.requests, 2) if ctx.proxies else None
+    return out
+
+
+# ------------------------------------------------------------------------------------- variants
+def scaling(labs: Labs) -> dict:
+    """New connection per request with the proxies given 1, then 2 worker threads (Envoy:
+    --concurrency), each on a fresh setup, back to back (so the two figures share conditions)."""
+    out = {}
+    for threads in labs.settings.scaling_threads:
+        with labs.open(threads=threads) as ctx:
+            out[str(threads)] = http(ctx, True)
+    return {"by_threads": out}
+
+
+def other_topology(labs: Labs) -> dict:
+    """Throughput (1 and 4 streams) and CPU per GB again, on the other topology (a plain veth pair
+    between the pods, or the bridge), on a fresh setup."""
+    topo = labs.settings.second_topology
+    with labs.open(topology=topo) as ctx:
+        return {"topology": topo, "tput1": throughput(ctx, 1), "tput4": throughput(ctx, 4), "cpu": cpu_per_gb(ctx)}
 
 
 # ---------------------------------------------------------------------------------------- tunnels

@@ -1,5 +1,5 @@
-"""Durations and sizes of one bench run: the default preset (~10 minutes for the four setups on a
-2-core machine) and `--quick` (~2-3 minutes).  Every wait in the harness derives its bound from
+"""Durations, sizes and configuration of one bench run: the default preset (~15 minutes for the five
+setups on a 2-core machine) and `--quick` (~5 minutes).  Every wait in the harness derives its bound from
 these numbers plus a fixed margin, so a shorter run is also a shorter worst case."""
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ class Settings:
     tunnel_connect_parallel: int = 200  # connects in flight at once while opening them
     tunnel_open_timeout: float = 240.0  # give up opening after this long (partial count reported)
     settle_seconds: float = 2.0  # quiet time before idle-RSS samples and between figures
+    syscall_bytes: int = 512 * MIB  # fixed-size iperf3 run with the proxies' syscalls counted (not timed)
+    syscall_tool: str = "auto"  # "perf" (syscall tracepoints), "strace" (strace -c -f) or "auto" (perf if it works)
+    worker_threads: int = 2  # ZTUNNEL_WORKER_THREADS of ztunnel-fast in every figure but the scaling ones
+    scaling_threads: tuple[int, ...] = (1, 2)  # new-connection rate at these worker threads / Envoy concurrency
+    topology: str = "bridge"  # "bridge" (pods on a bridge) or "veth" (one veth pair between the pods)
+    second_topology: str | None = "veth"  # throughput and CPU/GB also measured on this one (None: not)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -33,8 +39,12 @@ QUICK = replace(
     DEFAULT,
     iperf_seconds=3.0,
     cpu_bytes=512 * MIB,
+    syscall_bytes=256 * MIB,
     wrk_seconds=3.0,
     tunnels=2_000,
     tunnel_open_timeout=90.0,
     settle_seconds=1.0,
 )
+
+
+TOPOLOGIES = ("bridge", "veth")

@@ -1,13 +1,19 @@
-"""The four setups measured side by side, and how each one is started in a BenchLab.
+"""The five setups measured side by side, and how each one is started in a BenchLab.
 
   direct  client ──▶ server app                                   (no proxy: the reference)
   native  client ──REDIRECT──▶ ztunnel-fast (ZTUNNEL_ENGINE=native) ══HBONE══▶ ztunnel-fast ─▶ app
   pure    the same with ZTUNNEL_ENGINE=pure (the pure-Python twin)
-  envoy   client ──REDIRECT──▶ Envoy originator  ══HBONE══▶ Envoy terminator ──▶ app
+  envoy   client ──REDIRECT──▶ Envoy originator  ══HBONE══▶ Envoy terminator ──▶ app  (--concurrency 2)
+  envoy1  the same with --concurrency 1 (issue 14's held-out configuration)
 
 In every setup the load generators connect to <server ip>:<app port>; the proxied setups capture
 the client pod's outbound TCP with the same iptables rule (netns.redirect_outbound: REDIRECT to
 15001, sockets marked 1337 exempt).  Both proxies of a pair are measured (client and server side).
+
+Threads: `start(bl, threads)` gives both proxies `threads` worker threads (ZTUNNEL_WORKER_THREADS,
+Envoy --concurrency); None = the setup's own (Settings.worker_threads for ztunnel-fast, 2 or 1
+for Envoy).  `scales` says whether the new-connection scaling figure (1 vs 2 threads) applies;
+`skip` names steps a setup leaves out (envoy1 duplicates envoy's tunnel and scaling figures).
 
 Invariants: `start` returns only once both proxies are ready; whatever it starts belongs to the
 BenchLab's topology and is stopped by its teardown, also when `start` fails half way.
@@ -40,11 +46,14 @@ class Setup:
     name = ""
     label = ""
     proxied = True
+    scales = False  # has worker threads: the new-connection rate at 1 and 2 of them is measured
+    skip: frozenset = frozenset()  # step keys this setup does not run
+    threads_label = ""  # how its thread count is set, for the configuration line
 
     def available(self) -> tuple[bool, str]:
         return True, ""
 
-    def start(self, bl: BenchLab) -> Started:
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -56,16 +65,20 @@ class Direct(Setup):
     label = "direct (no proxy)"
     proxied = False
 
-    def start(self, bl: BenchLab) -> Started:
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
         return Started(Proxies())
 
 
 class ZtunnelFast(Setup):
-    def __init__(self, engine: str, log_level: str = ZTUNNEL_LOG_LEVEL):
+    threads_label = "ZTUNNEL_WORKER_THREADS"
+
+    def __init__(self, engine: str, worker_threads: int = 2, log_level: str = ZTUNNEL_LOG_LEVEL):
         self.engine = engine
         self.name = engine
         self.label = f"ztunnel-fast {engine}"
         self.log_level = log_level
+        self.worker_threads = worker_threads
+        self.scales = engine == "native"  # the pure twin has no worker threads (one asyncio loop)
 
     def available(self) -> tuple[bool, str]:
         if self.engine == "native":
@@ -76,21 +89,30 @@ class ZtunnelFast(Setup):
                 return False, f"native engine not built ({why}); run `make build`"
         return True, ""
 
-    def start(self, bl: BenchLab) -> Started:
-        env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level}
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
+        threads = threads or self.worker_threads
+        env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level, "ZTUNNEL_WORKER_THREADS": str(threads)}
         server = bl.lab.start_ztunnel(bl.server, redirect=False, **env)  # the server pod only answers
         client = bl.lab.start_ztunnel(bl.client, redirect=True, **env)
         m = re.search(r"engine=(\S+)", client.log())
         info = {"engine": m.group(1) if m else "?", "log_level": self.log_level,
-                "worker_threads": "default (ZTUNNEL_WORKER_THREADS unset)"}
+                "worker_threads": threads if self.engine == "native" else "n/a (pure twin: one asyncio loop)",
+                "topology": bl.kind}
         return Started(Proxies({"client": client.proc.pid, "server": server.proc.pid}), info)
 
 
 class EnvoyPair(Setup):
-    name = "envoy"
-    label = f"Envoy pair (HBONE, --concurrency {ENVOY_CONCURRENCY})"
+    threads_label = "--concurrency"
 
-    def start(self, bl: BenchLab) -> Started:
+    def __init__(self, concurrency: int = ENVOY_CONCURRENCY):
+        self.concurrency = concurrency
+        self.name = "envoy" if concurrency == ENVOY_CONCURRENCY else f"envoy{concurrency}"
+        self.label = f"Envoy pair (HBONE, --concurrency {concurrency})"
+        self.scales = concurrency == ENVOY_CONCURRENCY
+        self.skip = frozenset() if self.scales else frozenset({"tunnels", "scaling"})
+
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
+        concurrency = threads or self.concurrency
         from tests.interop.envoy import envoy_binary, run_envoy, validate_config, write_config
 
         from .envoy_pair import multi_port_terminator, transparent_originator
@@ -106,9 +128,10 @@ class EnvoyPair(Setup):
             if cp.returncode != 0:
                 raise RuntimeError(f"envoy rejected the {side} bootstrap: {cp.stderr[-1500:]}")
             procs[side] = run_envoy(bl.topology, pod.pod, path, bl.workdir / f"envoy-{side}.log",
-                                    log_level=ENVOY_LOG_LEVEL, concurrency=ENVOY_CONCURRENCY)
+                                    log_level=ENVOY_LOG_LEVEL, concurrency=concurrency)
         netns.redirect_outbound(bl.client.pod)
-        info = {"binary": envoy_binary(), "concurrency": ENVOY_CONCURRENCY, "log_level": ENVOY_LOG_LEVEL,
+        info = {"binary": envoy_binary(), "concurrency": concurrency, "log_level": ENVOY_LOG_LEVEL,
+                "topology": bl.kind,
                 "outbound": "iptables REDIRECT to 15001 + original_dst listener filter",
                 "authority": "%DOWNSTREAM_LOCAL_ADDRESS% (the original destination)"}
         return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
@@ -123,12 +146,12 @@ def _certs(bl: BenchLab, side: str):
     return CertPaths(cert=chain, key=key, root=root)
 
 
-ALL = {"direct": Direct, "native": lambda: ZtunnelFast("native"), "pure": lambda: ZtunnelFast("pure"),
-       "envoy": EnvoyPair}
+ALL = {"direct": lambda t: Direct(), "native": lambda t: ZtunnelFast("native", t), "pure": lambda t: ZtunnelFast("pure", t),
+       "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1)}
 
 
-def make(names: list[str]) -> list[Setup]:
+def make(names: list[str], worker_threads: int = 2) -> list[Setup]:
     unknown = [n for n in names if n not in ALL]
     if unknown:
         raise ValueError(f"unknown setup(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
-    return [ALL[n]() for n in names]
+    return [ALL[n](worker_threads) for n in names]
