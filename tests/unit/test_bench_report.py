@@ -332,3 +332,86 @@ def test_nginx_conf_keeps_every_path_in_its_root(tmp_path: Path):
     for line in conf.splitlines():
         if line.strip().split(" ")[0].endswith(("_path", "pid", "error_log")):
             assert str(tmp_path) in line, line
+
+
+# ------------------------------------- issue 11 and 14 figures: per-connection CPU, scaling, syscalls
+def _raw_more(gbps, rps, cpu, us_per_conn, one, two, syscalls_total):
+    raw = _raw(gbps, rps, cpu, 40 * MIB)
+    raw["http_nc"]["proxy_cpu_us_per_request"] = us_per_conn
+    raw["scaling"] = {"by_threads": {"1": _wrk(one, 1.0, 5.0), "2": _wrk(two, 1.0, 5.0)}}
+    raw["syscalls"] = {"tool": "perf stat (syscall tracepoints)", "per_gb": {
+        "read": syscalls_total * 0.5, "write": syscalls_total * 0.3, "epoll": syscalls_total * 0.15,
+        "other": syscalls_total * 0.05, "total": syscalls_total}}
+    raw["topology2"] = {"topology": "veth", "tput1": _iperf(gbps * 1.1), "tput4": _iperf(gbps * 1.2),
+                        "cpu": _iperf(gbps, cpu=cpu and cpu * 0.9)}
+    return raw
+
+
+def test_metrics_per_connection_cpu_scaling_syscalls_and_second_topology():
+    m = report.metrics_from_raw(_raw_more(2.0, 10_000, 3.0, 350.0, 1_000, 1_500, 200_000), proxied=True)
+    assert m["cpu_per_newconn"] == 350.0
+    assert (m["rps_newconn_1t"], m["rps_newconn_2t"]) == (1_000, 1_500)
+    assert m["newconn_scaling"] == pytest.approx(1.5)
+    assert m["syscalls_per_gb"] == 200_000 and m["syscalls_read_per_gb"] == 100_000
+    assert m["syscalls_epoll_per_gb"] == pytest.approx(30_000) and m["syscalls_other_per_gb"] == pytest.approx(10_000)
+    assert m["throughput_1_t2"] == pytest.approx(2.2) and m["cpu_per_gb_t2"] == pytest.approx(2.7)
+    direct = report.metrics_from_raw(_raw_more(10.0, 40_000, None, None, 0, 0, 0), proxied=False)
+    assert direct["throughput_1_t2"] == pytest.approx(11.0)
+    assert all(direct[k] is None for k in ("cpu_per_newconn", "syscalls_per_gb", "newconn_scaling", "cpu_per_gb_t2"))
+
+
+def test_table_has_envoy_at_both_concurrencies_and_the_configuration_line():
+    doc = _doc(native=_setup(_raw_more(2.0, 10_000, 3.0, 400.0, 1_000, 1_800, 100_000)),
+               envoy=_setup(_raw_more(2.0, 10_000, 3.0, 800.0, 2_000, 3_000, 200_000)),
+               envoy1=_setup(_raw_more(1.0, 10_000, 2.0, 500.0, 0, 0, 150_000)))
+    doc["settings"].update(topology="bridge", second_topology="veth", worker_threads=2, scaling_threads=[1, 2],
+                           syscall_bytes=512 * MIB, syscall_tool="auto")
+    doc["setups"]["envoy"]["info"] = {"concurrency": 2}
+    doc["setups"]["envoy1"]["info"] = {"concurrency": 1}
+    header, rows = report.table(doc)
+    assert header[1:4] == ["native", "Envoy", "Envoy c1"]
+    by_label = {r[0]: r for r in rows}
+    cpu_nc = by_label["proxy CPU per new connection, both sides (µs)"]
+    assert cpu_nc[header.index("native ÷ Envoy")] == "0.50×"
+    assert cpu_nc[header.index("native ÷ Envoy c1")] == "0.80×"
+    sc = by_label["new conn rate, 2 threads ÷ 1 thread (×)"]
+    assert sc[1:3] == ["1.80", "1.50"] and sc[header.index("native ÷ Envoy")] == "1.20×"
+    assert by_label["proxy syscalls, both sides (/GB)"][header.index("native ÷ Envoy c1")] == "0.67×"
+    assert "throughput, 1 stream, veth (Gbit/s)" in by_label
+    conf = report.configuration(doc)
+    assert "topology bridge (throughput and CPU/GB also on veth)" in conf
+    assert "Envoy --concurrency 1 and 2" in conf and "ZTUNNEL_WORKER_THREADS=2" in conf
+    assert "512 MiB transfer (perf stat (syscall tracepoints))" in conf
+    assert report.notes(doc)[0] == conf
+
+
+def test_table_without_a_second_topology_has_no_such_rows():
+    doc = _doc(native=_setup(_raw(2.0, 10_000, 3.0, 40 * MIB)))
+    doc["settings"]["second_topology"] = None
+    labels = [r[0] for r in report.table(doc)[1]]
+    assert not any("second topology" in label or "veth" in label for label in labels)
+    assert "configuration: topology bridge;" in report.configuration(doc)
+
+
+def test_topology_option_sets_the_main_and_the_second_topology():
+    def s(*argv):
+        return settings_from(build_parser().parse_args(list(argv)))
+    assert (s().topology, s().second_topology) == ("bridge", "veth")
+    assert (s("--topology", "veth").topology, s("--topology", "veth").second_topology) == ("veth", None)
+    assert (s("--topology", "bridge").topology, s("--topology", "bridge").second_topology) == ("bridge", None)
+    assert s("--worker-threads", "1", "--syscall-tool", "strace", "--syscall-mib", "8").syscall_bytes == 8 * MIB
+
+
+def test_steps_per_setup():
+    from bench import cli, setups
+
+    runner = SimpleNamespace(skip=frozenset({"idle"}), settings=DEFAULT)
+    keys = {s.name: [st.key for st in cli.Runner.steps_for(runner, s)]
+            for s in setups.make(["direct", "native", "pure", "envoy", "envoy1"])}
+    assert "idle" not in keys["native"]
+    assert "syscalls" not in keys["direct"] and "scaling" not in keys["direct"] and "topology2" in keys["direct"]
+    assert "scaling" in keys["native"] and "scaling" not in keys["pure"] and "syscalls" in keys["pure"]
+    assert "scaling" in keys["envoy"] and "tunnels" in keys["envoy"]
+    assert "scaling" not in keys["envoy1"] and "tunnels" not in keys["envoy1"] and "syscalls" in keys["envoy1"]
+    runner.settings = QUICK.__class__(**{**DEFAULT.as_dict(), "second_topology": None})
+    assert "topology2" not in [st.key for st in cli.Runner.steps_for(runner, setups.make(["native"])[0])]
