@@ -2,11 +2,15 @@
 new connections (the figure the bench shows as "new conn per request").
 
     .venv/bin/python -m bench.newconn_profile [--engine native] [--count 3000] [--concurrency 8]
+                                              [--worker-threads 2] [--no-profile]
 
 Builds the two-pod Lab (client pod with its ztunnel-fast and outbound redirect, server pod with
 its ztunnel-fast and an echo app), records the client side with `py-spy record --format raw` while
-the client opens `count` short connections, then prints the share of samples per function
-(inclusive, each function counted once per stack).  Bounded by --count; everything is torn down.
+the client opens `count` short connections, then prints the rate, the proxy CPU per connection
+(utime+stime of both ztunnel-fast processes from /proc, as the bench's "proxy CPU per new
+connection"; inflated by py-spy's sampling unless --no-profile) and the share of samples per
+function (inclusive, each function counted once per stack).  Bounded by --count; everything is
+torn down.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from ztunnel_fast import netns
 from ztunnel_fast.demo.lab import Lab
 
+from .procstat import Proxies
 from .profiling import py_spy_binary
 
 
@@ -54,9 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--worker-threads", type=int, default=2, help="ZTUNNEL_WORKER_THREADS of both ztunnel-fast")
+    ap.add_argument("--no-profile", action="store_true", help="no py-spy: rate and CPU per connection only")
     a = ap.parse_args(argv)
-    spy = py_spy_binary()
-    if spy is None:
+    spy = None if a.no_profile else py_spy_binary()
+    if spy is None and not a.no_profile:
         ap.error("py-spy not installed (make bench installs it)")
     work = Path(tempfile.mkdtemp(prefix="ztf-newconn-"))
     with netns.Topology() as topo:
@@ -65,18 +72,31 @@ def main(argv=None) -> int:
         server = lab.pod("httpbin", namespace="demo")
         lab.write_config()
         lab.app(server, "serve", "80", "echo", port=80)
-        lab.start_ztunnel(client)
-        lab.start_ztunnel(server, redirect=False)
+        env = {"ZTUNNEL_WORKER_THREADS": str(a.worker_threads)}
+        zc = lab.start_ztunnel(client, **env)
+        zs = lab.start_ztunnel(server, redirect=False, **env)
+        proxies = Proxies({"client": zc.proc.pid, "server": zs.proc.pid})
         raw = work / "client-ztunnel.raw"
-        rec = subprocess.Popen([spy, "record", "-p", ztunnel_pid(client.pod), "-r", "200", "-f", "raw",
-                                "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        out = lab.client(client, "echo", server.ip, "80", "--size", "64", "--count", str(a.count),
-                         "--concurrency", str(a.concurrency), timeout=600)
-        rec.send_signal(2)  # SIGINT: py-spy writes what it has
-        rec.wait(timeout=30)
+        rec = None
+        if spy is not None:
+            rec = subprocess.Popen([spy, "record", "-p", ztunnel_pid(client.pod), "-r", "200", "-f", "raw",
+                                    "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        cpu0 = proxies.cpu()
+        try:
+            out = lab.client(client, "echo", server.ip, "80", "--size", "64", "--count", str(a.count),
+                             "--concurrency", str(a.concurrency), timeout=600)
+            cpu = proxies.cpu() - cpu0
+        finally:
+            if rec is not None:
+                rec.send_signal(2)  # SIGINT: py-spy writes what it has
+                rec.wait(timeout=30)
     print(f"{out['ok']} connections in {out['seconds']} s ({out['ok'] / out['seconds']:.0f}/s) through the "
-          f"{a.engine} engine; client-side ztunnel-fast samples by function (inclusive):")
+          f"{a.engine} engine, {a.worker_threads} worker thread(s); proxy CPU (both sides) "
+          f"{cpu * 1e6 / max(1, out['ok']):,.0f} µs per connection" + (" (under py-spy)" if rec else ""))
+    if rec is None:
+        return 0
+    print("client-side ztunnel-fast samples by function (inclusive):")
     for pct, name in shares(raw, a.top):
         print(f"  {pct:5.1f}%  {name}")
     print(f"raw profile: {raw}")
