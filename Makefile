@@ -33,9 +33,10 @@ demo: system-deps build
 test: system-deps build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# bench: `make bench` (~10 min), `make bench BENCH_ARGS=--quick` (~2-3 min), `make bench PROFILE=1`
-# (py-spy flame graphs of the ztunnel-fast processes).  nginx-light serves the HTTP figures.
-BENCH_APT_PKGS := nginx-light
+# bench: `make bench` (~15 min), `make bench BENCH_ARGS=--quick` (~5 min), `make bench PROFILE=1`
+# (perf flame graphs of every proxy thread + py-spy of ztunnel-fast).  nginx-light serves the HTTP
+# figures; strace and linux-perf count the proxies' syscalls (bench/README.md).
+BENCH_APT_PKGS := nginx-light strace linux-perf
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 PROFILE ?=
