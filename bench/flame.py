@@ -39,7 +39,7 @@ def perf_binary() -> str | None:
 
 def _color(name: str) -> str:
     h = zlib.crc32(name.encode())
-    if name.startswith("[") or "kernel" in name or name.startswith(("__x64_", "do_syscall", "entry_SYSCALL")):
+    if "kernel" in name or name.startswith(("[", "__x64_", "do_syscall", "entry_SYSCALL")):
         return f"rgb({200 + h % 55},{120 + h % 60},{60 + h % 40})"  # orange-ish: kernel / unknown
     return f"rgb({220 + h % 35},{80 + (h >> 8) % 100},{40 + (h >> 16) % 40})"
 
@@ -58,10 +58,10 @@ def render_svg(folded: dict[str, int], title: str) -> str:
             entry[0] += n
             node = entry[1]
     height = (depth + 3) * FRAME_H + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="monospace" '
-           f'font-size="11"><rect width="100%" height="100%" fill="#fdfdf6"/>',
-           f'<text x="{WIDTH / 2}" y="14" text-anchor="middle" font-size="13">{html.escape(title)} '
-           f'({total:,} samples)</text>']
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="monospace" '
+            f'font-size="11"><rect width="100%" height="100%" fill="#fdfdf6"/>'),
+           (f'<text x="{WIDTH / 2}" y="14" text-anchor="middle" font-size="13">{html.escape(title)} '
+            f'({total:,} samples)</text>')]
     scale = (WIDTH - 20) / total if total else 0.0
 
     def walk(node: dict, x: float, level: int) -> None:
@@ -121,7 +121,8 @@ class Recorder:
                 continue
             try:
                 cp = subprocess.run([self.perf, "script", "-i", str(data), "-F", "comm,tid,ip,sym,dso"],
-                                    capture_output=True, text=True, errors="replace", timeout=600)
+                                    capture_output=True, text=True, errors="replace", timeout=600,
+                                    check=False)
             except subprocess.TimeoutExpired:
                 result[side] = {"error": "perf script took over 600 s"}
                 continue

@@ -20,8 +20,8 @@ import select
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 

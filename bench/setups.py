@@ -112,11 +112,11 @@ class EnvoyPair(Setup):
         self.skip = frozenset() if self.scales else frozenset({"tunnels", "scaling"})
 
     def start(self, bl: BenchLab, threads: int | None = None) -> Started:
-        concurrency = threads or self.concurrency
         from tests.interop.envoy import envoy_binary, run_envoy, validate_config, write_config
 
         from .envoy_pair import multi_port_terminator, transparent_originator
 
+        concurrency = threads or self.concurrency
         client_certs = _certs(bl, "client")
         server_certs = _certs(bl, "server")
         term = multi_port_terminator(bl.server.ip, APP_PORTS, server_certs, server_certs.root, [bl.client.identity])

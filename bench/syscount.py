@@ -56,7 +56,7 @@ def perf_works() -> tuple[bool, str]:
         return False, "perf not installed"
     try:
         cp = subprocess.run([perf, "stat", "-x,", "-e", f"{parse.PERF_TOTAL_EVENT},syscalls:sys_enter_read",
-                             "--", "true"], capture_output=True, text=True, timeout=30)
+                             "--", "true"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"perf stat failed: {exc}"
     try:
@@ -202,7 +202,7 @@ class Counter:
         for t in self.tracers.values():
             t.abort()
 
-    def __enter__(self) -> "Counter":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
