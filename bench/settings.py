@@ -1,5 +1,5 @@
-"""Durations, sizes and configuration of one bench run: the default preset (~15 minutes for the five
-setups on a 2-core machine) and `--quick` (~5 minutes).  Every wait in the harness derives its bound from
+"""Durations, sizes and configuration of one bench run: the default preset (~13-20 minutes for the
+five setups on a 2-core machine) and `--quick` (~4-6 minutes).  Every wait in the harness derives its bound from
 these numbers plus a fixed margin, so a shorter run is also a shorter worst case."""
 
 from __future__ import annotations
