@@ -10,7 +10,8 @@ frame, which py-spy's Python-centred view shows poorly; perf samples them like a
           inferno, for whoever has them)
   render  `<prefix>-<side>.svg`: a self-contained flame graph (root at the bottom, width = share of
           samples, hover for the full frame and count); one tower per thread name, and a second SVG
-          `<prefix>-<side>-workers.svg` with only the samples under the native engine's `worker_main`
+          `<prefix>-<side>-workers.svg` with only the worker threads' samples (the native engine's
+          `worker_main`, Envoy's `wrk:worker_<n>` threads)
 
 `render_svg` is pure (folded stacks in, SVG text out); the rest starts perf (bounded by `sleep`
 and by timeouts) and reads its files.
@@ -27,7 +28,9 @@ from pathlib import Path
 from . import parse
 from .procstat import Proxies
 
-WORKER_FRAME = "worker_main"  # the native engine's worker thread entry (_splice_api.pxi)
+# worker threads, by what their samples hold: the native engine's thread entry (_splice_api.pxi),
+# Envoy's worker thread names; the pure twin has none (its bytes move on the asyncio thread)
+WORKER_MARKS = ("worker_main", "wrk:worker")
 FRAME_H = 16
 WIDTH = 1200
 MIN_PX = 0.3  # narrower frames are dropped from the picture (their samples still count in the parents)
@@ -127,7 +130,8 @@ class Recorder:
                 result[side] = {"error": "perf script took over 600 s"}
                 continue
             folded = parse.fold_perf_script(cp.stdout)
-            workers = parse.fold_perf_script(cp.stdout, keep_frame=WORKER_FRAME)
+            mark, workers = next(((m, w) for m in WORKER_MARKS
+                                  if (w := parse.fold_perf_script(cp.stdout, keep_frame=m))), ("", {}))
             base = Path(f"{self.prefix}-{side}")
             folded_path = Path(f"{base}.folded")
             folded_path.write_text("".join(f"{k} {v}\n" for k, v in sorted(folded.items())))
@@ -137,7 +141,7 @@ class Recorder:
                      "worker_samples": sum(workers.values())}
             if workers:
                 wsvg = Path(f"{base}-workers.svg")
-                wsvg.write_text(render_svg(workers, f"{base.name}: native worker threads ({WORKER_FRAME})"))
+                wsvg.write_text(render_svg(workers, f"{base.name}: worker threads ({mark})"))
                 entry["workers_svg"] = str(wsvg)
             data.unlink(missing_ok=True)  # tens of MB with dwarf stacks; the folded file keeps the profile
             result[side] = entry

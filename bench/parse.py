@@ -274,14 +274,14 @@ def fold_perf_script(text: str, keep_frame: str | None = None) -> dict[str, int]
     """`perf script -F comm,tid,ip,sym,dso` text -> folded stacks {"comm;outer;...;leaf": samples}
     (root first, as flamegraph tools read them).  A sample is a header line (`comm tid ...`) then one
     frame per indented line (innermost first), then a blank line.  Unknown symbols read
-    `[dso]`.  With `keep_frame`, only samples whose stack holds that frame are kept (e.g. the native
-    engine's `worker_main`)."""
+    `[dso]`.  With `keep_frame`, only samples whose thread name or stack holds that text are kept
+    (the native engine's `worker_main`, Envoy's `wrk:worker_<n>` threads)."""
     folded: dict[str, int] = {}
 
     def flush(comm: str | None, frames: list[str]) -> None:
         if comm is None:
             return
-        if keep_frame is not None and not any(keep_frame in f for f in frames):
+        if keep_frame is not None and keep_frame not in comm and not any(keep_frame in f for f in frames):
             return
         key = ";".join([comm] + frames[::-1])
         folded[key] = folded.get(key, 0) + 1

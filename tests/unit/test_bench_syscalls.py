@@ -211,9 +211,11 @@ def test_fold_perf_script_root_first_with_thread_name():
     assert sum(folded.values()) == 4
 
 
-def test_fold_perf_script_keeps_only_stacks_through_a_frame():
+def test_fold_perf_script_keeps_only_stacks_through_a_frame_or_of_a_thread_name():
     assert parse.fold_perf_script(PERF_SCRIPT, keep_frame="worker_main") == {
         "python;start_thread;worker_main;splice_pump": 1}
+    assert parse.fold_perf_script(PERF_SCRIPT, keep_frame="wrk:worker") == {"wrk:worker_0;[envoy]": 1}
+    assert parse.fold_perf_script(PERF_SCRIPT, keep_frame="no such frame") == {}
 
 
 def test_flame_svg_is_xml_with_a_box_per_frame_sized_by_samples():
