@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rec in doc["setups"].items():
         rec["metrics"] = report.metrics_from_raw(rec["raw"], proxied=name != "direct")
     doc["ratios"] = report.ratios({n: r["metrics"] for n, r in doc["setups"].items()})
+    doc["configuration"] = report.configuration(doc)
 
     print_table(console, doc)
     if interrupted:
