@@ -287,5 +287,6 @@ cdef void conn_free(Conn *c) noexcept nogil:
     buf_free(&c.rbuf)
     buf_free(&c.obuf)
     buf_free(&c.hblock)
+    buf_free(&c.cout)
     free(c.buckets)
     free(c)
