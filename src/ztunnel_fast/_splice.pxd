@@ -185,8 +185,9 @@ cdef struct Conn:
     int64_t data_frames_in
     int close_err        # errno behind a CLOSE_IO (EV_CLOSED.err)
     # TLS through memory BIOs (added for issue 14; NULL: the socket BIO pyOpenSSL set, unbatched)
-    void *rbio           # ciphertext received, SSL_read decrypts from it (owned by the SSL*)
+    void *rbio           # a read-only view of cin that SSL_read decrypts from (owned by the SSL*)
     void *wbio           # records SSL_write produced, moved to cout (owned by the SSL*)
+    Buf cin              # ciphertext of the last recv() (rbio points into it until drained)
     Buf cout             # ciphertext waiting for send(): at most one batch of records
     # stream -> plain payload gathered in one parse pass, written with one sendmsg (issue 14)
     Stream *dl_stream    # the stream dl_iov belongs to (NULL: nothing gathered)

@@ -2,18 +2,20 @@
 # handshook (SSL_read / SSL_write of cryptography's bundled OpenSSL, called through the addresses
 # engine/ssl_bridge.py found), the run loop, commands and timers.
 #
-# The byte path (issue 14): at adoption the SSL*'s socket BIO is swapped for two memory BIOs, so
-# TLS costs few syscalls per GB: one recv() of up to TLS_RECV_CHUNK ciphertext is fed to the read
-# BIO and SSL_read decrypts record after record from memory; SSL_write turns up to TLS_SEND_BATCH
-# plaintext into many records in the write BIO, which go out with one send() from cout.  Without
+# The byte path (issue 14): at adoption the SSL*'s socket BIO is swapped for memory BIOs, so TLS
+# costs few syscalls per GB: one recv() of up to TLS_RECV_CHUNK ciphertext lands in cin, a
+# read-only memory BIO over cin (no copy) becomes the read BIO and SSL_read decrypts record after
+# record from it; SSL_write turns up to TLS_SEND_BATCH plaintext into records in the write BIO (a
+# BIO_s_mem), which go out with one send() from cout.  Without
 # the BIO functions (bindings that lack them) the socket BIO stays: one syscall per record.
 #
-# Invariants: SSL_* is called only from the owning worker thread; a write retried after WANT_WRITE
+# Invariants: SSL_* is called only from the owning worker thread; cin is overwritten only once
+# SSL_read asked for more (WANT_READ: without read-ahead the record layer has then taken every byte
+# of the read BIO, keeping a partial record in its own buffer); a write retried after WANT_WRITE
 # is never shorter than the attempt before (the output buffer only grows until SSL_write takes
 # it; ACCEPT_MOVING_WRITE_BUFFER lets it move); reading stops while OBUF_READ_STOP bytes wait to
 # be written (a peer that does not read cannot make us buffer without bound).  With memory BIOs:
-# recv() only after SSL_read asked for more (the read BIO holds less than a record: it never
-# holds more than one chunk plus a partial record); SSL_write only while cout is empty (cout and
+# recv() only after SSL_read asked for more (so cin never holds more than one chunk); SSL_write only while cout is empty (cout and
 # the write BIO together never hold more than one batch of records); after tls_read and
 # tls_flush the write BIO is empty (whatever SSL produced, alerts and key updates included, is in
 # cout or sent).
@@ -25,6 +27,7 @@ DEF WRITE_MAX = 1 << 20              # bytes offered to one SSL_write (socket BI
 DEF RBUF_KEEP = 320 * 1024           # read buffer size kept between bursts
 DEF OBUF_KEEP = 1280 * 1024
 DEF TLS_RECV_CHUNK = 256 * 1024      # ciphertext per recv(): 16 full records per syscall
+DEF TLS_RECV_FIRST = 32 * 1024       # cin's first size (two records); grows while recv() fills it
 DEF TLS_SEND_BATCH = 256 * 1024      # plaintext per SSL_write into the write BIO: ~16 records, one send()
 DEF COUT_KEEP = 320 * 1024           # one batch of records, one more record, their overhead
 
@@ -38,10 +41,10 @@ cdef err_reason_string_fn g_err_reason = NULL
 cdef bio_new_fn g_bio_new = NULL
 cdef bio_s_mem_fn g_bio_s_mem = NULL
 cdef bio_read_fn g_bio_read = NULL
-cdef bio_write_fn g_bio_write = NULL
 cdef ssl_set_bio_fn g_ssl_set_bio = NULL
 cdef bio_set_mem_eof_return_fn g_bio_eof_return = NULL
 cdef bio_free_fn g_bio_free = NULL
+cdef bio_new_mem_buf_fn g_bio_new_mem_buf = NULL
 
 
 cdef void tls_set_functions(uintptr_t rd, uintptr_t wr, uintptr_t get_error, uintptr_t shut,
@@ -57,19 +60,20 @@ cdef void tls_set_functions(uintptr_t rd, uintptr_t wr, uintptr_t get_error, uin
 
 
 cdef void tls_set_bio_functions(uintptr_t bio_new, uintptr_t bio_s_mem, uintptr_t bio_read,
-                                uintptr_t bio_write, uintptr_t ssl_set_bio, uintptr_t eof_return,
-                                uintptr_t bio_free) noexcept nogil:
+                                uintptr_t ssl_set_bio, uintptr_t eof_return, uintptr_t bio_free,
+                                uintptr_t bio_new_mem_buf) noexcept nogil:
     """Memory BIO functions; any 0 turns the batched path off (new connections keep the socket BIO)."""
-    global g_bio_new, g_bio_s_mem, g_bio_read, g_bio_write, g_ssl_set_bio, g_bio_eof_return, g_bio_free
-    if not (bio_new and bio_s_mem and bio_read and bio_write and ssl_set_bio and eof_return and bio_free):
-        bio_new = bio_s_mem = bio_read = bio_write = ssl_set_bio = eof_return = bio_free = 0
+    global g_bio_new, g_bio_s_mem, g_bio_read, g_ssl_set_bio, g_bio_eof_return, g_bio_free
+    global g_bio_new_mem_buf
+    if not (bio_new and bio_s_mem and bio_read and ssl_set_bio and eof_return and bio_free and bio_new_mem_buf):
+        bio_new = bio_s_mem = bio_read = ssl_set_bio = eof_return = bio_free = bio_new_mem_buf = 0
     g_bio_new = <bio_new_fn>bio_new
     g_bio_s_mem = <bio_s_mem_fn>bio_s_mem
     g_bio_read = <bio_read_fn>bio_read
-    g_bio_write = <bio_write_fn>bio_write
     g_ssl_set_bio = <ssl_set_bio_fn>ssl_set_bio
     g_bio_eof_return = <bio_set_mem_eof_return_fn>eof_return
     g_bio_free = <bio_free_fn>bio_free
+    g_bio_new_mem_buf = <bio_new_mem_buf_fn>bio_new_mem_buf
 
 
 cdef void tls_use_memory_bios(Conn *c) noexcept nogil:
@@ -187,24 +191,39 @@ cdef size_t tls_read(Conn *c, size_t budget) noexcept nogil:
 
 
 cdef ssize_t tls_recv(Conn *c, int *err) noexcept nogil:
-    """One recv() of ciphertext into the read BIO (memory-BIO mode; SSL_read wants more).
-
-    The free tail of rbuf is the landing area (SSL_read overwrites it with plaintext afterwards).
-    Returns the bytes fed, 0 when the socket has nothing now, or -1 with err[0] = errno on an
+    """One recv() of ciphertext into cin, which becomes the read BIO (memory-BIO mode; SSL_read
+    wants more, so the current read BIO is drained and cin free).  SSL_set_bio frees the previous
+    read BIO and keeps the write BIO (SSL_set_bio's rule for an unchanged wbio).
+    Returns the bytes received, 0 when the socket has nothing now, or -1 with err[0] = errno on an
     error, err[0] = 0 at EOF (the read BIO then reports EOF to SSL_read as the socket BIO would)."""
-    cdef size_t space = c.rbuf.cap - c.rbuf.end
     cdef ssize_t n
-    if space > TLS_RECV_CHUNK:
-        space = TLS_RECV_CHUNK
+    cdef void *r
+    # cin starts small (a connection that carries little keeps little) and doubles while recv()
+    # fills it, up to TLS_RECV_CHUNK.  Growing may move it: the drained read BIO still points at
+    # the old place, but a drained BIO never reads its memory and SSL_set_bio frees it below.
+    if c.cin.cap < TLS_RECV_FIRST and buf_reserve(&c.cin, TLS_RECV_FIRST) != 0:
+        err[0] = ENOMEM
+        return -1
+    if c.flags & CF_CIN_GROW:
+        c.flags &= ~CF_CIN_GROW
+        if buf_reserve(&c.cin, c.cin.cap * 2) != 0:
+            err[0] = ENOMEM
+            return -1
     while True:
-        n = recv(c.fd, c.rbuf.data + c.rbuf.end, space, MSG_DONTWAIT)
+        n = recv(c.fd, c.cin.data, c.cin.cap, MSG_DONTWAIT)
         if n >= 0 or errno != EINTR:
             break
     if n > 0:
-        if g_bio_write(c.rbio, c.rbuf.data + c.rbuf.end, <int>n) != n:
+        r = g_bio_new_mem_buf(c.cin.data, <int>n)
+        if <size_t>n == c.cin.cap and c.cin.cap < TLS_RECV_CHUNK:
+            c.flags |= CF_CIN_GROW
+        if r == NULL:
             g_err_clear()
             err[0] = ENOMEM
             return -1
+        g_bio_eof_return(r, -1)  # drained means "retry" (WANT_READ), not EOF
+        g_ssl_set_bio(c.ssl, r, c.wbio)
+        c.rbio = r
         return n
     if n == 0:
         g_bio_eof_return(c.rbio, 0)

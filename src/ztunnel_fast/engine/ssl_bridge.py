@@ -30,10 +30,11 @@ _FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_shutdown", "ERR_cle
               "ERR_reason_error_string")
 _MODES = ("SSL_MODE_ENABLE_PARTIAL_WRITE", "SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER")
 # Optional: memory BIOs, so that the engine batches TLS records (one recv()/send() per batch instead
-# of one read()/write() per record).  The worker swaps them in for the socket BIO at adoption
-# (SSL_set_bio: the SSL* owns and frees them; pyOpenSSL keeps no BIO of a socket-backed Connection).
-_BIO_FUNCTIONS = ("BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "SSL_set_bio", "BIO_set_mem_eof_return",
-                  "BIO_free")
+# of one read()/write() per record).  The worker swaps them in for the socket BIO at adoption, and a
+# read-only one over each received batch (SSL_set_bio: the SSL* owns and frees them; pyOpenSSL
+# keeps no BIO of a socket-backed Connection).
+_BIO_FUNCTIONS = ("BIO_new", "BIO_s_mem", "BIO_read", "SSL_set_bio", "BIO_set_mem_eof_return", "BIO_free",
+                  "BIO_new_mem_buf")
 
 
 def _address(name: str) -> int:

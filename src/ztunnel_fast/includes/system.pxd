@@ -165,10 +165,10 @@ ctypedef const char *(*err_reason_string_fn)(unsigned long e) noexcept nogil
 ctypedef void *(*bio_new_fn)(void *method) noexcept nogil
 ctypedef void *(*bio_s_mem_fn)() noexcept nogil
 ctypedef int (*bio_read_fn)(void *bio, void *buf, int num) noexcept nogil
-ctypedef int (*bio_write_fn)(void *bio, const void *buf, int num) noexcept nogil
 ctypedef void (*ssl_set_bio_fn)(void *ssl, void *rbio, void *wbio) noexcept nogil
 ctypedef long (*bio_set_mem_eof_return_fn)(void *bio, int v) noexcept nogil
 ctypedef int (*bio_free_fn)(void *bio) noexcept nogil
+ctypedef void *(*bio_new_mem_buf_fn)(const void *buf, int len) noexcept nogil
 
 cdef enum:
     SSL_ERROR_NONE = 0
