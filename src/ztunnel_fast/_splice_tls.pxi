@@ -6,19 +6,18 @@
 # costs few syscalls per GB: one recv() of up to TLS_RECV_CHUNK ciphertext lands in cin, a
 # read-only memory BIO over cin (no copy) becomes the read BIO and SSL_read decrypts record after
 # record from it; SSL_write turns up to TLS_SEND_BATCH plaintext into records in the write BIO (a
-# BIO_s_mem), which go out with one send() from cout.  Without
-# the BIO functions (bindings that lack them) the socket BIO stays: one syscall per record.
+# BIO_s_mem), moved to cout, which goes out with one send().  Without the BIO functions (bindings
+# that lack them) the socket BIO stays: one read()/write() per record.
 #
-# Invariants: SSL_* is called only from the owning worker thread; cin is overwritten only once
-# SSL_read asked for more (WANT_READ: without read-ahead the record layer has then taken every byte
-# of the read BIO, keeping a partial record in its own buffer); a write retried after WANT_WRITE
+# Invariants: SSL_* is called only from the owning worker thread; a write retried after WANT_WRITE
 # is never shorter than the attempt before (the output buffer only grows until SSL_write takes
 # it; ACCEPT_MOVING_WRITE_BUFFER lets it move); reading stops while OBUF_READ_STOP bytes wait to
 # be written (a peer that does not read cannot make us buffer without bound).  With memory BIOs:
-# recv() only after SSL_read asked for more (so cin never holds more than one chunk); SSL_write only while cout is empty (cout and
-# the write BIO together never hold more than one batch of records); after tls_read and
-# tls_flush the write BIO is empty (whatever SSL produced, alerts and key updates included, is in
-# cout or sent).
+# recv() into cin only once SSL_read asked for more (WANT_READ: without read-ahead the record
+# layer has then taken every byte of the read BIO, a partial record kept in its own buffer), so
+# cin holds at most one chunk; SSL_write only while cout holds less than TLS_SEND_BATCH (cout is
+# bounded by a batch plus one record); after tls_read and tls_flush the write BIO is empty
+# (whatever SSL produced, alerts and key updates included, is in cout or sent).
 
 DEF READ_BATCH = 256 * 1024          # parse once this much plaintext is buffered
 DEF RUN_BUDGET = 4 << 20             # bytes a connection moves per turn before others get theirs
@@ -77,7 +76,8 @@ cdef void tls_set_bio_functions(uintptr_t bio_new, uintptr_t bio_s_mem, uintptr_
 
 
 cdef void tls_use_memory_bios(Conn *c) noexcept nogil:
-    """Swap the SSL*'s socket BIO for two memory BIOs (before the worker's first SSL_read).
+    """Swap the SSL*'s socket BIO for two memory BIOs (before the worker's first SSL_read); the
+    read one is replaced by a view of cin at each recv() (tls_recv).
 
     SSL_set_bio takes our references and frees the socket BIO (created BIO_NOCLOSE by SSL_set_fd:
     the fd stays open; pyOpenSSL keeps no pointer to it).  Nothing is lost: without read-ahead the
@@ -214,9 +214,9 @@ cdef ssize_t tls_recv(Conn *c, int *err) noexcept nogil:
         if n >= 0 or errno != EINTR:
             break
     if n > 0:
-        r = g_bio_new_mem_buf(c.cin.data, <int>n)
         if <size_t>n == c.cin.cap and c.cin.cap < TLS_RECV_CHUNK:
             c.flags |= CF_CIN_GROW
+        r = g_bio_new_mem_buf(c.cin.data, <int>n)
         if r == NULL:
             g_err_clear()
             err[0] = ENOMEM
