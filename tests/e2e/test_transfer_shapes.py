@@ -128,13 +128,13 @@ SIZES = [1, 2, RECORD - 1, RECORD, RECORD + 1, 3 * RECORD + 7, BATCH - 1, BATCH,
 
 
 def test_sizes_around_records_batches_and_frames(lab):
-    a, b, za, zb = mesh(lab)
+    a, b, _, _ = mesh(lab)
     for size in SIZES:
         assert_echo(lab.client(a, "echo", b.ip, "80", "--size", str(size)), size)
 
 
 def test_eight_concurrent_streams_interleave_on_one_connection(lab):
-    a, b, za, zb = mesh(lab)
+    a, b, _, _ = mesh(lab)
     out = lab.client(a, "echo", b.ip, "80", "--size", str(8 * MiB + 5), "--count", "8", "--concurrency", "8",
                      timeout=300)
     assert out["ok"] == 8 and out["failed"] == 0, out
@@ -142,7 +142,7 @@ def test_eight_concurrent_streams_interleave_on_one_connection(lab):
 
 @pytest.mark.parametrize("size", [1, RECORD + 1, 5 * MiB + 3])
 def test_half_close_client_first_mid_record(lab, size):
-    a, b, za, zb = mesh(lab)
+    a, b, _, _ = mesh(lab)
     assert_echo(lab.client(a, "echo", b.ip, "80", "--size", str(size), "--half-close-first"), size)
 
 

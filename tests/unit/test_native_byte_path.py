@@ -12,7 +12,16 @@ import socket
 import pytest
 from OpenSSL import SSL
 
-from tests.unit.test_native_engine import ENGINE_PAIRS, HTTPBIN, SLEEP, TD, Pair, engines, payload, run
+from tests.unit.test_native_engine import (
+    ENGINE_PAIRS,
+    HTTPBIN,
+    SLEEP,
+    TD,
+    Pair,
+    engines,
+    payload,
+    run,
+)
 from ztunnel_fast import _splice
 from ztunnel_fast.engine import ssl_bridge
 from ztunnel_fast.engine.native import NativeEngine
