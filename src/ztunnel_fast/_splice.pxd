@@ -8,7 +8,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
-from .includes.system cimport pthread_t, pthread_mutex_t
+from .includes.system cimport iovec, pthread_t, pthread_mutex_t
 
 
 # Handle kinds: what an epoll event's data.ptr points at.
@@ -184,6 +184,16 @@ cdef struct Conn:
     int64_t frames_in
     int64_t data_frames_in
     int close_err        # errno behind a CLOSE_IO (EV_CLOSED.err)
+    # TLS through memory BIOs (added for issue 14; NULL: the socket BIO pyOpenSSL set, unbatched)
+    void *rbio           # a read-only view of cin that SSL_read decrypts from (owned by the SSL*)
+    void *wbio           # records SSL_write produced, moved to cout (owned by the SSL*)
+    Buf cin              # ciphertext of the last recv() (rbio points into it until drained)
+    Buf cout             # ciphertext waiting for send(): at most one batch of records
+    # stream -> plain payload gathered in one parse pass, written with one sendmsg (issue 14)
+    Stream *dl_stream    # the stream dl_iov belongs to (NULL: nothing gathered)
+    int dl_count
+    size_t dl_bytes
+    iovec dl_iov[64]     # DELIVER_IOV pieces of rbuf (valid until rbuf is compacted or refilled)
 
 
 # One direction of a plain<->plain tunnel on a worker.

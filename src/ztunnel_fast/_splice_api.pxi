@@ -7,10 +7,16 @@ DEF MAX_WORKERS = 64
 
 def set_ssl_functions(uintptr_t ssl_read, uintptr_t ssl_write, uintptr_t ssl_get_error,
                       uintptr_t ssl_shutdown, uintptr_t err_clear_error, uintptr_t err_get_error,
-                      uintptr_t err_reason_string):
-    """Addresses of cryptography's bundled OpenSSL functions (engine/ssl_bridge.py finds them)."""
+                      uintptr_t err_reason_string, uintptr_t bio_new=0, uintptr_t bio_s_mem=0,
+                      uintptr_t bio_read=0, uintptr_t ssl_set_bio=0, uintptr_t bio_set_mem_eof_return=0,
+                      uintptr_t bio_free=0, uintptr_t bio_new_mem_buf=0):
+    """Addresses of cryptography's bundled OpenSSL functions (engine/ssl_bridge.py finds them).
+    The memory BIO ones are optional: without them (0) connections adopted afterwards keep the
+    socket BIO (one syscall per TLS record instead of one per batch)."""
     tls_set_functions(ssl_read, ssl_write, ssl_get_error, ssl_shutdown, err_clear_error,
                       err_get_error, err_reason_string)
+    tls_set_bio_functions(bio_new, bio_s_mem, bio_read, ssl_set_bio, bio_set_mem_eof_return, bio_free,
+                          bio_new_mem_buf)
 
 
 cdef class Core:

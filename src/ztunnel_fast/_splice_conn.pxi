@@ -22,6 +22,7 @@ cdef enum:
     CF_TLS_FAILED = 0x40     # no close_notify after a TLS error
     CF_EPOLL = 0x80
     CF_SANS_IO = 0x100       # FrameParser: no socket, no SSL
+    CF_CIN_GROW = 0x200      # the last recv() filled cin: double it before the next one
 
 cdef enum:
     SF_DEAD = 0x1
@@ -287,5 +288,7 @@ cdef void conn_free(Conn *c) noexcept nogil:
     buf_free(&c.rbuf)
     buf_free(&c.obuf)
     buf_free(&c.hblock)
+    buf_free(&c.cin)
+    buf_free(&c.cout)
     free(c.buckets)
     free(c)

@@ -47,6 +47,7 @@ cdef void on_frame(Conn *c, int ftype, int flags, uint32_t sid, const char *p, s
 cdef void data_finish(Conn *c) noexcept nogil:
     cdef Stream *s
     if c.d_end and c.d_sid != 0:
+        deliver_flush(c)  # the payload goes out before the FIN
         s = stream_find(c, c.d_sid)
         if s != NULL:
             stream_remote_end(c, s)
@@ -137,7 +138,13 @@ cdef void data_continue(Conn *c) noexcept nogil:
 
 
 cdef void conn_parse(Conn *c) noexcept nogil:
-    """Consume what rbuf holds: whole frames, and DATA payload as it comes."""
+    """Consume what rbuf holds: whole frames, and DATA payload as it comes (written to the plain
+    sockets before returning: rbuf may move afterwards)."""
+    conn_parse_frames(c)
+    deliver_flush(c)
+
+
+cdef void conn_parse_frames(Conn *c) noexcept nogil:
     cdef const char *p
     cdef size_t avail, length, n
     cdef int ftype, flags
@@ -190,6 +197,7 @@ cdef void conn_parse(Conn *c) noexcept nogil:
             buf_consume(&c.rbuf, FRAME_HEADER)
             data_begin(c, length, flags, sid)
             continue
+        deliver_flush(c)  # payload before any other frame, and before rbuf may move
         if avail < FRAME_HEADER + length:
             if buf_reserve(&c.rbuf, FRAME_HEADER + length - avail) != 0:
                 conn_error(c, H2_INTERNAL_ERROR, "out of memory")

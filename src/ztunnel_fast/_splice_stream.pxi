@@ -2,14 +2,18 @@
 #
 # plain -> stream: readv() straight into the connection's output buffer, between the 9-byte DATA
 # frame headers (up to the peer's max frame size, within both send windows); FIN -> an empty DATA
-# frame with END_STREAM.  stream -> plain: payload from the TLS read buffer goes to send() at once;
-# what the socket does not take waits in the stream's chunk queue (bounded by the window we gave).
+# frame with END_STREAM.  stream -> plain: payload from the TLS read buffer is gathered (pointers
+# into rbuf, consecutive DATA frames of one stream) and written with one sendmsg() when the parse
+# pass ends, before any other frame is handled, before END_STREAM and before rbuf can move
+# (deliver_flush); what the socket does not take waits in the stream's chunk queue (copied;
+# bounded by the window we gave).
 # WINDOW_UPDATE follows what was written.  END_STREAM -> shutdown(SHUT_WR) once the queue is empty.
 # A plain socket error resets the stream (RST_STREAM CANCEL), as the pure twin does.
 
 DEF UPLOAD_CHUNK = 256 * 1024        # bytes one stream reads per turn: fairness between streams
 DEF UPLOAD_OBUF_HIGH = 1024 * 1024   # output buffer level above which streams stop reading
 DEF MAX_IOV = 16
+DEF DELIVER_IOV = 64                 # payload pieces gathered per sendmsg (Conn.dl_iov)
 
 
 cdef void stream_io_fail(Conn *c, Stream *s, int err) noexcept nogil:
@@ -22,26 +26,73 @@ cdef void stream_consumed(Conn *c, Stream *s, size_t n) noexcept nogil:
 
 
 cdef void stream_deliver(Conn *c, Stream *s, const char *p, size_t n) noexcept nogil:
-    """Payload for s: to the plain socket when it can take it, else queued (copied)."""
-    cdef ssize_t w
+    """Payload for s (in rbuf): gathered for one sendmsg when the socket can take it, else queued
+    (copied)."""
     if s.flags & SF_DISCARD:
         stream_credit(c, s, <int64_t>n)
         return
     if s.flags & SF_ATTACHED and s.rq.head == NULL and s.flags & SF_PLAIN_W:
-        w = send(s.fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
-        if w > 0:
-            stream_consumed(c, s, <size_t>w)
-            p += w
-            n -= <size_t>w
-        elif w < 0 and (errno == EAGAIN or errno == EINTR):
-            s.flags &= ~SF_PLAIN_W
-        else:
-            stream_io_fail(c, s, errno if w < 0 else EPIPE)
-            conn_credit(c, <int64_t>n)
+        if c.dl_stream != s or c.dl_count == DELIVER_IOV:
+            deliver_flush(c)
+        if s.rq.head == NULL and s.flags & SF_PLAIN_W and not s.flags & SF_DEAD:
+            c.dl_stream = s
+            c.dl_iov[c.dl_count].iov_base = <void *>p
+            c.dl_iov[c.dl_count].iov_len = n
+            c.dl_count += 1
+            c.dl_bytes += n
             return
+    if s.flags & SF_DEAD:
+        conn_credit(c, <int64_t>n)
+        return
     if n > 0:
         if chunkq_push(&s.rq, p, n) != 0:
             conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+
+
+cdef void deliver_flush(Conn *c) noexcept nogil:
+    """Write the gathered payload with one sendmsg; what the socket does not take is queued."""
+    cdef Stream *s = c.dl_stream
+    cdef msghdr m
+    cdef ssize_t w
+    cdef size_t skip, left = c.dl_bytes
+    cdef int i, count = c.dl_count
+    if s == NULL:
+        return
+    c.dl_stream = NULL
+    c.dl_count = 0
+    c.dl_bytes = 0
+    if s.flags & SF_DEAD:
+        conn_credit(c, <int64_t>left)  # the stream ended meanwhile: payload dropped, window back
+        return
+    memset(&m, 0, sizeof(m))
+    m.msg_iov = c.dl_iov
+    m.msg_iovlen = <size_t>count
+    while True:
+        w = sendmsg(s.fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if w >= 0 or errno != EINTR:
+            break
+    if w > 0:
+        stream_consumed(c, s, <size_t>w)
+        left -= <size_t>w
+    elif w < 0 and errno == EAGAIN:
+        s.flags &= ~SF_PLAIN_W
+    else:
+        stream_io_fail(c, s, errno if w < 0 else EPIPE)
+        conn_credit(c, <int64_t>left)
+        return
+    if left == 0:
+        return
+    if w > 0:
+        s.flags &= ~SF_PLAIN_W  # a short write: the socket is full
+    skip = <size_t>w if w > 0 else 0
+    for i in range(count):
+        if skip >= c.dl_iov[i].iov_len:
+            skip -= c.dl_iov[i].iov_len
+            continue
+        if chunkq_push(&s.rq, <char *>c.dl_iov[i].iov_base + skip, c.dl_iov[i].iov_len - skip) != 0:
+            conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+            return
+        skip = 0
 
 
 cdef void stream_flush_plain(Conn *c, Stream *s) noexcept nogil:

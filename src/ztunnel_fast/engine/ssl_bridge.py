@@ -29,6 +29,12 @@ TESTED = {"pyOpenSSL": ("26.",), "cryptography": ("46.", "47.", "48.", "49.", "5
 _FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_shutdown", "ERR_clear_error", "ERR_get_error",
               "ERR_reason_error_string")
 _MODES = ("SSL_MODE_ENABLE_PARTIAL_WRITE", "SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER")
+# Optional: memory BIOs, so that the engine batches TLS records (one recv()/send() per batch instead
+# of one read()/write() per record).  The worker swaps them in for the socket BIO at adoption, and a
+# read-only one over each received batch (SSL_set_bio: the SSL* owns and frees them; pyOpenSSL
+# keeps no BIO of a socket-backed Connection).
+_BIO_FUNCTIONS = ("BIO_new", "BIO_s_mem", "BIO_read", "SSL_set_bio", "BIO_set_mem_eof_return", "BIO_free",
+                  "BIO_new_mem_buf")
 
 
 def _address(name: str) -> int:
@@ -57,13 +63,23 @@ def _check() -> dict[str, int]:
     return addrs
 
 
+def _optional() -> dict[str, int]:
+    """The memory BIO functions, all or none (bindings lacking one: the engine keeps socket BIOs)."""
+    try:
+        return {name: _address(name) for name in _BIO_FUNCTIONS}
+    except ImportError:
+        return {}
+
+
 ADDRESSES = _check()
+BIO_ADDRESSES = _optional()
 OPENSSL_VERSION = _ffi.string(_lib.OpenSSL_version(0)).decode("ascii", "replace")
 
 
 def functions() -> tuple[int, ...]:
-    """Function addresses in the order _splice.set_ssl_functions takes them."""
-    return tuple(ADDRESSES[name] for name in _FUNCTIONS)
+    """Function addresses in the order _splice.set_ssl_functions takes them: the required ones,
+    then the memory BIO ones (0 when the bindings lack any of them)."""
+    return tuple(ADDRESSES[name] for name in _FUNCTIONS) + tuple(BIO_ADDRESSES.get(n, 0) for n in _BIO_FUNCTIONS)
 
 
 def ssl_pointer(conn: SSL.Connection) -> int:

@@ -99,6 +99,15 @@ cdef extern from "<sys/socket.h>" nogil:
     struct linger:
         int l_onoff
         int l_linger
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int sockfd, const msghdr *msg, int flags)
     int shutdown(int sockfd, int how)
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
@@ -152,6 +161,14 @@ ctypedef int (*ssl_shutdown_fn)(void *ssl) noexcept nogil
 ctypedef void (*err_clear_error_fn)() noexcept nogil
 ctypedef unsigned long (*err_get_error_fn)() noexcept nogil
 ctypedef const char *(*err_reason_string_fn)(unsigned long e) noexcept nogil
+# memory BIOs (the TLS byte path batches records through them: _splice_tls.pxi)
+ctypedef void *(*bio_new_fn)(void *method) noexcept nogil
+ctypedef void *(*bio_s_mem_fn)() noexcept nogil
+ctypedef int (*bio_read_fn)(void *bio, void *buf, int num) noexcept nogil
+ctypedef void (*ssl_set_bio_fn)(void *ssl, void *rbio, void *wbio) noexcept nogil
+ctypedef long (*bio_set_mem_eof_return_fn)(void *bio, int v) noexcept nogil
+ctypedef int (*bio_free_fn)(void *bio) noexcept nogil
+ctypedef void *(*bio_new_mem_buf_fn)(const void *buf, int len) noexcept nogil
 
 cdef enum:
     SSL_ERROR_NONE = 0
