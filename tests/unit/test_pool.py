@@ -13,6 +13,8 @@ from ipaddress import ip_address
 import pytest
 import uvloop
 
+from h2.errors import ErrorCodes
+
 from ztunnel_fast.errors import HttpStatus
 from ztunnel_fast.hbone.connection import H2Settings, HboneConnection
 from ztunnel_fast.hbone.pool import HbonePool, PoolKey
@@ -247,3 +249,54 @@ def test_reset_streams_give_their_unread_bytes_back_to_the_connection_window(cer
         h.pool.close()
 
     run(main())
+
+
+def test_an_error_goaway_is_sent_once_even_if_a_queued_read_runs_after_it(certs):
+    """A read queued with call_soon (TLS still held plaintext) that runs after the error GOAWAY
+    stopped reading must not make h2 raise again on the same bytes and send a second GOAWAY."""
+    from h2.frame_buffer import FrameBuffer
+    from OpenSSL import SSL
+    from hyperframe.frame import GoAwayFrame, SettingsFrame
+
+    async def main():
+        c, s = socket.socketpair()
+        c.setblocking(False)
+        s.setblocking(False)
+        client_tls, server_tls = await asyncio.gather(
+            handshake(c, certs[SLEEP].client_context, server_side=False),
+            handshake(s, certs[HTTPBIN].server_context, server_side=True),
+        )
+        server = HboneConnection(s, server_tls, client=False, settings=H2Settings(), on_request=None)
+        server.start()
+        oversized = (2 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"  # a DATA header, 2 MiB
+        client_tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize() + oversized)
+        for _ in range(400):
+            if server.goaway_sent:
+                break
+            await asyncio.sleep(0.005)
+        assert server.goaway_sent
+        client_tls.sendall(b"\x00" * 4096)  # the oversized frame's body keeps coming ...
+        server._on_readable()  # ... and a read queued with call_soon runs (the close is 0.1 s away)
+        await asyncio.sleep(0.3)
+        received = b""
+        for _ in range(20):
+            try:
+                data = client_tls.recv(65536)
+            except SSL.WantReadError:
+                await asyncio.sleep(0.01)
+                continue
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                break
+            if not data:
+                break
+            received += data
+        buf = FrameBuffer(server=False)
+        buf.max_frame_size = 1 << 24
+        buf.add_data(received)
+        goaways = [f for f in buf if isinstance(f, GoAwayFrame)]
+        server.close()
+        c.close()
+        return goaways
+
+    goaways = run(main())
+    assert [g.error_code for g in goaways] == [ErrorCodes.FRAME_SIZE_ERROR]

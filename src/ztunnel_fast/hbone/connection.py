@@ -523,7 +523,9 @@ class HboneConnection(ConnectionState):
 
     # -- I/O --------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        if self.lost is not None:
+        # a call queued by call_soon may come after an error GOAWAY stopped reading: h2 would
+        # raise again on the bytes that followed and queue a second GOAWAY
+        if self.lost is not None or self._read_stopped:
             return
         events = []
         try:
