@@ -47,6 +47,19 @@ def normalize(ip: str) -> IpAddress:
     return addr
 
 
+_ip_texts: dict[IpAddress, str] = {}  # str(ip) per address: IPv4Address.__str__ costs a microsecond
+IP_TEXT_CACHE_SIZE = 4096  # entries; beyond this the cache starts over (bounded memory)
+
+
+def _ip_text(ip: IpAddress) -> str:
+    text = _ip_texts.get(ip)
+    if text is None:
+        if len(_ip_texts) >= IP_TEXT_CACHE_SIZE:
+            _ip_texts.clear()
+        text = _ip_texts[ip] = str(ip)
+    return text
+
+
 def original_dst(sock: socket.socket) -> tuple[IpAddress, int] | None:
     """The pre-NAT destination of a REDIRECTed connection, or None when it was not NATed."""
     try:
@@ -139,10 +152,13 @@ async def connect(
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None and source.version == ip.version:
             _set_transparent(sock)
-            sock.bind((str(source), 0))
+            sock.bind((_ip_text(source), 0))
         tune(sock)
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+        # asyncio.timeout, not wait_for: no extra future and callbacks per connection; a timeout
+        # still raises TimeoutError (asyncio.TimeoutError) with the connect cancelled
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (_ip_text(ip), port))
     except BaseException:
         sock.close()
         raise
