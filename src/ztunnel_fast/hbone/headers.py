@@ -191,7 +191,11 @@ def check_connect(
     than `arrived_on` is allowed anyway (the local workload is a waypoint for it, or has an
     application tunnel).  Workload lookup and authorization come after this.
     """
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    # a list of pairs is what both engines hand over; typing.Mapping's isinstance is the slow path
+    if isinstance(headers, (list, tuple)):
+        pairs = headers
+    else:
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
     h = {k.lower(): v for k, v in pairs}
     if h.get(":method") != "CONNECT":
         return Refusal(400, "expected method CONNECT")
@@ -201,7 +205,7 @@ def check_connect(
         return Refusal(400, "no valid authority pseudo header")
     if arrived_on is not None and ip != arrived_on and not (may_differ is not None and may_differ(ip)):
         return Refusal(400, f"ip mismatch: {ip} != {arrived_on}")
-    if port in set(self_ports):
+    if port in (self_ports if isinstance(self_ports, (frozenset, set, tuple)) else set(self_ports)):
         return Refusal(503, f"self call: port {port} is one of ztunnel's own ports")
     return ConnectTarget(ip, port, trace_id_of(h.get(HEADER_TRACEPARENT)), h.get(HEADER_FORWARDED, ""))
 

@@ -100,7 +100,6 @@ class Inbound:
         serving needs, or None after closing the socket (WARN with the reason)."""
         ctx = self.ctx
         try:
-            sockets.tune(sock)
             peer_ip, peer_port = sockets.peer(sock)
             local_ip, _ = sockets.destination(sock)
         except OSError:

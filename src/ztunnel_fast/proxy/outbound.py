@@ -67,7 +67,6 @@ class Outbound:
         span = Span("outbound", {"id": conn_id})
         start = time.monotonic()
         try:
-            sockets.tune(sock)
             client_ip, client_port = sockets.peer(sock)
             dst_ip, dst_port = sockets.destination(sock)
         except OSError as exc:
