@@ -47,7 +47,21 @@ def format_addr(ip: IpAddress | str, port: int) -> str:
     return f"{_host(ip)}:{port}"
 
 
+_authorities: dict[str, tuple[IpAddress, int]] = {}  # valid :authority -> (ip, port): they repeat per pod
+
+
 def parse_authority(authority: str) -> tuple[IpAddress, int]:
+    """parse_authority_text, cached for valid authorities (bounded)."""
+    parsed = _authorities.get(authority)
+    if parsed is None:
+        parsed = parse_authority_text(authority)
+        if len(_authorities) >= TEXT_CACHE_SIZE:
+            _authorities.clear()
+        _authorities[authority] = parsed
+    return parsed
+
+
+def parse_authority_text(authority: str) -> tuple[IpAddress, int]:
     """Parse a CONNECT `:authority` of the form ip:port (IPv6 bracketed).
 
     Raises ValueError for anything else; the server answers that with 400.
