@@ -304,7 +304,7 @@ class App:
 
     def _start_xds(self) -> None:
         # imported here: grpcio and the xDS protos cost ~20 MiB of RSS that a local-config
-        # instance never uses (README "Memory")
+        # instance never uses (tests/unit/test_lazy_imports.py keeps it so)
         from .xds.client import XdsClient
         from .xds.delta import DeltaSession, build_node
 

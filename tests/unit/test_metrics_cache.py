@@ -84,3 +84,19 @@ def test_label_set_cache_is_bounded(monkeypatch):
         connect(m, SRC, replace(DST, name=f"httpbin-{i}"))
         assert len(m._label_sets) <= 8
     assert len(samples(m, "istio_tcp_connections_opened")) == 20
+
+
+def test_context_lookups_cached_per_snapshot_follow_replace_state():
+    from ztunnel_fast.config import ProxyMode, WorkloadInfo
+
+    config = Config(proxy_mode=ProxyMode.DEDICATED, workload_info=WorkloadInfo("demo", "httpbin-1", "default"))
+    svc = Service(name="httpbin", namespace="demo", hostname="httpbin.demo.svc.cluster.local")
+    ctx = ProxyContext(config=config, state=ProxyState([SRC, DST], [svc]), certs=None, engine=None, h2=None)
+    assert ctx.own_workload() is ctx.state.workload_by_uid("d")
+    assert ctx.service_by_hostname("httpbin.demo.svc.cluster.local") is svc
+    moved = replace(DST, canonical_revision="v2")
+    ctx.replace_state(ProxyState([SRC, moved]))  # the service is gone, the workload changed
+    assert ctx.own_workload() is ctx.state.workload_by_uid("d") and ctx.own_workload().canonical_revision == "v2"
+    assert ctx.service_by_hostname("httpbin.demo.svc.cluster.local") is None
+    ctx.replace_state(ProxyState([SRC]))
+    assert ctx.own_workload() is None

@@ -49,6 +49,7 @@ class ProxyContext:
         if self.policies is None:
             self.policies = PolicyIndex.build(self.state.policies())
         self._by_hostname: tuple[ProxyState, dict[str, Service]] | None = None  # (for state, index)
+        self._own: tuple[ProxyState, Workload | None] | None = None  # (for state, own_workload())
 
     def replace_state(self, state: ProxyState) -> int:
         """Swap in a new snapshot (config reload); live inbound connections are authorized
@@ -94,10 +95,17 @@ class ProxyContext:
         info = self.config.workload_info
         if info is None:
             return None
-        for w in self.state.workloads():
+        state = self.state
+        cached = self._own
+        if cached is not None and cached[0] is state:  # one scan per snapshot, not per connection
+            return cached[1]
+        own = None
+        for w in state.workloads():
             if w.namespace == info.namespace and w.name == info.name:
-                return w
-        return None
+                own = w
+                break
+        self._own = (state, own)
+        return own
 
     def source_workload(self, client_ip: IpAddress) -> Workload | None:
         """Who is connecting: our own workload in dedicated mode, else found by source IP among
