@@ -44,8 +44,6 @@ from .state.dump import config_dump
 from .state.store import LOCAL_SOURCE, XDS_SOURCE, ProxyState, Removal, Resource, StateStore
 from .state.workload import TunnelProtocol
 from .telemetry.metrics import Metrics
-from .xds.client import XdsClient
-from .xds.delta import DeltaSession, build_node
 from .xds.local import LocalConfig, load_local_config, parse_local_config
 
 log = logging.getLogger(__name__)
@@ -305,6 +303,11 @@ class App:
         return self.store.replace(LOCAL_SOURCE, local.workloads, local.services, local.policies)
 
     def _start_xds(self) -> None:
+        # imported here: grpcio and the xDS protos cost ~20 MiB of RSS that a local-config
+        # instance never uses (tests/unit/test_lazy_imports.py keeps it so)
+        from .xds.client import XdsClient
+        from .xds.delta import DeltaSession, build_node
+
         config = self.config
         node = build_node(instance_ip=config.instance_ip, pod_name=config.pod_name,
                           pod_namespace=config.pod_namespace, node_name=config.node_name,

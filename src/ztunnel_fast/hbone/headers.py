@@ -4,11 +4,17 @@ Invariants: nothing here touches a socket; every server-side refusal maps to exa
 code and one reason string (the same reason is logged and sent), matching ztunnel:
 400 bad method / bad authority / ip mismatch, 401 denied by policy, 503 no local workload,
 self call or upstream failure.
+
+Per-connection cost: an address's text and a workload's baggage are computed once and kept in
+small bounded caches (IP addresses and workload snapshots are immutable, so a cached text never
+goes stale); trace and span ids come from a PRNG seeded from the OS (they correlate logs and are no
+secret, so no getrandom(2) per connection).
 """
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Callable, Iterable, Mapping, Sequence
@@ -18,15 +24,44 @@ from ..state.workload import IpAddress, Workload
 HEADER_FORWARDED = "forwarded"
 HEADER_TRACEPARENT = "traceparent"
 HEADER_BAGGAGE = "baggage"
+TEXT_CACHE_SIZE = 4096  # entries per cache below; beyond this a cache starts over (bounded memory)
+
+_host_text: dict[IpAddress, str] = {}  # ip -> "ip" or "[ip]" (IPv6): str(IPv4Address) costs a microsecond
+_baggage: dict[int, tuple[Workload, str]] = {}  # id(workload) -> (the workload, kept alive; its baggage)
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))  # a child never repeats our ids
+
+
+def _host(ip: IpAddress) -> str:
+    text = _host_text.get(ip)
+    if text is None:
+        if len(_host_text) >= TEXT_CACHE_SIZE:
+            _host_text.clear()
+        text = _host_text[ip] = f"[{ip}]" if ip.version == 6 else str(ip)
+    return text
 
 
 def format_addr(ip: IpAddress | str, port: int) -> str:
     """`ip:port`, with IPv6 in brackets as an HTTP authority requires."""
     ip = ip_address(ip) if isinstance(ip, str) else ip
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    return f"{_host(ip)}:{port}"
+
+
+_authorities: dict[str, tuple[IpAddress, int]] = {}  # valid :authority -> (ip, port): they repeat per pod
 
 
 def parse_authority(authority: str) -> tuple[IpAddress, int]:
+    """parse_authority_text, cached for valid authorities (bounded)."""
+    parsed = _authorities.get(authority)
+    if parsed is None:
+        parsed = parse_authority_text(authority)
+        if len(_authorities) >= TEXT_CACHE_SIZE:
+            _authorities.clear()
+        _authorities[authority] = parsed
+    return parsed
+
+
+def parse_authority_text(authority: str) -> tuple[IpAddress, int]:
     """Parse a CONNECT `:authority` of the form ip:port (IPv6 bracketed).
 
     Raises ValueError for anything else; the server answers that with 400.
@@ -53,12 +88,12 @@ def parse_authority(authority: str) -> tuple[IpAddress, int]:
 
 def new_trace_id() -> str:
     """A random 32-hex id: the connection id in logs and the traceparent trace id."""
-    return secrets.token_hex(16)
+    return "%032x" % _ids.getrandbits(128)
 
 
 def traceparent(trace_id: str) -> str:
     """W3C traceparent; used only to correlate logs of the two ztunnels."""
-    return f"00-{trace_id}-{secrets.token_hex(8)}-00"
+    return "00-%s-%016x-00" % (trace_id, _ids.getrandbits(64))
 
 
 def trace_id_of(value: str | None) -> str | None:
@@ -81,7 +116,19 @@ def forwarded(client_ip: IpAddress | str, client_port: int, service_host: str | 
 
 
 def baggage(workload: Workload) -> str:
-    """Source workload metadata in W3C baggage form; empty entries are omitted."""
+    """Source workload metadata in W3C baggage form; empty entries are omitted (cached per
+    workload snapshot)."""
+    cached = _baggage.get(id(workload))
+    if cached is not None and cached[0] is workload:
+        return cached[1]
+    if len(_baggage) >= TEXT_CACHE_SIZE:
+        _baggage.clear()
+    text = _baggage_text(workload)
+    _baggage[id(workload)] = (workload, text)
+    return text
+
+
+def _baggage_text(workload: Workload) -> str:
     entries = [
         ("k8s.cluster.name", workload.cluster_id),
         ("k8s.namespace.name", workload.namespace),
@@ -141,6 +188,7 @@ class ConnectTarget:
     ip: IpAddress
     port: int
     trace_id: str | None
+    forwarded: str = ""  # the request's `forwarded` header (telemetry reads its host=), "" if absent
 
 
 def check_connect(
@@ -157,7 +205,11 @@ def check_connect(
     than `arrived_on` is allowed anyway (the local workload is a waypoint for it, or has an
     application tunnel).  Workload lookup and authorization come after this.
     """
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    # a list of pairs is what both engines hand over; typing.Mapping's isinstance is the slow path
+    if isinstance(headers, (list, tuple)):
+        pairs = headers
+    else:
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
     h = {k.lower(): v for k, v in pairs}
     if h.get(":method") != "CONNECT":
         return Refusal(400, "expected method CONNECT")
@@ -167,9 +219,9 @@ def check_connect(
         return Refusal(400, "no valid authority pseudo header")
     if arrived_on is not None and ip != arrived_on and not (may_differ is not None and may_differ(ip)):
         return Refusal(400, f"ip mismatch: {ip} != {arrived_on}")
-    if port in set(self_ports):
+    if port in (self_ports if isinstance(self_ports, (frozenset, set, tuple)) else set(self_ports)):
         return Refusal(503, f"self call: port {port} is one of ztunnel's own ports")
-    return ConnectTarget(ip, port, trace_id_of(h.get(HEADER_TRACEPARENT)))
+    return ConnectTarget(ip, port, trace_id_of(h.get(HEADER_TRACEPARENT)), h.get(HEADER_FORWARDED, ""))
 
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}

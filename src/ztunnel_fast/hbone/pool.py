@@ -38,6 +38,8 @@ class PoolKey:
     @classmethod
     def of(cls, src: Identity, dst: tuple[Identity, ...] | list[Identity], next_hop: tuple[IpAddress, int],
            src_ip: IpAddress | None = None) -> "PoolKey":
+        if len(dst) == 1:  # the common case: nothing to sort or deduplicate
+            return cls(src, tuple(dst), next_hop, src_ip)
         return cls(src, tuple(sorted(set(dst), key=str)), next_hop, src_ip)
 
 
@@ -58,7 +60,8 @@ class HbonePool:
         conns = self._conns.get(key)
         if not conns:
             return None
-        conns[:] = [c for c in conns if c.lost is None]
+        if any(c.lost is not None for c in conns):
+            conns[:] = [c for c in conns if c.lost is None]
         for conn in conns:
             if conn.can_open(self.max_streams):
                 return conn

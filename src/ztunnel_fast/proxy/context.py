@@ -48,6 +48,8 @@ class ProxyContext:
     def __post_init__(self) -> None:
         if self.policies is None:
             self.policies = PolicyIndex.build(self.state.policies())
+        self._by_hostname: tuple[ProxyState, dict[str, Service]] | None = None  # (for state, index)
+        self._own: tuple[ProxyState, Workload | None] | None = None  # (for state, own_workload())
 
     def replace_state(self, state: ProxyState) -> int:
         """Swap in a new snapshot (config reload); live inbound connections are authorized
@@ -55,6 +57,7 @@ class ProxyContext:
         if state.policies() is not self.state.policies():  # the store keeps the tuple while unchanged
             self.policies = PolicyIndex.build(state.policies())
         self.state = state
+        self.metrics.forget_label_sets()  # labels derive from workloads and services
         closed = self.connections.reevaluate(self.policies, lambda w: state.workload_by_uid(w.uid))
         for listener in self.state_listeners:
             listener(state)
@@ -74,10 +77,14 @@ class ProxyContext:
     def service_by_hostname(self, hostname: str | None) -> Service | None:
         if not hostname:
             return None
-        for service in self.state.services():
-            if service.hostname == hostname:
-                return service
-        return None
+        state = self.state
+        cached = self._by_hostname
+        if cached is None or cached[0] is not state:
+            index: dict[str, Service] = {}
+            for service in state.services():
+                index.setdefault(service.hostname, service)  # the first one wins, as the scan did
+            cached = self._by_hostname = (state, index)
+        return cached[1].get(hostname)
 
     @property
     def dedicated(self) -> bool:
@@ -88,10 +95,17 @@ class ProxyContext:
         info = self.config.workload_info
         if info is None:
             return None
-        for w in self.state.workloads():
+        state = self.state
+        cached = self._own
+        if cached is not None and cached[0] is state:  # one scan per snapshot, not per connection
+            return cached[1]
+        own = None
+        for w in state.workloads():
             if w.namespace == info.namespace and w.name == info.name:
-                return w
-        return None
+                own = w
+                break
+        self._own = (state, own)
+        return own
 
     def source_workload(self, client_ip: IpAddress) -> Workload | None:
         """Who is connecting: our own workload in dedicated mode, else found by source IP among

@@ -100,7 +100,6 @@ class Inbound:
         serving needs, or None after closing the socket (WARN with the reason)."""
         ctx = self.ctx
         try:
-            sockets.tune(sock)
             peer_ip, peer_port = sockets.peer(sock)
             local_ip, _ = sockets.destination(sock)
         except OSError:
@@ -166,13 +165,13 @@ class Inbound:
                                               may_differ=may_differ)
         trace = getattr(checked, "trace_id", None) or hbone_headers.new_trace_id()
         span = Span("inbound", {"id": trace, "peer_ip": peer_ip, "peer_id": peer_id})
-        client = hbone_headers.format_addr(peer_ip, peer_port)
+        client = (peer_ip, peer_port)  # addresses are formatted only for a line that is written
         if isinstance(checked, hbone_headers.Refusal):
             self._refuse(stream, checked.status, checked.reason, span)
             log_early_deny(ctx.metrics, src_addr=client, dst_addr=f"{arrived_on or '*'}:15008",
                            direction="inbound", error=checked.reason)
             return
-        target = hbone_headers.format_addr(checked.ip, checked.port)
+        target = (checked.ip, checked.port)
         if arrived_on is not None and checked.ip != arrived_on:
             workload, app_ip = local, arrived_on  # accepted by may_differ: deliver to the local pod
         else:
@@ -182,9 +181,9 @@ class Inbound:
             self._refuse(stream, 503, reason, span)
             log_early_deny(ctx.metrics, src_addr=client, dst_addr=target, direction="inbound", error=reason)
             return
-        log.info("got CONNECT request to %s", target, extra={"span": span})
-        headers = dict(stream.request_headers)
-        service_host = _forwarded_host(headers.get(hbone_headers.HEADER_FORWARDED, ""))
+        if log.isEnabledFor(logging.INFO):
+            log.info("got CONNECT request to %s", hbone_headers.format_addr(*target), extra={"span": span})
+        service_host = _forwarded_host(checked.forwarded)
         record = ConnectionRecord(
             ctx.metrics,
             direction="inbound",
@@ -260,7 +259,7 @@ class Inbound:
         record.complete(completion.received, completion.sent, completion.error)
         if completion.error:
             log.warning("failed dur=%s err=%s", format_duration(completion.duration), completion.error, extra={"span": span})
-        else:
+        elif log.isEnabledFor(logging.INFO):
             log.info("complete dur=%s", format_duration(time.monotonic() - start), extra={"span": span})
 
     @staticmethod

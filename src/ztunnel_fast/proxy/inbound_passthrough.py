@@ -37,7 +37,6 @@ class InboundPassthrough:
         conn_id = hbone_headers.new_trace_id()
         start = time.monotonic()
         try:
-            sockets.tune(sock)
             peer_ip, peer_port = sockets.peer(sock)
             dst_ip, dst_port = sockets.destination(sock)
         except OSError:

@@ -67,19 +67,18 @@ class Outbound:
         span = Span("outbound", {"id": conn_id})
         start = time.monotonic()
         try:
-            sockets.tune(sock)
             client_ip, client_port = sockets.peer(sock)
             dst_ip, dst_port = sockets.destination(sock)
         except OSError as exc:
             log.debug("dropping connection that vanished before it was handled: %s", exc, extra={"span": span})
             sock.close()
             return
-        client = hbone_headers.format_addr(client_ip, client_port)
+        client = (client_ip, client_port)  # formatted only for a line that is written
         source = ctx.source_workload(client_ip)
         if source is None and not ctx.dedicated:
             error = f"unknown source workload {client_ip}"
             self._failed(span, start, error)
-            log_early_deny(ctx.metrics, src_addr=client, dst_addr=hbone_headers.format_addr(dst_ip, dst_port),
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=(dst_ip, dst_port),
                            direction="outbound", error=error)
             abort(sock)
             return
@@ -94,7 +93,7 @@ class Outbound:
         )
         if route.kind is Kind.REFUSE:
             self._failed(span, start, route.reason)
-            log_early_deny(ctx.metrics, src_addr=client, dst_addr=hbone_headers.format_addr(dst_ip, dst_port),
+            log_early_deny(ctx.metrics, src_addr=client, dst_addr=(dst_ip, dst_port),
                            direction="outbound", error=route.reason)
             abort(sock)
             return
@@ -103,7 +102,7 @@ class Outbound:
             ctx.metrics,
             direction="outbound",
             src_addr=client,
-            dst_addr=hbone_headers.format_addr(*route.next_hop),
+            dst_addr=route.next_hop,
             hbone_addr=route.authority,
             source=Peer(source, source.identity if source is not None and hbone else None),
             destination=Peer(route.workload, route.identities[0] if hbone else None),
@@ -128,19 +127,20 @@ class Outbound:
         record.complete(completion.sent, completion.received, completion.error)
         if completion.error:
             self._failed(span, start, completion.error)
-        else:
+        elif log.isEnabledFor(logging.INFO):
             log.info("complete dur=%s", format_duration(time.monotonic() - start), extra={"span": span})
 
     async def _hbone(self, sock, route, source, client_ip, client_port, conn_id, span):
         ctx = self.ctx
         src_identity = source.identity if source is not None else ctx.config.identity()
-        log.info(
-            "proxy to %s using HBONE via %s type %s",
-            route.authority,
-            hbone_headers.format_addr(*route.next_hop),
-            route.via.value,
-            extra={"span": span},
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "proxy to %s using HBONE via %s type %s",
+                route.authority,
+                hbone_headers.format_addr(*route.next_hop),
+                route.via.value,
+                extra={"span": span},
+            )
         request = hbone_headers.connect_request(
             route.authority,
             client_ip=client_ip,
@@ -165,19 +165,22 @@ class Outbound:
     async def _plain(self, sock, route, source, client_ip, conn_id, span):
         ctx = self.ctx
         ip, port = route.target
-        target = hbone_headers.format_addr(ip, port)
         spoof = None
         if route.kind is Kind.NODE_LOCAL:
-            log.info("proxying to %s using node local fast path", target, extra={"span": span})
+            if log.isEnabledFor(logging.INFO):
+                log.info("proxying to %s using node local fast path", hbone_headers.format_addr(ip, port),
+                         extra={"span": span})
             spoof = client_ip if ctx.orig_src else None
-        else:
+        elif log.isEnabledFor(logging.INFO):
             kind = "Passthrough" if route.kind is Kind.PASSTHROUGH else "Direct"
+            target = hbone_headers.format_addr(ip, port)
             log.info("proxy to %s using TCP via %s type %s", target, target, kind, extra={"span": span})
         try:
             upstream = await sockets.connect(ip, port, mark=ctx.config.packet_mark, timeout=ctx.config.connect_timeout,
                                              source=spoof, factory=ctx.socket_factory)
         except asyncio.TimeoutError:
-            raise UpstreamConnectError(f"connection timed out connecting to {target}") from None
+            raise UpstreamConnectError(
+                f"connection timed out connecting to {hbone_headers.format_addr(ip, port)}") from None
         except OSError as exc:
             raise UpstreamConnectError(f"io error: {exc.strerror} (os error {exc.errno})") from None
         try:
@@ -190,4 +193,5 @@ class Outbound:
 
     @staticmethod
     def _failed(span: Span, start: float, error: str) -> None:
-        log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), error, extra={"span": span})
+        if log.isEnabledFor(logging.WARNING):
+            log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - start), error, extra={"span": span})

@@ -32,6 +32,7 @@ import random
 from dataclasses import dataclass
 
 from ..config import INBOUND_PORT, SELF_PORTS
+from ..hbone.headers import format_addr
 from ..identity.spiffe import Identity
 from ..state.service import Service
 from ..state.store import ProxyState, RoundRobin
@@ -85,7 +86,7 @@ class Route:
 
 
 def _addr(ip: IpAddress, port: int) -> str:
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    return format_addr(ip, port)  # "[ip]:port" for IPv6; the address text is cached there
 
 
 def decide(

@@ -40,11 +40,44 @@ DRAIN_TIMEOUT = 2.0  # seconds a closing peer gets to read our last words and cl
 DRAIN_READ = 64 * 1024  # bytes per recv() while draining
 
 
+IP_CACHE_SIZE = 4096  # entries per address cache below; beyond this a cache starts over (bounded memory)
+# Parsing "10.0.0.1" into an IPv4Address and back costs microseconds per connection; addresses
+# repeat (a node has few pods), and both forms are immutable, so each is computed once.
+_ip_parsed: dict[str | bytes, IpAddress] = {}  # getpeername() text or packed SO_ORIGINAL_DST -> address
+_ip_texts: dict[IpAddress, str] = {}  # address -> str(address)
+
+
 def normalize(ip: str) -> IpAddress:
-    addr = ip_address(ip.split("%", 1)[0])
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
+    addr = _ip_parsed.get(ip)
+    if addr is None:
+        addr = ip_address(ip.split("%", 1)[0])
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if len(_ip_parsed) >= IP_CACHE_SIZE:
+            _ip_parsed.clear()
+        _ip_parsed[ip] = addr
     return addr
+
+
+def _from_packed(packed: bytes) -> IpAddress:
+    addr = _ip_parsed.get(packed)
+    if addr is None:
+        addr = ip_address(packed)
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if len(_ip_parsed) >= IP_CACHE_SIZE:
+            _ip_parsed.clear()
+        _ip_parsed[packed] = addr
+    return addr
+
+
+def _ip_text(ip: IpAddress) -> str:
+    text = _ip_texts.get(ip)
+    if text is None:
+        if len(_ip_texts) >= IP_CACHE_SIZE:
+            _ip_texts.clear()
+        text = _ip_texts[ip] = str(ip)
+    return text
 
 
 def original_dst(sock: socket.socket) -> tuple[IpAddress, int] | None:
@@ -53,10 +86,10 @@ def original_dst(sock: socket.socket) -> tuple[IpAddress, int] | None:
         if sock.family == socket.AF_INET:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
-            return ip_address(packed), port
+            return _from_packed(packed), port
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         port, packed = struct.unpack_from("!2xH4x16s", raw)
-        return normalize(str(ip_address(packed))), port
+        return _from_packed(packed), port
     except OSError:
         return None
 
@@ -77,6 +110,9 @@ def peer(sock: socket.socket) -> tuple[IpAddress, int]:
 
 
 def tune(sock: socket.socket) -> None:
+    """TCP_NODELAY and keepalive (ztunnel's settings).  Set on every listener too: Linux copies
+    them to each accepted socket (tests/unit/test_sockets.py checks it), so accepted sockets need
+    no syscalls of their own for them."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
@@ -97,6 +133,7 @@ def listener(host: str, port: int, *, transparent: bool = False, backlog: int = 
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
             _set_transparent(sock, best_effort=True)
+        tune(sock)  # inherited by every accepted socket
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -139,10 +176,13 @@ async def connect(
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None and source.version == ip.version:
             _set_transparent(sock)
-            sock.bind((str(source), 0))
+            sock.bind((_ip_text(source), 0))
         tune(sock)
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), timeout)
+        # asyncio.timeout, not wait_for: no extra future and callbacks per connection; a timeout
+        # still raises TimeoutError (asyncio.TimeoutError) with the connect cancelled
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (_ip_text(ip), port))
     except BaseException:
         sock.close()
         raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import orjson
@@ -36,16 +35,29 @@ _NAMES = {logging.ERROR: "ERROR", logging.WARNING: " WARN", logging.INFO: " INFO
 _configured: list[str] = []  # logger names given an explicit level by the last set_levels()
 
 
-@dataclass(frozen=True, slots=True)
 class Span:
-    """A tracing-style span: `name{k=v k2=v2}`, e.g. outbound{id=...}."""
+    """A tracing-style span: `name{k=v k2=v2}`, e.g. outbound{id=...}.  Rendered only when a line
+    that carries it is written (one per connection is made whether or not anything is logged)."""
 
-    name: str
-    fields: Mapping[str, object] = field(default_factory=dict)
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str, fields: Mapping[str, object] | None = None):
+        self.name = name
+        self.fields = {} if fields is None else fields
 
     def __str__(self) -> str:
         inner = " ".join(f"{k}={v}" for k, v in self.fields.items())
         return f"{self.name}{{{inner}}}" if inner else self.name
+
+    def __repr__(self) -> str:
+        return f"Span(name={self.name!r}, fields={self.fields!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Span):
+            return NotImplemented
+        return self.name == other.name and self.fields == other.fields
+
+    __hash__ = None  # type: ignore[assignment]  # fields is a mapping, as with the former dataclass
 
 
 def _timestamp(created: float) -> str:

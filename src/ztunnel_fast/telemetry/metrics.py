@@ -9,6 +9,15 @@ Byte convention (Istio's metric definitions, the same for both reporters): `rece
 request direction (client -> server), `sent` the response direction (server -> client).  Byte
 counts come from the engine's completion of a tunnel, once, never per chunk.
 Invariant: every label is always present; an unknown value renders as "unknown".
+
+Per-connection cost: prometheus_client's `.labels(**kw)` validates and looks up under a lock on
+every call, and the label values themselves are derived from workload and service objects.  Both
+are done once per connection class instead: `Metrics.label_set()` caches the labels and the child
+counters keyed by the identity of the workload/service objects (immutable snapshots: a changed
+workload is a new object, so its connections get new labels), bounded by MAX_LABEL_SETS and
+dropped whole on every state change (`forget_label_sets`, called by ProxyContext.replace_state).
+Children are never removed from a metric, so a cached child always is the one the registry
+exposes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from ..state.service import Service
 from ..state.workload import Workload
 
 UNKNOWN = "unknown"
+MAX_LABEL_SETS = 4096  # cached connection classes; beyond this the cache starts over (bounded memory)
 
 LABELS = (
     "reporter",
@@ -107,6 +117,65 @@ def traffic_labels(
     return labels
 
 
+class LabelSet:
+    """The labels of one connection class and their child counters (see the module docstring).
+    A child is created the first time it counts, as `.labels(...).inc()` would: a label set that
+    never received bytes shows no `received` sample.  `flagged(flag)` gives the same labels with
+    another `response_flags`."""
+
+    __slots__ = ("labels", "_values", "_metrics", "_opened", "_closed", "_received", "_sent", "_failed",
+                 "_flagged", "_pins")
+
+    def __init__(self, metrics: "Metrics", labels: dict[str, str], pins: tuple = ()):
+        self._metrics = metrics
+        self.labels = labels
+        self._values = tuple(labels[k] for k in LABELS)
+        self._opened = self._closed = self._received = self._sent = self._failed = None
+        self._flagged: dict[str, LabelSet] = {}
+        self._pins = pins  # the objects the cache key holds by id(): alive while the entry is
+
+    def flagged(self, flag: str) -> "LabelSet":
+        if flag == self.labels["response_flags"]:
+            return self
+        other = self._flagged.get(flag)
+        if other is None:
+            other = self._flagged[flag] = LabelSet(self._metrics, {**self.labels, "response_flags": flag})
+        return other
+
+    def opened_now(self) -> None:
+        child = self._opened
+        if child is None:
+            child = self._opened = self._metrics.opened.labels(*self._values)
+        child.inc()
+        self._metrics.socket_gauge(self.labels["reporter"]).inc()
+
+    def closed_now(self, request_bytes: int, response_bytes: int, failed: bool) -> None:
+        m = self._metrics
+        child = self._closed
+        if child is None:
+            child = self._closed = m.closed.labels(*self._values)
+        child.inc()
+        m.socket_gauge(self.labels["reporter"]).dec()
+        if request_bytes:
+            child = self._received
+            if child is None:
+                child = self._received = m.received.labels(*self._values)
+            child.inc(request_bytes)
+        if response_bytes:
+            child = self._sent
+            if child is None:
+                child = self._sent = m.sent.labels(*self._values)
+            child.inc(response_bytes)
+        if failed:
+            self.failed_now()
+
+    def failed_now(self) -> None:
+        child = self._failed
+        if child is None:
+            child = self._failed = self._metrics.failed.labels(*self._values)
+        child.inc()
+
+
 class Metrics:
     """The registry behind /metrics and /stats/prometheus."""
 
@@ -130,24 +199,42 @@ class Metrics:
         build.labels(component="ztunnel", tag=__version__).set(1)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        self._gauges: dict[str, object] = {}
+        self._label_sets: dict[tuple, LabelSet] = {}
+
+    def socket_gauge(self, reporter: str):
+        child = self._gauges.get(reporter)
+        if child is None:
+            child = self._gauges[reporter] = self.sockets_open.labels(reporter=reporter)
+        return child
+
+    def label_set(self, reporter: str, source: Peer, destination: Peer, service: Service | None,
+                  mtls: bool) -> LabelSet:
+        """traffic_labels(...) and its children, cached per connection class (module docstring)."""
+        sw, dw = source.workload, destination.workload
+        key = (reporter, id(sw), source.identity, id(dw), destination.identity, id(service), mtls)
+        entry = self._label_sets.get(key)
+        if entry is None:
+            if len(self._label_sets) >= MAX_LABEL_SETS:
+                self._label_sets.clear()
+            labels = traffic_labels(reporter=reporter, source=source, destination=destination, service=service,
+                                    mtls=mtls)
+            entry = self._label_sets[key] = LabelSet(self, labels, (sw, dw, service))
+        return entry
+
+    def forget_label_sets(self) -> None:
+        """Workloads or services changed: later connections derive their labels afresh."""
+        self._label_sets.clear()
 
     def connection_opened(self, labels: dict[str, str]) -> None:
-        self.opened.labels(**labels).inc()
-        self.sockets_open.labels(reporter=labels["reporter"]).inc()
+        LabelSet(self, labels).opened_now()
 
     def connection_closed(self, labels: dict[str, str], request_bytes: int, response_bytes: int, failed: bool) -> None:
-        self.closed.labels(**labels).inc()
-        self.sockets_open.labels(reporter=labels["reporter"]).dec()
-        if request_bytes:
-            self.received.labels(**labels).inc(request_bytes)
-        if response_bytes:
-            self.sent.labels(**labels).inc(response_bytes)
-        if failed:
-            self.failed.labels(**labels).inc()
+        LabelSet(self, labels).closed_now(request_bytes, response_bytes, failed)
 
     def connection_failed_early(self, labels: dict[str, str]) -> None:
         """A connection refused before it was opened (deny, no upstream): counted as failed only."""
-        self.failed.labels(**labels).inc()
+        LabelSet(self, labels).failed_now()
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

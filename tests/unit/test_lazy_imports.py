@@ -1,0 +1,30 @@
+"""Idle memory: what a mode does not use is not imported.  A local-config instance loads neither
+grpcio nor protobuf nor the xDS/CA/in-pod/fake/demo modules (they cost ~20 MiB of RSS); the
+xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+NOT_FOR_LOCAL_MODE = ("grpc", "google.protobuf", "ztunnel_fast.xds.client", "ztunnel_fast.xds.delta",
+                      "ztunnel_fast.xds.convert", "ztunnel_fast.identity.istiod_ca", "ztunnel_fast.istiod",
+                      "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos")
+
+
+def loaded_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_the_run_command_and_the_app_import_no_grpc_protobuf_or_xds():
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native")
+    unexpected = sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in NOT_FOR_LOCAL_MODE))
+    assert unexpected == []
+
+
+def test_the_xds_client_still_imports_what_it_needs():
+    mods = loaded_after("import ztunnel_fast.app\nfrom ztunnel_fast.xds.client import XdsClient")
+    assert "grpc" in mods and "ztunnel_fast.xds.delta" in mods
