@@ -95,6 +95,9 @@ class FastPath:
         """No new connections; the fast path's HBONE connections say GOAWAY and close when drained."""
         if self.listening and not self.engine._closed:
             self.core.unlisten()
+            _, hits, misses, flushes = self.core.flow_stats
+            log.info("fast path: %d connections carried by the workers, %d by the event loop's path, "
+                     "%d flushes", hits, misses, flushes)
         self.listening = False
         self.flush()
         for conn in list(self.conns.values()):
