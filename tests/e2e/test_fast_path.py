@@ -95,3 +95,70 @@ def test_sequential_connections_hash_checked_with_the_same_logs_and_metrics(lab,
         assert carried + event_loop == n and carried >= n - 5, stats  # cold: the first few
     else:
         assert stats is None
+
+
+def _normalize(value, client) -> str:
+    return str(value).replace(client.ip, "CLIENT-IP").replace(client.name, "CLIENT")
+
+
+def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
+    """The same cases from a client whose ztunnel has the fast path on and one whose ztunnel has it
+    off: HBONE to a workload (cached), a destination whose policy denies us (401, cached then
+    refused by the peer), plain TCP to a non-mesh workload, a service VIP (round robin: never
+    cached), an unknown address (passthrough).  Each runs cold (one connection) then warm (three):
+    the outcomes, access log lines and metrics (client name and IP aside) must be equal."""
+    fast = lab.pod("speedy", namespace="demo")
+    slow = lab.pod("steady", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    b2 = lab.pod("httpbin-2", namespace="demo")
+    locked = lab.pod("locked", namespace="locked")
+    legacy = lab.pod("legacy", namespace="demo", mesh=False)
+    stranger = lab.pod("stranger", workload=False)
+    vip = "10.96.0.10"
+    lab.service("echo", "demo", vip, {80: 80}, [b, b2])
+    lab.write_config()
+    import yaml
+
+    cfg = yaml.safe_load(lab.config_path.read_text())
+    cfg["policies"] = [{"name": "deny-clients", "namespace": "locked", "scope": "Namespace", "action": "Deny",
+                        "rules": [[[{"principals": [{"Exact": "cluster.local/ns/demo/sa/speedy"},
+                                                    {"Exact": "cluster.local/ns/demo/sa/steady"}]}]]]}]
+    lab.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for server in (b, b2, locked, legacy, stranger):
+        lab.app(server, "serve", "80", "echo", port=80)
+    zf = lab.start_ztunnel(fast, **FAST)
+    zs = lab.start_ztunnel(slow)
+    for server in (b, b2, locked):
+        lab.start_ztunnel(server, redirect=False)
+    cases = [("hbone", b.ip), ("denied", locked.ip), ("plain", legacy.ip), ("service", vip),
+             ("passthrough", stranger.ip)]
+    results = {}
+    for client, zt in ((fast, zf), (slow, zs)):
+        outcome = []
+        for name, ip in cases:
+            for count in (1, 3):  # cold, then warm
+                out = lab.client(client, "echo", ip, "80", "--size", "777", "--count", str(count))
+                outcome.append((name, count, out["ok"], out["failed"]))
+        deadline = time.monotonic() + 10
+        while len(zt.lines("connection complete")) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        access = sorted(sorted((k, _normalize(v, client)) for k, v in fields.items()) for fields in access_lines(zt))
+        m = sorted((name, tuple((k, _normalize(v, client)) for k, v in labels), v)
+                   for (name, labels), v in metrics(lab, client).items())
+        proxy = sorted(_normalize(line.split("}", 1)[1], client) for line in zt.lines(" to ") if "outbound{" in line and "proxy" in line)
+        failed = sorted(_normalize(line.split("err=", 1)[1], client) for line in zt.lines("failed dur="))
+        results[client.name] = (outcome, access, m, proxy, failed, fast_stats(lab, zt))
+    f, s = results["speedy"], results["steady"]
+    assert f[0] == s[0]
+    assert [o[2:] for o in f[0]] == [(1, 0), (3, 0), (0, 1), (0, 3), (1, 0), (3, 0), (1, 0), (3, 0), (1, 0), (3, 0)]
+    assert f[1] == s[1] and len(f[1]) == 20
+    assert f[2] == s[2]
+    assert f[3] == s[3] and len(f[3]) == 20
+    assert f[4] == s[4] and len(f[4]) == 4 and all("http status: 401" in x for x in f[4])
+    assert s[5] is None
+    if engine == "native":
+        carried, event_loop, _ = f[5]
+        # warm HBONE connections (direct and denied) are the workers'; the rest the event loop's
+        assert (carried, event_loop) == (6, 14), f[5]
+    else:
+        assert f[5] is None
