@@ -162,3 +162,72 @@ def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
         assert (carried, event_loop) == (6, 14), f[5]
     else:
         assert f[5] is None
+
+
+def _publish(lab) -> None:
+    """Write the config atomically (the watcher never reads half a file)."""
+    import os
+
+    import yaml
+
+    tmp = lab.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(lab.config(), sort_keys=False))
+    os.replace(tmp, lab.config_path)
+
+
+@pytest.mark.parametrize("change", ["leaves-mesh", "removed"])
+def test_a_state_change_racing_new_connections_invalidates_the_cache(lab, engine, change):
+    """Connections stream in (4 at a time) while the destination leaves the mesh (plain TCP from
+    now on) or leaves the config (passthrough).  The cached HBONE decision is flushed before the
+    change applies: after the reload line only the connections already accepted (at most the
+    client's 4 in flight) may still be HBONE, every later one takes the new route, and every
+    payload is intact."""
+    import json
+
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    za = lab.start_ztunnel(a, **FAST)
+    # the destination's ztunnel keeps the first config: only the client's decisions change
+    frozen = lab.workdir / "server-config.yaml"
+    frozen.write_text(lab.config_path.read_text())
+    zb = lab.start_ztunnel(b, redirect=False, LOCAL_XDS_PATH=str(frozen))
+    warm = lab.client(a, "echo", b.ip, "80", "--size", "100", "--count", "3")
+    assert warm["ok"] == 3, warm
+    total = 400
+    proc, out_path = lab.client_background(a, "echo", b.ip, "80", "--size", "500", "--count", str(total),
+                                           "--concurrency", "4")
+    deadline = time.monotonic() + 60
+    while len(za.lines("complete dur=")) < 3 + 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if change == "leaves-mesh":
+        b.mesh = False
+    else:
+        del lab.pods[b.name]
+    _publish(lab)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = json.loads(out_path.read_text().strip().splitlines()[-1])
+    assert out["ok"] == total and out["failed"] == 0 and out["mismatched"] == 0, out
+    lines = za.log().splitlines()
+    reloads = [i for i, line in enumerate(lines) if "local config reloaded" in line]
+    assert reloads, za.log()[-3000:]
+    before, after = lines[:reloads[0]], lines[reloads[0] + 1:]
+    new_route = "type Direct" if change == "leaves-mesh" else "type Passthrough"
+    hbone_after = [line for line in after if f"proxy to {b.ip}:80 using HBONE" in line]
+    plain_after = [line for line in after if f"proxy to {b.ip}:80 using TCP via {b.ip}:80 {new_route}" in line]
+    assert len(hbone_after) <= 4, hbone_after
+    assert len(hbone_after) + len(plain_after) == len([x for x in after if f"proxy to {b.ip}:80 using" in x])
+    assert len(plain_after) >= 20  # the change came while connections were still streaming in
+    assert len([x for x in before if "using HBONE" in x]) >= 3 + 60
+    assert len(zb.lines("got CONNECT request to")) == len([x for x in lines if "using HBONE" in x])
+    stats = fast_stats(lab, za)
+    if engine == "native":
+        carried, event_loop, flushes = stats
+        assert flushes >= 1 and carried >= 50 and carried + event_loop == total + 3, stats
+    else:
+        assert stats is None

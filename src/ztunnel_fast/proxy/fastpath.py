@@ -45,6 +45,7 @@ from .flowcache import FlowClass, FlowEntry, flow_entry
 log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outbound path's
 
 END_PENDING = 0x100  # EV_STREAM_END flag: the stream ended before its CONNECT was answered
+RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lookup just before it)
 
 
 class _Tunnel:
@@ -80,6 +81,7 @@ class FastPath:
         self._waiting: dict[PoolKey, list[FlowEntry]] = {}
         self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
         self._orphans: dict[int, socket.socket] = {}
+        self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
         self._reaper: asyncio.Task | None = None
         self.listening = False
         self.engine.fast_sink = self
@@ -150,10 +152,17 @@ class FastPath:
             self._drop_unused()
 
     def _drop_unused(self) -> None:
+        """Forget entries no longer installed, unused, and retired long enough ago that no worker
+        can still be opening a tunnel it looked up before the flush (a lookup and its
+        EV_FAST_OPEN are microseconds apart; RETIRED_KEEP is seconds)."""
+        now = time.monotonic()
         live = set(self.installed.values())
-        for flow_id in [i for i in self.entries if i not in live and not self.uses.get(i)]:
-            del self.entries[flow_id]
-            self.uses.pop(flow_id, None)
+        for flow_id in [i for i in self.entries if i not in live]:
+            retired = self._retired.setdefault(flow_id, now)
+            if not self.uses.get(flow_id) and now - retired >= RETIRED_KEEP:
+                del self.entries[flow_id]
+                del self._retired[flow_id]
+                self.uses.pop(flow_id, None)
 
     async def _dial(self, key: PoolKey) -> None:
         try:
@@ -229,6 +238,8 @@ class FastPath:
         if entry is None or conn is None:  # cannot happen: entries live while tunnels use them
             log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
             self._orphans[token] = sock  # closed at its completion, once the worker let go of it
+            if conn is not None and not self.engine._closed:
+                self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
             return
         trace_id = data[:32].decode()
         client_ip = ipaddress.IPv4Address(int.from_bytes(data[32:36], "little"))
@@ -265,7 +276,7 @@ class FastPath:
         conn.fast_streams -= 1
         conn.idle_since = time.monotonic()
         self.uses[tunnel.flow_id] -= 1
-        if not self.uses[tunnel.flow_id]:
+        if not self.uses[tunnel.flow_id] and tunnel.flow_id in self._retired:
             self._drop_unused()
         if not tunnel.future.done():
             tunnel.future.set_result(None)
