@@ -231,3 +231,24 @@ def test_a_state_change_racing_new_connections_invalidates_the_cache(lab, engine
         assert flushes >= 1 and carried >= 50 and carried + event_loop == total + 3, stats
     else:
         assert stats is None
+
+
+def test_10000_short_connections_hash_checked(lab, engine):
+    a, b, za, zb = two_pods(lab, FAST)
+    n = 10_000
+    out = lab.client(a, "echo", b.ip, "80", "--size", "1024", "--count", str(n), "--concurrency", "50", timeout=600)
+    assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
+    deadline = time.monotonic() + 30
+    while len(za.lines("complete dur=")) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(za.lines("complete dur=")) == n
+    assert len(zb.lines("got CONNECT request to")) == n
+    m = metrics(lab, a)
+    assert [v for (name, _), v in m.items() if name == "istio_tcp_connections_closed_total"] == [n]
+    assert sum(v for (name, _), v in m.items() if name == "istio_tcp_sent_bytes_total") == n * 1024
+    stats = fast_stats(lab, za)
+    if engine == "native":
+        carried, event_loop, _ = stats
+        assert carried + event_loop == n and carried >= n * 9 // 10, stats
+    else:
+        assert stats is None
