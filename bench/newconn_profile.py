@@ -2,11 +2,15 @@
 new connections (the figure the bench shows as "new conn per request").
 
     .venv/bin/python -m bench.newconn_profile [--engine native] [--count 3000] [--concurrency 8]
+        [--fast-path] [--no-profile]
 
 Builds the two-pod Lab (client pod with its ztunnel-fast and outbound redirect, server pod with
 its ztunnel-fast and an echo app), records the client side with `py-spy record --format raw` while
 the client opens `count` short connections, then prints the share of samples per function
-(inclusive, each function counted once per stack).  Bounded by --count; everything is torn down.
+(inclusive, each function counted once per stack), and the CPU time both ztunnel-fast processes
+spent per connection (utime+stime from /proc; take it with --no-profile: py-spy's sampling stops
+the process it records).  `--fast-path` runs the client side with ZTUNNEL_FAST_PATH=true.
+Bounded by --count; everything is torn down.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from ztunnel_fast import netns
 from ztunnel_fast.demo.lab import Lab
 
+from .procstat import cpu_seconds
 from .profiling import py_spy_binary
 
 
@@ -54,9 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--fast-path", action="store_true", help="client side with ZTUNNEL_FAST_PATH=true")
+    ap.add_argument("--no-profile", action="store_true", help="no py-spy: CPU figures only")
     a = ap.parse_args(argv)
-    spy = py_spy_binary()
-    if spy is None:
+    spy = None if a.no_profile else py_spy_binary()
+    if spy is None and not a.no_profile:
         ap.error("py-spy not installed (make bench installs it)")
     work = Path(tempfile.mkdtemp(prefix="ztf-newconn-"))
     with netns.Topology() as topo:
@@ -65,21 +72,32 @@ def main(argv=None) -> int:
         server = lab.pod("httpbin", namespace="demo")
         lab.write_config()
         lab.app(server, "serve", "80", "echo", port=80)
-        lab.start_ztunnel(client)
+        lab.start_ztunnel(client, **({"ZTUNNEL_FAST_PATH": "true"} if a.fast_path else {}))
         lab.start_ztunnel(server, redirect=False)
+        pids = [int(ztunnel_pid(client.pod)), int(ztunnel_pid(server.pod))]
         raw = work / "client-ztunnel.raw"
-        rec = subprocess.Popen([spy, "record", "-p", ztunnel_pid(client.pod), "-r", "200", "-f", "raw",
-                                "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
+        rec = None
+        if spy is not None:
+            rec = subprocess.Popen([spy, "record", "-p", str(pids[0]), "-r", "200", "-f", "raw",
+                                    "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        before = [cpu_seconds([pid]) for pid in pids]
         out = lab.client(client, "echo", server.ip, "80", "--size", "64", "--count", str(a.count),
                          "--concurrency", str(a.concurrency), timeout=600)
-        rec.send_signal(2)  # SIGINT: py-spy writes what it has
-        rec.wait(timeout=30)
+        time.sleep(0.5)  # completions still being logged
+        used = [cpu_seconds([pid]) - b for pid, b in zip(pids, before)]
+        if rec is not None:
+            rec.send_signal(2)  # SIGINT: py-spy writes what it has
+            rec.wait(timeout=30)
+    ok = max(out["ok"], 1)
     print(f"{out['ok']} connections in {out['seconds']} s ({out['ok'] / out['seconds']:.0f}/s) through the "
-          f"{a.engine} engine; client-side ztunnel-fast samples by function (inclusive):")
-    for pct, name in shares(raw, a.top):
-        print(f"  {pct:5.1f}%  {name}")
-    print(f"raw profile: {raw}")
+          f"{a.engine} engine{' with the fast path' if a.fast_path else ''}; CPU per connection: client side "
+          f"{used[0] / ok * 1e6:.0f} us, server side {used[1] / ok * 1e6:.0f} us, both {sum(used) / ok * 1e6:.0f} us")
+    if rec is not None:
+        print("client-side ztunnel-fast samples by function (inclusive):")
+        for pct, name in shares(raw, a.top):
+            print(f"  {pct:5.1f}%  {name}")
+        print(f"raw profile: {raw}")
     return 0
 
 

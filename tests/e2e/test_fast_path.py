@@ -12,6 +12,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ztunnel_fast import netns
+
 pytestmark = pytest.mark.e2e
 
 FAST = {"ZTUNNEL_FAST_PATH": "true"}
@@ -250,5 +252,25 @@ def test_10000_short_connections_hash_checked(lab, engine):
     if engine == "native":
         carried, event_loop, _ = stats
         assert carried + event_loop == n and carried >= n * 9 // 10, stats
+    else:
+        assert stats is None
+
+
+def test_a_lost_fast_path_connection_hands_over_and_is_replaced(lab, engine):
+    """The destination's ztunnel restarts: the fast path's HBONE connection dies under it; later
+    connections miss, take the event loop's path (which dials anew and installs the class on a new
+    connection), then ride the fast path again.  Every one after the restart is intact."""
+    a, b, za, zb = two_pods(lab, FAST)
+    assert lab.client(a, "echo", b.ip, "80", "--size", "100", "--count", "5")["ok"] == 5
+    lab.stop_ztunnel(zb)  # drains: GOAWAY on its HBONE connections, then closes them
+    zb2 = lab.start_ztunnel(b, redirect=False, wait=False)
+    netns.wait_listening(b.pod, 15008)  # its log (appended to) already holds the first one's ready line
+    out = lab.client(a, "echo", b.ip, "80", "--size", "2000", "--count", "30")
+    assert out["ok"] == 30 and out["mismatched"] == 0, out
+    assert len(zb2.lines("got CONNECT request to")) == 5 + 30  # the log holds both instances' lines
+    stats = fast_stats(lab, za)
+    if engine == "native":
+        carried, event_loop, _ = stats
+        assert carried + event_loop == 35 and carried >= 25, stats  # warm before and after the restart
     else:
         assert stats is None

@@ -78,7 +78,8 @@ class FastPath:
         self.uses: dict[int, int] = {}  # flow id -> live tunnels
         self.conns: dict[PoolKey, object] = {}  # pool key -> the fast path's NativeConnection
         self._dialing: dict[PoolKey, asyncio.Task] = {}
-        self._waiting: dict[PoolKey, list[FlowEntry]] = {}
+        self._waiting: dict[PoolKey, dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
+        self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
         self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
         self._orphans: dict[int, socket.socket] = {}
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
@@ -132,7 +133,7 @@ class FastPath:
         if conn is not None and self._usable(conn):
             self._install(entry, conn)
             return
-        self._waiting.setdefault(key, []).append(entry)
+        self._waiting.setdefault(key, {})[flow] = entry
         if key not in self._dialing:
             task = self.loop.create_task(self._dial(key), name=f"fast-path-dial-{key.next_hop[0]}")
             self._dialing[key] = task
@@ -145,6 +146,7 @@ class FastPath:
         self.entries[flow_id] = entry
         old = self.installed.get(entry.flow)
         self.installed[entry.flow] = flow_id
+        self.flow_conn[flow_id] = conn.id
         f = entry.flow
         self.core.flow_install(int(f.src_ip), int(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
                                entry.prefix, entry.fwd_host, entry.suffix)
@@ -163,6 +165,7 @@ class FastPath:
                 del self.entries[flow_id]
                 del self._retired[flow_id]
                 self.uses.pop(flow_id, None)
+                self.flow_conn.pop(flow_id, None)
 
     async def _dial(self, key: PoolKey) -> None:
         try:
@@ -183,10 +186,8 @@ class FastPath:
         conn.fast_streams = 0
         self.core.fast_enable(conn.worker, conn.id, self.max_streams)
         conn.closed.add_done_callback(lambda _f, key=key, conn=conn: self._conn_closed(key, conn))
-        for entry in self._waiting.pop(key, []):
-            if entry.flow not in self.installed or self.entries.get(self.installed[entry.flow]) is None \
-                    or self.entries[self.installed[entry.flow]].key == key:
-                self._install(entry, conn)
+        for entry in self._waiting.pop(key, {}).values():  # decided under the state in force (flush empties it)
+            self._install(entry, conn)
         if self._reaper is None or self._reaper.done():
             self._reaper = self.loop.create_task(self._reap(), name="fast-path-reaper")
 
@@ -196,8 +197,7 @@ class FastPath:
         if not self.engine._closed:
             self.core.flow_flush(conn.id)
         for flow, flow_id in list(self.installed.items()):
-            entry = self.entries.get(flow_id)
-            if entry is not None and entry.key == key:
+            if self.flow_conn.get(flow_id) == conn.id:
                 del self.installed[flow]
         self._drop_unused()
 
