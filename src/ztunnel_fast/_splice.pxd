@@ -278,5 +278,5 @@ cdef struct FlowTable:
     FlowEntry **buckets
     uint64_t gen         # bumped by every flush (state or policy change)
     int64_t count
-    int64_t hits
-    int64_t misses
+    int64_t hits         # connections the workers carried (a fast-path tunnel opened)
+    int64_t misses       # connections handed to the event loop (EV_ACCEPTED)

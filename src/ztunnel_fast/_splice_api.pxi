@@ -267,7 +267,7 @@ cdef class Core:
 
     @property
     def flow_stats(self):
-        """(entries, hits, misses, flushes) of the flow cache."""
+        """(entries, connections carried by the workers, handed to the event loop, flushes)."""
         return (self.flows.count, self.flows.hits, self.flows.misses, self.flows.gen)
 
     def stop(self):

@@ -192,18 +192,27 @@ cdef int flow_lookup(Worker *w, uint32_t src, uint32_t sport, uint32_t dst, uint
                 cmd.token = (<uint64_t>1 << 62) | (<uint64_t>w.index << 48) | (w.fast_seq & ((<uint64_t>1 << 48) - 1))
                 owner = e.worker
                 out[0] = cmd
-    if owner >= 0:
-        t.hits += 1
-    else:
-        t.misses += 1
     pthread_mutex_unlock(&t.lock)
     buf_free(&b)
     return owner
 
 
+cdef void flow_count(Worker *w, bint carried) noexcept nogil:
+    """Connections carried by the workers (a tunnel opened) or handed to the event loop."""
+    if w.flows == NULL:
+        return
+    pthread_mutex_lock(&w.flows.lock)
+    if carried:
+        w.flows.hits += 1
+    else:
+        w.flows.misses += 1
+    pthread_mutex_unlock(&w.flows.lock)
+
+
 cdef void flow_hand_over(Worker *w, int fd, int64_t accepted) noexcept nogil:
     """A connection the fast path does not take: the event loop runs its own path on it."""
     cdef Event *e = event_new(EV_ACCEPTED, 0)
+    flow_count(w, False)
     if e == NULL:
         close(fd)
         return
@@ -236,6 +245,7 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
         flow_hand_over(w, cmd.fd, cmd.settings[3])
         return
     c.highest_local_sid = sid
+    flow_count(w, True)
     s.fast_fd = cmd.fd
     s.token = cmd.token
     e = event_new(EV_FAST_OPEN, c.o.id)

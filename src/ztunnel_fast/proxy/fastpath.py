@@ -39,7 +39,7 @@ from ..telemetry.access import ConnectionRecord
 from ..telemetry.logs import Span
 from ..engine import abort, close_after
 from . import sockets
-from .common import format_duration
+from .common import _report_crash, format_duration
 from .flowcache import FlowClass, FlowEntry, flow_entry
 
 log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outbound path's
@@ -225,6 +225,7 @@ class FastPath:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         task = self.loop.create_task(self.outbound.handle(sock), name=f"outbound-{fd}")
+        task.add_done_callback(_report_crash)
         self.ctx.track(task)
 
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, client_port: int, flow_id: int,
