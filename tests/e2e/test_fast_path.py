@@ -330,3 +330,28 @@ def test_a_policy_change_racing_new_connections_lets_no_denied_one_through(lab, 
         assert stats[0] >= 50, stats
     else:
         assert stats is None
+
+
+def test_shared_mode_keeps_each_source_workload_on_its_own_identity(lab, engine):
+    """Node mode: two workloads of the node connect to the same destination; the flow class holds
+    the source IP, so each one's connections ride an HBONE connection of its own identity, cold
+    and warm, and the destination sees who really connected."""
+    from .test_shared_mode import node_mesh
+
+    node, w1, w2, sleep, zs, zn = node_mesh(lab, **FAST)
+    for round_ in range(3):
+        for w in (w1, w2):
+            out = lab.client(node, "echo", sleep.ip, "80", "--size", "4096", "--count", "4", "--source", w.ip)
+            assert out["ok"] == 4 and out["mismatched"] == 0, out
+    got = zs.lines("got CONNECT request")
+    assert len(got) == 24
+    ids = {sa: sum(f"peer_id=spiffe://cluster.local/ns/demo/sa/{sa}}}" in line for line in got) for sa in ("s1", "s2")}
+    assert ids == {"s1": 12, "s2": 12}
+    # and in the order they connected: the source of every tunnel is the workload that opened it
+    access = access_lines(zn)
+    assert [a["src.workload"] for a in access] == (["w1"] * 4 + ["w2"] * 4) * 3
+    stats = fast_stats(lab, zn)
+    if engine == "native":
+        assert stats[0] >= 20 and stats[0] + stats[1] == 24, stats
+    else:
+        assert stats is None
