@@ -38,9 +38,11 @@ from ..hbone.pool import PoolKey
 from ..telemetry.access import ConnectionRecord
 from ..telemetry.logs import Span
 from ..engine import abort, close_after
+from ..engine.native import stream_completion  # this module runs only on the native engine
 from . import sockets
 from .common import _report_crash, format_duration
 from .flowcache import FlowClass, FlowEntry, flow_entry
+from .outbound import connection_record
 
 log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outbound path's
 
@@ -231,8 +233,6 @@ class FastPath:
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, client_port: int, flow_id: int,
                 accepted_ns: int, data: bytes) -> None:
         """A worker opened a fast-path tunnel: the event loop's path's opening lines and metrics."""
-        from .outbound import connection_record  # outbound imports this module's users
-
         sock = socket.socket(fileno=fd)
         entry = self.entries.get(flow_id)
         conn = self.engine._conns.get(conn_id)
@@ -265,8 +265,6 @@ class FastPath:
 
     def on_end(self, token: int, kind: int, code: int, err: int, sent: int, received: int) -> None:
         """A fast-path tunnel's completion: the event loop's path's closing lines and metrics."""
-        from ..engine.native import stream_completion
-
         tunnel = self.tunnels.pop(token, None)
         if tunnel is None:
             orphan = self._orphans.pop(token, None)
