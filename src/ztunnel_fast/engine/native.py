@@ -126,9 +126,8 @@ class NativeEngine:
             if fut is not None and not fut.done():
                 fut.set_result((a, b, err))
             return
-        if kind >= EV_FAST_OPEN or token & FAST_TOKEN:
-            if self._dispatch_fast(ev):
-                return
+        if (kind >= EV_FAST_OPEN or token & FAST_TOKEN) and self._dispatch_fast(ev):
+            return
         conn = self._conns.get(ident)
         if kind == EV_STREAM_END and token:
             fut = self._tunnels.pop(token, None)

@@ -31,14 +31,13 @@ import time
 
 from h2.errors import ErrorCodes
 
-from ..errors import HttpStatus, StreamReset
-from ..hbone import headers as hbone_headers
-from ..hbone.connection import _reason
-from ..hbone.pool import PoolKey
-from ..telemetry.access import ConnectionRecord
-from ..telemetry.logs import Span
 from ..engine import abort, close_after
-from ..engine.native import stream_completion  # this module runs only on the native engine
+from ..engine.native import stream_completion  # noqa: I001 - this module runs only on the native engine
+from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
+from ..hbone import headers as hbone_headers
+from ..hbone.connection import ConnectionLost, _reason
+from ..hbone.pool import PoolKey
+from ..telemetry.logs import Span
 from . import sockets
 from .common import _report_crash, format_duration
 from .flowcache import FlowClass, FlowEntry, flow_entry
@@ -51,7 +50,7 @@ RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lo
 
 
 class _Tunnel:
-    __slots__ = ("flow_id", "conn", "sid", "sock", "span", "record", "start", "status", "future")
+    __slots__ = ("conn", "flow_id", "future", "record", "sid", "sock", "span", "start", "status")
 
     def __init__(self, flow_id, conn, sid, sock, span, record, start, future):
         self.flow_id = flow_id
@@ -172,7 +171,7 @@ class FastPath:
     async def _dial(self, key: PoolKey) -> None:
         try:
             conn = await self.outbound.connect_hbone(key)
-        except Exception as exc:  # the event loop's path keeps serving the class (and reports)
+        except (ProxyError, TlsError, ConnectionLost, OSError) as exc:  # the event loop's path keeps serving the class
             log.debug("fast path: no HBONE connection to %s: %s", key.next_hop, exc)
             self._waiting.pop(key, None)
             return
