@@ -18,6 +18,7 @@ Invariants:
 - Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, and a
   tunnel cancelled by drain is reset by its worker.
 - A socket the workers hand over is owned here from its event on and closed exactly once.
+- Imported only with the native engine (engine/native.py is imported at module level).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from h2.errors import ErrorCodes
 
 from ..engine import abort, close_after
-from ..engine.native import stream_completion  # noqa: I001 - this module runs only on the native engine
+from ..engine.native import stream_completion
 from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import ConnectionLost, _reason
