@@ -6,7 +6,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps prometheus
+APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps prometheus libnghttp2-dev
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench lint system-deps build clean

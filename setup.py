@@ -36,8 +36,12 @@ def extensions():
     except ImportError:
         print("warning: Cython not installed; the pure twin will be used", file=sys.stderr)
         return []
+    from setuptools import Extension
+
+    # libnghttp2 (Debian libnghttp2-dev, in the Makefile's APT_PKGS): the HPACK decoder of the
+    # peer's header blocks (_splice_hpack.pxi)
     return cythonize(
-        ["src/ztunnel_fast/_splice.pyx"],
+        [Extension("ztunnel_fast._splice", ["src/ztunnel_fast/_splice.pyx"], libraries=["nghttp2"])],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         quiet=True,
     )

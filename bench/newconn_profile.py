@@ -2,15 +2,15 @@
 new connections (the figure the bench shows as "new conn per request").
 
     .venv/bin/python -m bench.newconn_profile [--engine native] [--count 3000] [--concurrency 8]
-                                              [--worker-threads 2] [--no-profile]
+                                              [--worker-threads 2] [--no-profile] [--fast-path]
 
 Builds the two-pod Lab (client pod with its ztunnel-fast and outbound redirect, server pod with
 its ztunnel-fast and an echo app), records the client side with `py-spy record --format raw` while
 the client opens `count` short connections, then prints the rate, the proxy CPU per connection
 (utime+stime of both ztunnel-fast processes from /proc, as the bench's "proxy CPU per new
 connection"; inflated by py-spy's sampling unless --no-profile) and the share of samples per
-function (inclusive, each function counted once per stack).  Bounded by --count; everything is
-torn down.
+function (inclusive, each function counted once per stack).  `--fast-path` runs the client side
+with ZTUNNEL_FAST_PATH=true.  Bounded by --count; everything is torn down.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--worker-threads", type=int, default=2, help="ZTUNNEL_WORKER_THREADS of both ztunnel-fast")
     ap.add_argument("--no-profile", action="store_true", help="no py-spy: rate and CPU per connection only")
+    ap.add_argument("--fast-path", action="store_true", help="client side with ZTUNNEL_FAST_PATH=true")
     a = ap.parse_args(argv)
     spy = None if a.no_profile else py_spy_binary()
     if spy is None and not a.no_profile:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         lab.write_config()
         lab.app(server, "serve", "80", "echo", port=80)
         env = {"ZTUNNEL_WORKER_THREADS": str(a.worker_threads)}
-        zc = lab.start_ztunnel(client, **env)
+        zc = lab.start_ztunnel(client, **env, **({"ZTUNNEL_FAST_PATH": "true"} if a.fast_path else {}))
         zs = lab.start_ztunnel(server, redirect=False, **env)
         proxies = Proxies({"client": zc.proc.pid, "server": zs.proc.pid})
         raw = work / "client-ztunnel.raw"
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                 rec.send_signal(2)  # SIGINT: py-spy writes what it has
                 rec.wait(timeout=30)
     print(f"{out['ok']} connections in {out['seconds']} s ({out['ok'] / out['seconds']:.0f}/s) through the "
-          f"{a.engine} engine, {a.worker_threads} worker thread(s); proxy CPU (both sides) "
+          f"{a.engine} engine{' with the fast path' if a.fast_path else ''}, {a.worker_threads} worker thread(s); proxy CPU (both sides) "
           f"{cpu * 1e6 / max(1, out['ok']):,.0f} µs per connection" + (" (under py-spy)" if rec else ""))
     if rec is None:
         return 0

@@ -4,7 +4,7 @@
 #
 # 1. two base images, once each: `buildah from scratch`, then debootstrap (Debian 12, minbase)
 #    into its mount: localhost/ztunnel-fast-base:bookworm (python3 + venv, iptables, ipset,
-#    iproute2: the runtime) and localhost/ztunnel-fast-build-base:bookworm (+ pip, headers, gcc:
+#    iproute2, libnghttp2: the runtime) and localhost/ztunnel-fast-build-base:bookworm (+ pip, headers, gcc:
 #    the build stage).  Debian's python3 is 3.11, the same ABI as python:3.11-slim.
 # 2. wheels of every dependency (and the build requirements) downloaded here with the host's pip
 #    (its index and certificates), into build/wheels; the Containerfile installs with
@@ -20,8 +20,8 @@ BASE=${BASE:-localhost/ztunnel-fast-base:bookworm}
 BUILD_BASE=${BUILD_BASE:-localhost/ztunnel-fast-build-base:bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 # runtime: what python:3.11-slim has that we use, and the redirection tools; build: + compiler.
-BASE_PKGS=python3,python3-venv,iptables,ipset,iproute2,ca-certificates
-BUILD_BASE_PKGS=$BASE_PKGS,python3-pip,python3-dev,gcc,libc6-dev
+BASE_PKGS=python3,python3-venv,iptables,ipset,iproute2,ca-certificates,libnghttp2-14
+BUILD_BASE_PKGS=$BASE_PKGS,python3-pip,python3-dev,gcc,libc6-dev,libnghttp2-dev
 ARCHIVE=build/ztunnel-fast-$VERSION.oci.tar
 # chroot: RUN steps without an OCI runtime; crun refuses this machine's hybrid cgroup v1/v2 setup
 # ("cgroups in hybrid mode not supported").  ISOLATION=oci where the runtime works.

@@ -9,6 +9,7 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 from .includes.system cimport iovec, pthread_t, pthread_mutex_t
+from .includes.nghttp2 cimport nghttp2_hd_inflater
 
 
 # Handle kinds: what an epoll event's data.ptr points at.
@@ -18,6 +19,10 @@ cdef enum:
     H_PLAIN = 3      # a tunnel's plain socket (an HBONE stream attached to it)
     H_SPLICE_A = 4   # side a of a plain<->plain tunnel
     H_SPLICE_B = 5   # side b
+    H_LISTEN = 6     # the outbound listener a worker accepts on itself (fast path, _splice_accept.pxi)
+
+
+cdef struct FlowTable  # below: the fast path's flow cache
 
 
 cdef struct Handle:
@@ -122,6 +127,7 @@ cdef struct Stream:
     Stream *anext        # the connection's list of streams
     Stream *aprev
     Stream *gnext        # graveyard
+    int fast_fd          # fast path: the accepted socket waiting for the CONNECT's answer (SF_FAST_PENDING)
 
 
 cdef struct Conn:
@@ -194,6 +200,8 @@ cdef struct Conn:
     int dl_count
     size_t dl_bytes
     iovec dl_iov[64]     # DELIVER_IOV pieces of rbuf (valid until rbuf is compacted or refilled)
+    nghttp2_hd_inflater *hd_inflater  # the peer's HPACK context (_splice_hpack.pxi), made at its first block
+    int64_t fast_max_streams  # fast path: streams the workers may open on it (0: not a fast-path connection)
 
 
 # One direction of a plain<->plain tunnel on a worker.
@@ -245,3 +253,40 @@ cdef struct Worker:
     bint stopping
     int64_t next_tick
     int64_t nobjs
+    # fast path (_splice_accept.pxi, _splice_flow.pxi)
+    FlowTable *flows     # the Core's flow cache, shared by every worker
+    Handle listen_h
+    int listen_fd        # this worker's dup of the outbound listener, when `listening`
+    bint listening
+    int keepalive[3]     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT for accepted sockets
+    uint64_t fast_seq    # fast-path tunnel tokens issued by this worker
+    uint64_t rng[2]      # xorshift128+ state (trace ids), seeded from getrandom
+    Worker *all_workers  # every worker of the Core (a hit goes to the owner of its connection)
+    int nworkers
+
+
+# The flow cache (_splice_flow.pxi): (source IP, original destination IP:port) -> the decision the
+# event loop installed.  Entries are immutable; a lookup copies what it needs under the lock.
+cdef struct FlowEntry:
+    FlowEntry *next
+    uint32_t src         # IPv4, host byte order
+    uint32_t dst
+    uint32_t port
+    uint64_t conn_id     # the fast-path HBONE connection that carries the flow
+    int worker           # the worker that owns it
+    uint64_t flow_id     # the event loop's id of the decision (labels, log fields)
+    char *prefix         # HPACK: :method, :authority (stateless encoding)
+    size_t prefix_len
+    char *fwd_host       # ';host=<service>' appended to forwarded, or empty
+    size_t fwd_host_len
+    char *suffix         # HPACK: fields after traceparent (baggage)
+    size_t suffix_len
+
+
+cdef struct FlowTable:
+    pthread_mutex_t lock
+    FlowEntry **buckets
+    uint64_t gen         # bumped by every flush (state or policy change)
+    int64_t count
+    int64_t hits         # connections the workers carried (a fast-path tunnel opened)
+    int64_t misses       # connections handed to the event loop (EV_ACCEPTED)

@@ -27,8 +27,11 @@ cdef class Core:
     cdef int nworkers
     cdef bint evq_ready
     cdef bint stopped
+    cdef FlowTable flows
+    cdef bint flows_ready
 
     def __cinit__(self):
+        self.flows_ready = False
         self.workers = NULL
         self.nworkers = 0
         self.evq_ready = False
@@ -44,6 +47,9 @@ cdef class Core:
         if self.evq.efd < 0:
             raise OSError(errno, "eventfd failed")
         self.evq_ready = True
+        if flow_table_init(&self.flows) != 0:
+            raise MemoryError()
+        self.flows_ready = True
         self.workers = <Worker *>calloc(nworkers, sizeof(Worker))
         if self.workers == NULL:
             raise MemoryError()
@@ -51,6 +57,9 @@ cdef class Core:
         for i in range(nworkers):
             err = worker_init(&self.workers[i], i, &self.evq)
             self.nworkers = i + 1
+            self.workers[i].flows = &self.flows
+            self.workers[i].all_workers = self.workers
+            self.workers[i].nworkers = nworkers
             if err == 0:
                 err = pthread_create(&self.workers[i].tid, NULL, worker_main, &self.workers[i])
                 if err == 0:
@@ -74,7 +83,8 @@ cdef class Core:
 
     def poll(self):
         """Every queued event, oldest first, as tuples
-        (kind, id, token, sid, code, flags, err, a, b, data)."""
+        (kind, id, token, sid, code, flags, err, a, b, data); EV_HEADERS data is the decoded
+        [(name, value), ...]."""
         cdef Event *e
         cdef Event *nxt
         cdef list out = []
@@ -83,8 +93,7 @@ cdef class Core:
         e = evq_take_all(&self.evq)
         while e != NULL:
             nxt = e.next
-            data = e.data[:e.len] if e.data != NULL else None
-            out.append((e.kind, e.id, e.token, e.sid, e.code, e.flags, e.err, e.a, e.b, data))
+            out.append(event_tuple(e))
             event_free(e)
             e = nxt
         return out
@@ -189,6 +198,84 @@ cdef class Core:
         self._data(c, reason)
         worker_post(w, c)
 
+    # -- the outbound fast path (_splice_flow.pxi, _splice_accept.pxi) --------------------------
+    def listen(self, int fd, tuple keepalive):
+        """Every worker accepts on (its own dup of) the listening socket `fd` from now on.
+        keepalive: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) for the accepted sockets."""
+        cdef int i, dfd
+        cdef Cmd *c
+        for i in range(self.nworkers):
+            dfd = dup(fd)
+            if dfd < 0:
+                raise OSError(errno, "dup of the listening socket failed")
+            c = self._cmd(CMD_LISTEN, 0)
+            c.fd = dfd
+            c.settings[0] = keepalive[0]
+            c.settings[1] = keepalive[1]
+            c.settings[2] = keepalive[2]
+            worker_post(self._worker(i), c)
+
+    def unlisten(self):
+        """The workers stop accepting (each closes its own dup)."""
+        cdef int i
+        for i in range(self.nworkers):
+            worker_post(self._worker(i), self._cmd(CMD_UNLISTEN, 0))
+
+    def fast_enable(self, int worker, uint64_t conn_id, int max_streams):
+        """Let the fast path open up to `max_streams` streams on this client connection (0: none).
+        The event loop never opens streams on it itself (stream ids are the worker's then)."""
+        cdef Cmd *c = self._cmd(CMD_FAST_ENABLE, conn_id)
+        c.code = max_streams
+        worker_post(self._worker(worker), c)
+
+    def flow_install(self, uint32_t src, uint32_t dst, uint32_t port, uint64_t conn_id, int worker,
+                     uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix):
+        """Install (or replace) the decision for flows src -> dst:port (IPv4, host byte order)."""
+        cdef FlowEntry *e = <FlowEntry *>calloc(1, sizeof(FlowEntry))
+        cdef FlowEntry **pp
+        cdef size_t b
+        if e == NULL:
+            raise MemoryError()
+        e.src = src
+        e.dst = dst
+        e.port = port
+        e.conn_id = conn_id
+        e.worker = worker % self.nworkers
+        e.flow_id = flow_id
+        e.prefix = _dup_bytes(prefix, &e.prefix_len)
+        e.fwd_host = _dup_bytes(fwd_host, &e.fwd_host_len)
+        e.suffix = _dup_bytes(suffix, &e.suffix_len)
+        b = flow_bucket(src, dst, port)
+        pthread_mutex_lock(&self.flows.lock)
+        pp = &self.flows.buckets[b]
+        while pp[0] != NULL:
+            if pp[0].src == src and pp[0].dst == dst and pp[0].port == port:
+                e.next = pp[0].next
+                flow_entry_free(pp[0])
+                pp[0] = e
+                break
+            pp = &pp[0].next
+        else:
+            e.next = self.flows.buckets[b]
+            self.flows.buckets[b] = e
+            self.flows.count += 1
+        pthread_mutex_unlock(&self.flows.lock)
+
+    def flow_flush(self, uint64_t conn_id=0):
+        """Forget every installed decision (conn_id 0: a state or policy change), or those riding
+        one connection.  A lookup after this returns has no old entry to find."""
+        with nogil:
+            pthread_mutex_lock(&self.flows.lock)
+            flow_table_clear(&self.flows, conn_id)
+            if conn_id == 0:
+                self.flows.gen += 1
+            pthread_mutex_unlock(&self.flows.lock)
+
+    @property
+    def flow_stats(self):
+        """(entries, connections carried by the workers, handed to the event loop, flushes)."""
+        return (self.flows.count, self.flows.hits, self.flows.misses, self.flows.gen)
+
     def stop(self):
         """Stop every worker (their connections and splices end, with events) and join them."""
         cdef int i
@@ -218,6 +305,9 @@ cdef class Core:
                 worker_destroy(&self.workers[i])
             free(self.workers)
             self.workers = NULL
+        if self.flows_ready:
+            flow_table_destroy(&self.flows)
+            self.flows_ready = False
         if self.evq_ready:
             e = evq_take_all(&self.evq)
             while e != NULL:
@@ -227,6 +317,20 @@ cdef class Core:
             close(self.evq.efd)
             pthread_mutex_destroy(&self.evq.lock)
             self.evq_ready = False
+
+
+cdef char *_dup_bytes(bytes data, size_t *n) except? NULL:
+    cdef Py_ssize_t k = len(data)
+    cdef char *p
+    n[0] = 0
+    if k == 0:
+        return NULL
+    p = <char *>malloc(k)
+    if p == NULL:
+        raise MemoryError()
+    memcpy(p, <const char *>data, k)
+    n[0] = k
+    return p
 
 
 DEFAULT_SETTINGS = (4 << 20, 16 << 20, 1 << 20, 200, 64 << 10, 0, 0)
@@ -288,8 +392,7 @@ cdef class FrameParser:
         cdef list out = []
         while e != NULL:
             nxt = e.next
-            data = e.data[:e.len] if e.data != NULL else None
-            out.append((e.kind, e.id, e.token, e.sid, e.code, e.flags, e.err, e.a, e.b, data))
+            out.append(event_tuple(e))
             event_free(e)
             e = nxt
         return out

@@ -36,6 +36,7 @@ cdef enum:
     SF_DISCARD = 0x100       # answered with END_STREAM: the peer's payload is dropped
     SF_PEER = 0x200          # opened by the peer
     SF_EPOLL = 0x400
+    SF_FAST_PENDING = 0x800  # fast path: a CONNECT we sent for an accepted socket, not answered yet
 
 DEF STREAM_BUCKETS = 256
 DEF LINGER_NS = 100000000            # 100 ms for an error GOAWAY to reach the peer, as the pure twin
@@ -188,6 +189,8 @@ cdef void stream_end(Conn *c, Stream *s, int kind, int code, int err) noexcept n
         e.sid = s.id
         e.token = s.token
         e.flags = kind
+        if s.flags & SF_FAST_PENDING:
+            e.flags |= END_PENDING  # a fast-path CONNECT never answered: its socket was not attached
         e.code = code
         e.err = err
         e.a = s.sent
@@ -290,5 +293,6 @@ cdef void conn_free(Conn *c) noexcept nogil:
     buf_free(&c.hblock)
     buf_free(&c.cin)
     buf_free(&c.cout)
+    hpack_free(c)
     free(c.buckets)
     free(c)

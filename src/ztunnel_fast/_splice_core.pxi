@@ -4,12 +4,16 @@
 # -- event kinds (worker -> event loop) ------------------------------------------------------------
 cdef enum:
     EV_SPLICE_DONE = 1   # id=token, a=bytes a->b, b=bytes b->a, err=errno (0 clean)
-    EV_HEADERS = 2       # id=conn, sid, flags=HF_*, data=header block (HPACK)
+    EV_HEADERS = 2       # id=conn, sid, flags=HF_*, data=decoded fields (_splice_hpack.pxi)
     EV_STREAM_END = 3    # id=conn, sid, token, flags=END_*, code=h2 code, err=errno, a=sent, b=received
     EV_SETTINGS = 4      # id=conn, a=peer SETTINGS_MAX_CONCURRENT_STREAMS
     EV_GOAWAY = 5        # id=conn, sid=last stream id, code, data=debug data
     EV_ERROR = 6         # id=conn, code=GOAWAY code we sent, data=reason (the connection is ending)
     EV_CLOSED = 7        # id=conn, flags=CLOSE_*, data=reason; the worker let go of fd and SSL*
+    EV_FAST_OPEN = 8     # id=conn, token, sid, code=fd, flags=client port, a=flow id, b=accept time (ns),
+                         # data=trace id (32 hex) + client IPv4 (host order): a fast-path tunnel began
+    EV_ACCEPTED = 9      # a=fd, b=accept time (ns): an accepted socket for the event loop's path
+    EV_FAST_STATUS = 10  # id=conn, token, sid, code=status: a fast-path CONNECT answered non-200
 
 # header block flags
 cdef enum:
@@ -28,6 +32,7 @@ cdef enum:
     END_REFUSED = 5      # GOAWAY from the peer did not cover the stream
     END_NOSTREAM = 6     # attach to a stream that no longer exists
     END_PROTOCOL = 7     # we reset the stream for a stream error (code)
+    END_PENDING = 0x100  # flag: a fast-path stream ended before its CONNECT was answered
 
 # how a connection ended (EV_CLOSED flags)
 cdef enum:
@@ -53,6 +58,10 @@ cdef enum:
     CMD_CLOSE = 9        # id, flags=graceful
     CMD_ERROR = 10       # id, code: a connection error found by the event loop (HPACK, headers)
     CMD_STOP = 11
+    CMD_LISTEN = 12      # fd (the worker's own dup), settings[0..2]=keepalive idle/interval/count
+    CMD_UNLISTEN = 13
+    CMD_FAST_OPEN = 14   # id=conn, fd, token, data=trace id + header block, settings=flow id, client, time
+    CMD_FAST_ENABLE = 15 # id=conn, code=streams the fast path may open on it (0: none)
 
 # -- connection settings (Cmd.settings indexes) ----------------------------------------------------
 cdef enum:

@@ -3,9 +3,9 @@
 #
 # Invariants: a frame longer than our SETTINGS_MAX_FRAME_SIZE is refused from its 9-byte header
 # (FRAME_SIZE_ERROR), so at most one max-size frame is ever buffered; DATA payload is passed on as
-# it arrives (never buffered whole); every header block, even one for a stream we ignore, reaches
-# the event loop in frame order (HPACK state must follow every block); any violation ends the
-# connection through conn_error with its RFC code, never the process.
+# it arrives (never buffered whole); every header block, even one for a stream we ignore, is
+# decoded in frame order (HPACK state must follow every block) and reaches the event loop as
+# fields; any violation ends the connection through conn_error with its RFC code, never the process.
 
 from libc.stdio cimport snprintf
 
@@ -39,17 +39,39 @@ cdef bint refused_flood(Conn *c) noexcept nogil:
     return c.refused_count > REFUSED_STREAM_LIMIT
 
 
-cdef void emit_headers(Conn *c, uint32_t sid, int hflags) noexcept nogil:
-    cdef Event *e = event_new(EV_HEADERS, c.o.id)
+cdef int emit_headers(Conn *c, uint32_t sid, int hflags) noexcept nogil:
+    """Decode the block (HPACK state follows every block, in frame order) and pass its fields on.
+    Returns 0, or -1 when that ended the connection (COMPRESSION_ERROR, out of memory)."""
+    cdef Buf fields
+    cdef char why[200]
+    cdef int rc
+    cdef Event *e
+    cdef Stream *s
+    memset(&fields, 0, sizeof(Buf))
+    rc = hpack_decode(c, c.hblock.data + c.hblock.start, buf_len(&c.hblock), &fields, why, sizeof(why))
+    if rc != 0:
+        buf_free(&fields)
+        if rc == -2:
+            conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+        else:
+            conn_error(c, H2_COMPRESSION_ERROR, why)
+        return -1
+    if hflags & HF_RESPONSE:
+        s = stream_find(c, sid)
+        if s != NULL and s.flags & SF_FAST_PENDING:
+            flow_response(c, s, fields_status(fields.data, fields.end))
+            buf_free(&fields)
+            return 0
+    e = event_new(EV_HEADERS, c.o.id)
     if e == NULL:
-        return
+        buf_free(&fields)
+        return 0
     e.sid = sid
     e.flags = hflags
-    if event_set_data(e, c.hblock.data + c.hblock.start, buf_len(&c.hblock)) != 0:
-        event_free(e)
-        conn_error(c, H2_INTERNAL_ERROR, "out of memory")
-        return
+    e.data = fields.data  # the event owns it now (event_free frees it)
+    e.len = fields.end
     evq_push(c.evq, e)
+    return 0
 
 
 cdef void headers_complete(Conn *c) noexcept nogil:
@@ -61,15 +83,18 @@ cdef void headers_complete(Conn *c) noexcept nogil:
     if s != NULL:
         if c.client and not s.flags & SF_RESPONDED:
             s.flags |= SF_RESPONDED
-            emit_headers(c, sid, ef | HF_RESPONSE)
+            if emit_headers(c, sid, ef | HF_RESPONSE) != 0:
+                return
         elif s.flags & SF_REMOTE_END:
-            emit_headers(c, sid, HF_IGNORED)
+            if emit_headers(c, sid, HF_IGNORED) != 0:
+                return
             stream_reset(c, s, H2_STREAM_CLOSED, END_PROTOCOL, 0)
         elif not end:
             conn_error(c, H2_PROTOCOL_ERROR, "peer violated HTTP/2: trailers without END_STREAM")
             return
         else:
-            emit_headers(c, sid, ef | HF_TRAILERS)
+            if emit_headers(c, sid, ef | HF_TRAILERS) != 0:
+                return
         if end and not s.flags & SF_DEAD:
             stream_remote_end(c, s)
     elif not sid_is_peer(c, sid):
@@ -77,7 +102,8 @@ cdef void headers_complete(Conn *c) noexcept nogil:
         if not c.client or sid_idle(c, sid):
             conn_error(c, H2_PROTOCOL_ERROR, "peer violated HTTP/2: HEADERS on a stream id it may not open")
             return
-        emit_headers(c, sid, HF_IGNORED)
+        if emit_headers(c, sid, HF_IGNORED) != 0:
+            return
     elif c.client:
         conn_error(c, H2_PROTOCOL_ERROR, "peer violated HTTP/2: server opened a stream (push is disabled)")
         return
@@ -87,7 +113,8 @@ cdef void headers_complete(Conn *c) noexcept nogil:
     else:
         c.last_peer_sid = sid
         if (c.flags & CF_GOAWAY_SENT and sid > c.goaway_last_sid) or c.open_peer_streams >= c.local_max_streams:
-            emit_headers(c, sid, HF_IGNORED)  # the block is still decoded: HPACK state follows
+            if emit_headers(c, sid, HF_IGNORED) != 0:  # the block is still decoded: HPACK state follows
+                return
             if not c.flags & CF_GOAWAY_SENT:
                 out_rst_stream(&c.obuf, sid, H2_REFUSED_STREAM)
             # else: after our GOAWAY the stream is ignored (RFC 9113 6.8)
@@ -99,7 +126,8 @@ cdef void headers_complete(Conn *c) noexcept nogil:
             if s == NULL:
                 conn_error(c, H2_INTERNAL_ERROR, "out of memory")
                 return
-            emit_headers(c, sid, ef)
+            if emit_headers(c, sid, ef) != 0:
+                return
             if end:
                 stream_remote_end(c, s)
     c.hblock.start = 0

@@ -85,6 +85,7 @@ cdef void worker_command(Worker *w, Cmd *cmd) noexcept nogil:
     cdef Event *e
     if cmd.kind == CMD_STOP:
         w.stopping = True
+        worker_unlisten(w)
         o = w.live
         while o != NULL:
             if o.kind == H_TLS:
@@ -99,7 +100,20 @@ cdef void worker_command(Worker *w, Cmd *cmd) noexcept nogil:
     if cmd.kind == CMD_ADOPT:
         conn_adopt(w, cmd)
         return
+    if cmd.kind == CMD_LISTEN:
+        worker_listen(w, cmd)
+        return
+    if cmd.kind == CMD_UNLISTEN:
+        worker_unlisten(w)
+        return
+    if cmd.kind == CMD_FAST_OPEN:
+        flow_open(w, cmd)
+        return
     o = worker_find(w, cmd.id)
+    if cmd.kind == CMD_FAST_ENABLE:
+        if o != NULL and o.kind == H_TLS:
+            (<Conn *>o).fast_max_streams = cmd.code
+        return
     if cmd.kind == CMD_SPLICE_CANCEL:
         if o != NULL and o.kind != H_TLS:
             splice_finish(w, <Splice *>o, ECANCELED)
@@ -125,6 +139,9 @@ cdef void worker_on_event(Worker *w, epoll_event *ev, bint *cmds) noexcept nogil
     cdef Obj *o
     if h.kind == H_CMD:
         cmds[0] = True
+    elif h.kind == H_LISTEN:
+        if w.listening:
+            worker_accept(w, w.all_workers, w.nworkers)
     elif h.kind == H_TLS:
         c = <Conn *>h.owner
         if not c.o.dead:
@@ -240,6 +257,7 @@ cdef void worker_destroy(Worker *w) noexcept nogil:
         cmd_free(cmd)
         cmd = next_cmd
     w.cmd_head = w.cmd_tail = NULL
+    worker_unlisten(w)
     if w.epfd >= 0:
         close(w.epfd)
     if w.cmd_efd >= 0:

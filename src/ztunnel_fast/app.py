@@ -175,6 +175,10 @@ class App:
             idle_timeout=config.pool_unused_release_timeout,
         )
         self.ctx = ctx
+        if config.fast_path and engine.name == "native" and not config.inpod:
+            from .proxy.fastpath import FastPath
+
+            ctx.fast_path = FastPath(ctx, outbound)
         if use_xds:
             self._start_xds()
         self.inbound = Inbound(ctx)
@@ -261,6 +265,9 @@ class App:
                     continue
                 raise ConfigError(name, "", f"cannot listen on {host}:{port}: {exc.strerror}") from None
             self.listeners.append(lsock)
+            if name == "outbound" and host == "0.0.0.0" and self.ctx.fast_path is not None:
+                self.ctx.fast_path.listen(lsock)  # the native workers accept it themselves
+                continue
             task = asyncio.get_running_loop().create_task(
                 accept_loop(lsock, handler, self.ctx.track, name), name=f"accept-{name}-{host}"
             )
@@ -377,6 +384,8 @@ class App:
             self.node_redirection.close()
         for task in self.accept_tasks:
             task.cancel()
+        if ctx.fast_path is not None:
+            ctx.fast_path.drain()
         for lsock in self.listeners:
             lsock.close()
         if self.workload_manager is not None:  # in-pod mode: every pod drains its own tunnels

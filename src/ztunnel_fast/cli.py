@@ -34,6 +34,7 @@ RUN_FLAGS = [
     ("--http2-frame-size", "HTTP2_FRAME_SIZE", "bytes"),
     ("--worker-threads", "ZTUNNEL_WORKER_THREADS", "native engine worker threads"),
     ("--engine", "ZTUNNEL_ENGINE", "auto, native or pure"),
+    ("--fast-path", "ZTUNNEL_FAST_PATH", "true: native workers accept 15001 and serve cached outbound flows"),
     ("--node-local-fast-path", "NODE_LOCAL_FAST_PATH", "true: same-node traffic skips TLS (shared mode)"),
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),

@@ -203,7 +203,54 @@ def test_header_blocks_are_reassembled_and_passed_on_in_order():
     p.feed(frame(HEADERS, 0x8, 1, bytes([3]) + b[:1000] + b"pad") + frame(CONT, 0, 1, b[1000:2000])
            + frame(CONT, 0x4, 1, b[2000:]))
     events = [e for e in p.events() if e[0] == EV_HEADERS]
-    assert events and events[0][3] == 1 and events[0][9] == b
+    assert events and events[0][3] == 1
+    assert events[0][9] == [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"), (b"x-long", b"v" * 3000)]
+
+
+def test_header_blocks_are_decoded_with_the_peers_dynamic_table():
+    """HPACK context spans blocks (and follows blocks of refused streams): an indexed reference in a
+    later block decodes to what an earlier block inserted."""
+    p = server()
+    enc = hpack.Encoder()
+    first = enc.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("x-id", "one")])
+    second = enc.encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("x-id", "one")])
+    assert len(second) < len(first)  # the second block refers to the dynamic table
+    p.feed(frame(HEADERS, 0x4, 1, first) + frame(HEADERS, 0x4, 3, second))
+    fields = [e[9] for e in p.events() if e[0] == EV_HEADERS]
+    assert fields == [[(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"), (b"x-id", b"one")]] * 2
+    assert error_code(p) is None
+
+
+@pytest.mark.parametrize("bad", [
+    b"\xff\xff\xff\xff\xff",                      # an integer that never ends
+    b"\xbf",                                       # index 63: beyond the static and (empty) dynamic table
+    b"\x3f\xe1\x3f",                               # a table size update above our 4096
+    b"\x82\x20",                                   # a table size update after a field
+    b"\x40\x85\xff\xff\xff\xff\xff\x01a",              # a Huffman string with an EOS code in it
+])
+def test_an_undecodable_block_is_a_compression_error_naming_the_last_stream(bad):
+    p = server()
+    p.feed(frame(HEADERS, 0x4, 1, bad))
+    assert goaway(p) == (1, COMPRESSION)
+    events = p.events()
+    assert not [e for e in events if e[0] == EV_HEADERS]
+    assert [e[4] for e in events if e[0] == EV_ERROR] == [COMPRESSION]
+
+
+def test_a_header_list_beyond_our_limit_is_a_compression_error():
+    """SETTINGS_MAX_HEADER_LIST_SIZE counted as hpack counts it: 32 + name + value per field."""
+    limit = 200
+    settings = list(_splice.DEFAULT_SETTINGS)
+    settings[4] = limit
+    fields = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+    used = sum(32 + len(k) + len(v) for k, v in fields)
+    exact = fields + [("x", "v" * (limit - used - 33))]
+    for extra, expected in ((0, None), (1, COMPRESSION)):
+        p = _splice.FrameParser(client=False, settings=tuple(settings))
+        p.feed(PREFACE + settings_frame())
+        p.output()
+        p.feed(frame(HEADERS, 0x4, 1, block(exact[:-1] + [("x", exact[-1][1] + "v" * extra)])))
+        assert error_code(p) == expected
 
 
 def test_streams_beyond_max_concurrent_are_refused():

@@ -22,7 +22,7 @@ from ztunnel_fast import _splice
 from ztunnel_fast.hbone.connection import H2Settings, _H2Connection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HEADERS, RST, SETTINGS, PING = 1, 3, 4, 6
+HEADERS, RST, SETTINGS, PING, CONTINUATION = 1, 3, 4, 6, 9
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -117,11 +117,27 @@ def test_ping_and_settings_acks_alike():
     assert n == p and len(p) == 101  # the first SETTINGS ack, then 50 pairs
 
 
-def test_an_undecodable_header_block_is_a_compression_error():
-    """The native engine decodes HPACK in Python (NativeConnection), so the pure core is checked
-    against the code the native side sends for the same block (COMPRESSION_ERROR, last stream 1)."""
-    p = Pure()
-    p.feed(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 0x4, 1, b"\xff\xff\xff\xff\xff"))
-    assert p.error is not None and p.error.error_code == ErrorCodes.COMPRESSION_ERROR
-    goaways = [f for f in decisions(p.output()) if f[0] == "GoAwayFrame"]
+@pytest.mark.parametrize("bad", [
+    b"\xff\xff\xff\xff\xff",          # an integer that never ends
+    b"\xbf",                           # an index beyond the static and the (empty) dynamic table
+    b"\x3f\xe1\x3f",                   # a dynamic table size update above 4096
+])
+def test_an_undecodable_header_block_is_a_compression_error_alike(bad):
+    """Both engines decode HPACK in their own core (native: libnghttp2 in the worker; pure: hpack
+    under hyper-h2): the same bad block is the same COMPRESSION_ERROR naming stream 1."""
+    n, p = both(frame(HEADERS, 0x4, 1, bad))
+    assert n == p
+    goaways = [f for f in p if f[0] == "GoAwayFrame"]
     assert goaways == [("GoAwayFrame", 0, (), (ErrorCodes.COMPRESSION_ERROR, 1, (), None))]
+
+
+def test_a_header_list_beyond_the_limit_ends_alike():
+    """One field over SETTINGS_MAX_HEADER_LIST_SIZE (a HEADERS frame and CONTINUATION frames)."""
+    big = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80"),
+                                  ("x-big", "v" * H2Settings().max_header_list_size)])
+    pieces = [big[i:i + 16000] for i in range(0, len(big), 16000)]
+    frames = [frame(HEADERS if i == 0 else CONTINUATION, 0x4 if i == len(pieces) - 1 else 0, 1, piece)
+              for i, piece in enumerate(pieces)]
+    n, p = both(b"".join(frames))
+    assert n == p
+    assert [f[3][0] for f in p if f[0] == "GoAwayFrame"] == [ErrorCodes.COMPRESSION_ERROR]

@@ -6,7 +6,8 @@ watches their event queue's eventfd from the asyncio loop.
 - Plain<->plain tunnels (`splice`) go to a worker: splice(2) through a pipe, zero copy.
 - HBONE connections (`connection`): after the pyOpenSSL handshake the worker owns the socket and
   the SSL*: HTTP/2 framing, flow control, PING/SETTINGS, GOAWAY, limits, all in C.  Header blocks
-  come here as events and are HPACK-decoded in frame order (one decoder per connection); ours are
+  are HPACK-decoded by the worker (libnghttp2, one decoder per connection, in frame order) and come
+  here as field lists; a block that does not decode is the worker's COMPRESSION_ERROR.  Ours are
   encoded here (a stateless encoder: dynamic table size 0) and handed to the worker to send.
 - `tunnel(plain, stream)` attaches the plain socket to the stream in its worker: every chunk is
   moved in C, the event loop hears only the completion.
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # _splice event kinds (worker -> event loop)
 EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = range(1, 8)
+EV_FAST_OPEN, EV_ACCEPTED, EV_FAST_STATUS = 8, 9, 10  # the outbound fast path (proxy/fastpath.py)
+FAST_TOKEN = 1 << 62  # tokens of fast-path tunnels (issued by the workers)
 # how a stream ended
 END_CLEAN, END_PEER_RESET, END_LOCAL_RESET, END_IO, END_CONN, END_REFUSED, END_NOSTREAM, END_PROTOCOL = range(8)
 ECANCELED = 125
@@ -95,6 +98,7 @@ class NativeEngine:
         self._conns: dict[int, NativeConnection] = {}
         self._closed = False
         self._pure = PureEngine()
+        self.fast_sink = None  # proxy/fastpath.FastPath when ZTUNNEL_FAST_PATH is on
         self.loop.add_reader(self.core.event_fd, self._on_events)
 
     @property
@@ -122,6 +126,8 @@ class NativeEngine:
             if fut is not None and not fut.done():
                 fut.set_result((a, b, err))
             return
+        if (kind >= EV_FAST_OPEN or token & FAST_TOKEN) and self._dispatch_fast(ev):
+            return
         conn = self._conns.get(ident)
         if kind == EV_STREAM_END and token:
             fut = self._tunnels.pop(token, None)
@@ -130,7 +136,7 @@ class NativeEngine:
         if conn is None:
             return
         if kind == EV_HEADERS:
-            conn._on_headers(sid, flags, data or b"")
+            conn._on_headers(sid, flags, data)
         elif kind == EV_STREAM_END:
             conn._on_stream_end(sid, flags, code)
         elif kind == EV_SETTINGS:
@@ -142,6 +148,30 @@ class NativeEngine:
         elif kind == EV_CLOSED:
             self._conns.pop(ident, None)
             conn._on_closed(flags, err, (data or b"").decode("utf-8", "replace"))
+
+    def _dispatch_fast(self, ev) -> bool:
+        """Events of the outbound fast path; True when nothing else is to be done with `ev`."""
+        kind, ident, token, sid, code, flags, err, a, b, data = ev
+        sink = self.fast_sink
+        if kind == EV_ACCEPTED:
+            if sink is None:
+                os.close(a)
+            else:
+                sink.on_accepted(a)
+            return True
+        if sink is None:
+            if kind == EV_FAST_OPEN:
+                os.close(code)  # the engine stopped listening for nobody: cannot happen
+            return kind != EV_STREAM_END
+        if kind == EV_FAST_OPEN:
+            sink.on_open(ident, token, sid, code, flags, a, b, data)
+            return True
+        if kind == EV_FAST_STATUS:
+            sink.on_status(token, code)
+            return True
+        if kind == EV_STREAM_END:
+            sink.on_end(token, flags, code, err, a, b)
+        return False  # the connection's own bookkeeping follows (_on_stream_end)
 
     # -- plain <-> plain --------------------------------------------------------------------------
     async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:
@@ -329,8 +359,6 @@ class NativeConnection(ConnectionState):
         # stateless HPACK encoder: a block the worker drops (stream gone) cannot desynchronise the peer
         self._encoder = hpack.Encoder()
         self._encoder.header_table_size = 0
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = settings.max_header_list_size
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -408,17 +436,8 @@ class NativeConnection(ConnectionState):
         return self._encoder.encode(headers)
 
     # -- events from the worker -------------------------------------------------------------
-    def _fail(self, code: int, reason: str) -> None:
-        """A connection error found here (HPACK): the worker sends GOAWAY and closes."""
-        if not self.engine._closed:
-            self.engine.core.conn_error(self.worker, self.id, code, reason.encode()[:190])
-
-    def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
-        try:
-            raw = self._decoder.decode(block, raw=True)
-        except (hpack.HPACKError, ValueError, IndexError) as exc:
-            self._fail(ErrorCodes.COMPRESSION_ERROR, f"peer violated HTTP/2: undecodable header block ({exc})")
-            return
+    def _on_headers(self, sid: int, flags: int, raw: list[tuple[bytes, bytes]]) -> None:
+        """A header block the worker decoded (the raw fields, in order)."""
         if flags & (HF_IGNORED | HF_TRAILERS):
             return
         if flags & HF_RESPONSE:

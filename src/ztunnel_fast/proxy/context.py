@@ -44,6 +44,8 @@ class ProxyContext:
     # Called with every new state after it is in place (node redirection, ...): the one hook for
     # whatever follows the state, whichever source (local file, xDS) produced it.
     state_listeners: list[Callable[[ProxyState], None]] = field(default_factory=list)
+    # The outbound fast path (proxy/fastpath.py, ZTUNNEL_FAST_PATH), None when off.
+    fast_path: "object | None" = None
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -54,6 +56,8 @@ class ProxyContext:
     def replace_state(self, state: ProxyState) -> int:
         """Swap in a new snapshot (config reload); live inbound connections are authorized
         again and those now denied are closed.  Returns how many were closed."""
+        if self.fast_path is not None:  # before the new state applies: no connection rides an old entry
+            self.fast_path.flush()
         if state.policies() is not self.state.policies():  # the store keeps the tuple while unchanged
             self.policies = PolicyIndex.build(state.policies())
         self.state = state

@@ -33,6 +33,31 @@ from .route import Kind, decide
 log = logging.getLogger(__name__)
 
 
+def connection_record(ctx: ProxyContext, client, route, source) -> ConnectionRecord:
+    """The access log record and metrics of one outbound connection (also the fast path's)."""
+    hbone = route.kind is Kind.HBONE
+    return ConnectionRecord(
+        ctx.metrics,
+        direction="outbound",
+        src_addr=client,
+        dst_addr=route.next_hop,
+        hbone_addr=route.authority,
+        source=Peer(source, source.identity if source is not None and hbone else None),
+        destination=Peer(route.workload, route.identities[0] if hbone else None),
+        service=route.service,
+        mtls=hbone,
+    )
+
+
+def pool_key(ctx: ProxyContext, route, source, client_ip) -> PoolKey:
+    """The HBONE connection a tunnel rides (also the fast path's)."""
+    src_identity = source.identity if source is not None else ctx.config.identity()
+    # shared (node) mode dials HBONE from the client's own IP, so the destination sees (and
+    # authorizes, and hands the app) the real client address, as in-pod ztunnel does
+    src_ip = client_ip if ctx.orig_src and not ctx.dedicated else None
+    return PoolKey.of(src_identity, route.identities, route.next_hop, src_ip)
+
+
 class Outbound:
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
@@ -98,17 +123,7 @@ class Outbound:
             abort(sock)
             return
         hbone = route.kind is Kind.HBONE
-        record = ConnectionRecord(
-            ctx.metrics,
-            direction="outbound",
-            src_addr=client,
-            dst_addr=route.next_hop,
-            hbone_addr=route.authority,
-            source=Peer(source, source.identity if source is not None and hbone else None),
-            destination=Peer(route.workload, route.identities[0] if hbone else None),
-            service=route.service,
-            mtls=hbone,
-        )
+        record = connection_record(ctx, client, route, source)
         try:
             if hbone:
                 completion = await self._hbone(sock, route, source, client_ip, client_port, conn_id, span)
@@ -132,7 +147,6 @@ class Outbound:
 
     async def _hbone(self, sock, route, source, client_ip, client_port, conn_id, span):
         ctx = self.ctx
-        src_identity = source.identity if source is not None else ctx.config.identity()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "proxy to %s using HBONE via %s type %s",
@@ -149,10 +163,11 @@ class Outbound:
             source=source,
             service_host=route.service.hostname if route.service is not None else None,
         )
-        # shared (node) mode dials HBONE from the client's own IP, so the destination sees (and
-        # authorizes, and hands the app) the real client address, as in-pod ztunnel does
-        src_ip = client_ip if ctx.orig_src and not ctx.dedicated else None
-        key = PoolKey.of(src_identity, route.identities, route.next_hop, src_ip)
+        key = pool_key(ctx, route, source, client_ip)
+        # --- fast path hook (proxy/fastpath.py): the native workers may take this flow class next time
+        if ctx.fast_path is not None:
+            ctx.fast_path.learn(route, source, key, client_ip, *route.target)
+        # ---
         stream = await ctx.pool.open_stream(key, request)
         try:
             completion = await ctx.engine.tunnel(sock, stream, conn_id)

@@ -1,0 +1,310 @@
+# _splice piece: the flow cache of the outbound fast path.
+#
+# The event loop decides once per flow class (source IP, original destination IP:port) and
+# installs the decision: the fast-path HBONE connection that carries it (and the worker that owns
+# it), the CONNECT header block around its per-connection fields, and the id of the decision's
+# metric labels and log fields.  A worker that accepts a connection of a known class opens the
+# stream itself; the event loop hears EV_FAST_OPEN (tokens with bit 62 set: never one the event
+# loop issues), then the completion (EV_STREAM_END with the
+# token), batched with every other event of the drain.
+#
+# Invariants: a flush (every state or policy change, before the change's decisions apply) empties
+# the table under its lock, so a connection looked up after it never rides an old decision;
+# entries are immutable and a lookup copies what it needs under the lock; a fast-path tunnel's
+# socket belongs to the event loop from EV_FAST_OPEN on (the worker never closes it); anything
+# unusual (no entry, connection gone, full or going away) hands the socket to the event loop
+# (EV_ACCEPTED), whose path stays the reference; the CONNECT's per-connection fields are literals
+# without indexing, so no HPACK encoder state exists to go out of step.
+
+DEF FLOW_BUCKETS = 4096
+DEF TRACE_HEX = 32                       # a trace id: 16 random bytes in hex
+
+cdef const char *HEXDIGITS = "0123456789abcdef"
+
+
+cdef inline size_t flow_bucket(uint32_t src, uint32_t dst, uint32_t port) noexcept nogil:
+    cdef uint64_t h = <uint64_t>src * <uint64_t>2654435761u
+    h ^= (<uint64_t>dst * <uint64_t>2246822519u) ^ port
+    h ^= h >> 29
+    return <size_t>(h % FLOW_BUCKETS)
+
+
+cdef int flow_table_init(FlowTable *t) noexcept nogil:
+    memset(t, 0, sizeof(FlowTable))
+    pthread_mutex_init(&t.lock, NULL)
+    t.buckets = <FlowEntry **>calloc(FLOW_BUCKETS, sizeof(FlowEntry *))
+    return 0 if t.buckets != NULL else -1
+
+
+cdef void flow_entry_free(FlowEntry *e) noexcept nogil:
+    free(e.prefix)
+    free(e.fwd_host)
+    free(e.suffix)
+    free(e)
+
+
+cdef void flow_table_clear(FlowTable *t, uint64_t conn_id) noexcept nogil:
+    """Drop every entry (conn_id 0), or those of one connection.  Caller holds the lock."""
+    cdef size_t b
+    cdef FlowEntry **pp
+    cdef FlowEntry *e
+    for b in range(FLOW_BUCKETS):
+        pp = &t.buckets[b]
+        while pp[0] != NULL:
+            e = pp[0]
+            if conn_id == 0 or e.conn_id == conn_id:
+                pp[0] = e.next
+                flow_entry_free(e)
+                t.count -= 1
+            else:
+                pp = &e.next
+
+
+cdef void flow_table_destroy(FlowTable *t) noexcept nogil:
+    if t.buckets == NULL:
+        return
+    flow_table_clear(t, 0)
+    free(t.buckets)
+    t.buckets = NULL
+    pthread_mutex_destroy(&t.lock)
+
+
+cdef inline uint64_t rng_next(Worker *w) noexcept nogil:
+    cdef uint64_t s1 = w.rng[0]
+    cdef uint64_t s0 = w.rng[1]
+    w.rng[0] = s0
+    s1 ^= s1 << 23
+    w.rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26)
+    return w.rng[1] + s0
+
+
+cdef void rng_seed(Worker *w) noexcept nogil:
+    if getrandom(w.rng, sizeof(w.rng), 0) != sizeof(w.rng):
+        w.rng[0] = <uint64_t>now_ns() ^ <uint64_t><uintptr_t>w
+        w.rng[1] = (<uint64_t>2654435761u << 32) ^ <uint64_t>w.index
+    if w.rng[0] == 0 and w.rng[1] == 0:
+        w.rng[1] = 1
+
+
+cdef void put_hex(char *out, uint64_t v, int digits) noexcept nogil:
+    cdef int i
+    for i in range(digits):
+        out[digits - 1 - i] = HEXDIGITS[v & 0xf]
+        v >>= 4
+
+
+cdef int hpack_put_int(Buf *b, uint8_t first, int prefix_bits, size_t v) noexcept nogil:
+    """RFC 7541 5.1 integer with an N-bit prefix; `first` carries the bits above the prefix."""
+    cdef size_t limit = (1 << prefix_bits) - 1
+    cdef char byte
+    if buf_reserve(b, 10) != 0:
+        return -1
+    if v < limit:
+        b.data[b.end] = <char>(first | v)
+        b.end += 1
+        return 0
+    b.data[b.end] = <char>(first | limit)
+    b.end += 1
+    v -= limit
+    while v >= 128:
+        b.data[b.end] = <char>((v & 0x7f) | 0x80)
+        b.end += 1
+        v >>= 7
+    b.data[b.end] = <char>v
+    b.end += 1
+    return 0
+
+
+cdef int hpack_put_literal(Buf *b, const char *name, size_t nlen, const char *value, size_t vlen) noexcept nogil:
+    """A literal field without indexing, new name, no Huffman (RFC 7541 6.2.2): no encoder state."""
+    if hpack_put_int(b, 0x00, 4, 0) != 0 or hpack_put_int(b, 0x00, 7, nlen) != 0 \
+            or buf_append(b, name, nlen) != 0 or hpack_put_int(b, 0x00, 7, vlen) != 0:
+        return -1
+    return buf_append(b, value, vlen)
+
+
+cdef size_t format_ipv4_port(char *out, uint32_t ip, uint32_t port) noexcept nogil:
+    return <size_t>snprintf(out, 32, "%u.%u.%u.%u:%u", (ip >> 24) & 0xff, (ip >> 16) & 0xff,
+                            (ip >> 8) & 0xff, ip & 0xff, port)
+
+
+cdef int flow_lookup(Worker *w, uint32_t src, uint32_t sport, uint32_t dst, uint32_t dport, int fd,
+                     Cmd **out) noexcept nogil:
+    """A hit builds the CMD_FAST_OPEN for the owning worker: data = trace id (32 hex) + the CONNECT
+    header block.  Returns the owner's index, or -1 (miss)."""
+    cdef FlowTable *t = w.flows
+    cdef FlowEntry *e
+    cdef Buf b
+    cdef char trace[TRACE_HEX]
+    cdef char tp[64]
+    cdef char fwd[64]
+    cdef size_t n
+    cdef int owner = -1
+    cdef Cmd *cmd
+    cdef uint64_t r0 = rng_next(w)
+    cdef uint64_t r1 = rng_next(w)
+    cdef uint64_t r2 = rng_next(w)
+    out[0] = NULL
+    if t == NULL:
+        return -1
+    put_hex(trace, r0, 16)
+    put_hex(trace + 16, r1, 16)
+    memset(&b, 0, sizeof(Buf))
+    if buf_append(&b, trace, TRACE_HEX) != 0:
+        return -1
+    pthread_mutex_lock(&t.lock)
+    e = t.buckets[flow_bucket(src, dst, dport)]
+    while e != NULL and not (e.src == src and e.dst == dst and e.port == dport):
+        e = e.next
+    if e != NULL:
+        # forwarded: for="<client ip:port>"[;host=<service>]   traceparent: 00-<trace>-<span>-00
+        memcpy(fwd, b'for="', 5)
+        n = 5 + format_ipv4_port(fwd + 5, src, sport)
+        fwd[n] = b'"'
+        n += 1
+        memcpy(tp, b"00-", 3)
+        memcpy(tp + 3, trace, TRACE_HEX)
+        tp[35] = b'-'
+        put_hex(tp + 36, r2, 16)
+        memcpy(tp + 52, b"-00", 3)
+        if buf_append(&b, e.prefix, e.prefix_len) != 0 or hpack_put_int(&b, 0x00, 4, 0) != 0 \
+                or hpack_put_int(&b, 0x00, 7, 9) != 0 or buf_append(&b, "forwarded", 9) != 0 \
+                or hpack_put_int(&b, 0x00, 7, n + e.fwd_host_len) != 0 or buf_append(&b, fwd, n) != 0 \
+                or (e.fwd_host_len and buf_append(&b, e.fwd_host, e.fwd_host_len) != 0) \
+                or hpack_put_literal(&b, "traceparent", 11, tp, 55) != 0 \
+                or (e.suffix_len and buf_append(&b, e.suffix, e.suffix_len) != 0):
+            e = NULL
+        else:
+            cmd = <Cmd *>calloc(1, sizeof(Cmd))
+            if cmd != NULL:
+                cmd.kind = CMD_FAST_OPEN
+                cmd.id = e.conn_id
+                cmd.fd = fd
+                cmd.fd2 = -1
+                cmd.data = b.data
+                cmd.len = b.end
+                b.data = NULL
+                cmd.settings[0] = <int64_t>e.flow_id
+                cmd.settings[1] = src
+                cmd.settings[2] = sport
+                cmd.settings[3] = now_ns()
+                w.fast_seq += 1
+                cmd.token = (<uint64_t>1 << 62) | (<uint64_t>w.index << 48) | (w.fast_seq & ((<uint64_t>1 << 48) - 1))
+                owner = e.worker
+                out[0] = cmd
+    pthread_mutex_unlock(&t.lock)
+    buf_free(&b)
+    return owner
+
+
+cdef void flow_count(Worker *w, bint carried) noexcept nogil:
+    """Connections carried by the workers (a tunnel opened) or handed to the event loop."""
+    if w.flows == NULL:
+        return
+    pthread_mutex_lock(&w.flows.lock)
+    if carried:
+        w.flows.hits += 1
+    else:
+        w.flows.misses += 1
+    pthread_mutex_unlock(&w.flows.lock)
+
+
+cdef void flow_hand_over(Worker *w, int fd, int64_t accepted) noexcept nogil:
+    """A connection the fast path does not take: the event loop runs its own path on it."""
+    cdef Event *e = event_new(EV_ACCEPTED, 0)
+    flow_count(w, False)
+    if e == NULL:
+        close(fd)
+        return
+    e.a = fd
+    e.b = accepted
+    evq_push(w.evq, e)
+
+
+cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
+    """CMD_FAST_OPEN on the worker that owns the connection: open the CONNECT stream; the accepted
+    socket is attached when the answer is 200 (flow_response)."""
+    cdef Obj *o = worker_find(w, cmd.id)
+    cdef Conn *c = <Conn *>o if o != NULL and o.kind == H_TLS else NULL
+    cdef int64_t limit
+    cdef uint32_t sid
+    cdef Stream *s
+    cdef Event *e
+    cdef char data[TRACE_HEX + 4]
+    cdef uint32_t ip
+    if c != NULL:
+        limit = c.fast_max_streams if c.fast_max_streams < c.peer_max_streams else c.peer_max_streams
+    if c == NULL or c.state != CST_OPEN or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) \
+            or c.fast_max_streams <= 0 or c.nstreams >= limit or c.highest_local_sid >= 0x7ffffffd \
+            or cmd.len < TRACE_HEX:
+        flow_hand_over(w, cmd.fd, cmd.settings[3])
+        return
+    sid = c.highest_local_sid + 2 if c.highest_local_sid else 1
+    s = stream_new(c, sid, SF_FAST_PENDING)
+    if s == NULL:
+        flow_hand_over(w, cmd.fd, cmd.settings[3])
+        return
+    c.highest_local_sid = sid
+    flow_count(w, True)
+    s.fast_fd = cmd.fd
+    s.token = cmd.token
+    e = event_new(EV_FAST_OPEN, c.o.id)
+    if e != NULL:
+        e.token = cmd.token
+        e.sid = sid
+        e.code = cmd.fd
+        e.flags = <int>cmd.settings[2]
+        e.a = cmd.settings[0]
+        e.b = cmd.settings[3]
+        memcpy(data, cmd.data, TRACE_HEX)
+        ip = <uint32_t>cmd.settings[1]
+        memcpy(data + TRACE_HEX, &ip, 4)
+        event_set_data(e, data, TRACE_HEX + 4)
+        evq_push(w.evq, e)
+    if out_headers(&c.obuf, sid, cmd.data + TRACE_HEX, cmd.len - TRACE_HEX, False, <size_t>c.peer_max_frame) != 0:
+        conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+    worker_queue(w, &c.o)
+
+
+cdef int fields_status(const char *p, size_t n) noexcept nogil:
+    """The :status of decoded response fields (_splice_hpack.pxi layout), or 0."""
+    cdef uint32_t lens[2]
+    cdef size_t off = 0
+    cdef int status = 0
+    cdef size_t i
+    cdef int digit
+    while off + 8 <= n:
+        memcpy(lens, p + off, 8)
+        off += 8
+        if off + lens[0] + lens[1] > n:
+            return 0
+        if lens[0] == 7 and memcmp(p + off, b":status", 7) == 0:
+            if lens[1] != 3:
+                return 0
+            for i in range(3):
+                digit = <int>(<uint8_t>p[off + 7 + i]) - 48  # '0'
+                if digit < 0 or digit > 9:
+                    return 0
+                status = status * 10 + digit
+            return status
+        off += lens[0] + lens[1]
+    return 0
+
+
+cdef void flow_response(Conn *c, Stream *s, int status) noexcept nogil:
+    """The answer to a fast-path CONNECT: 200 attaches the accepted socket; anything else is told
+    to the event loop (EV_FAST_STATUS) and the stream is reset, as the event loop's path does."""
+    cdef int fd = s.fast_fd
+    cdef Event *e
+    s.flags &= ~SF_FAST_PENDING
+    s.fast_fd = -1
+    if status == 200:
+        stream_attach(c, s.id, fd, s.token)
+        return
+    e = event_new(EV_FAST_STATUS, c.o.id)
+    if e != NULL:
+        e.token = s.token
+        e.sid = s.id
+        e.code = status
+        evq_push(c.evq, e)
+    stream_reset(c, s, H2_CANCEL, END_LOCAL_RESET, 0)

@@ -1,0 +1,315 @@
+"""The outbound fast path's control side (ZTUNNEL_FAST_PATH, native engine only): the native
+workers accept on the outbound listener themselves and carry the connections of flow classes the
+event loop has decided once; this module installs those decisions and turns the workers' batched
+events into the same logs, access log lines and metrics as the event loop's path.
+
+Flow: a worker accepts -> looks the class up in the engine's flow cache -> hit: opens the CONNECT
+stream on this module's HBONE connection for the entry's pool key, attaches the socket on 200, and
+reports EV_FAST_OPEN then the completion; miss (or anything unusual): the socket comes here
+(EV_ACCEPTED) and Outbound.handle, the reference path, serves it and calls `learn`, which installs
+an entry when proxy/flowcache.py says the class may be cached.
+
+Invariants:
+- `flush` runs at the top of every state change (ProxyContext.replace_state, the path of every
+  source) before the new state is in place: the engine's table is emptied under its lock, so no
+  connection accepted after the change is served from an entry decided before it.
+- The fast path's HBONE connections are its own (one per pool key), never the pool's: the event
+  loop opens no stream on them, so their stream ids are the worker's alone.
+- Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, and a
+  tunnel cancelled by drain is reset by its worker.
+- A socket the workers hand over is owned here from its event on and closed exactly once.
+- Imported only with the native engine (engine/native.py is imported at module level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import socket
+import time
+
+from h2.errors import ErrorCodes
+
+from ..engine import abort, close_after
+from ..engine.native import stream_completion
+from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
+from ..hbone import headers as hbone_headers
+from ..hbone.connection import ConnectionLost, _reason
+from ..hbone.pool import PoolKey
+from ..telemetry.logs import Span
+from . import sockets
+from .common import _report_crash, format_duration
+from .flowcache import FlowClass, FlowEntry, flow_entry
+from .outbound import connection_record
+
+log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outbound path's
+
+END_PENDING = 0x100  # EV_STREAM_END flag: the stream ended before its CONNECT was answered
+RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lookup just before it)
+
+
+class _Tunnel:
+    __slots__ = ("conn", "flow_id", "future", "record", "sid", "sock", "span", "start", "status")
+
+    def __init__(self, flow_id, conn, sid, sock, span, record, start, future):
+        self.flow_id = flow_id
+        self.conn = conn
+        self.sid = sid
+        self.sock = sock
+        self.span = span
+        self.record = record
+        self.start = start
+        self.status = 0
+        self.future = future
+
+
+class FastPath:
+    def __init__(self, ctx, outbound):
+        self.ctx = ctx
+        self.outbound = outbound
+        self.engine = ctx.engine
+        self.core = ctx.engine.core
+        self.loop = asyncio.get_running_loop()
+        self.max_streams = ctx.config.pool_max_streams_per_connection
+        self.idle_timeout = ctx.config.pool_unused_release_timeout
+        self._ids = itertools.count(1)
+        self.entries: dict[int, FlowEntry] = {}  # flow id -> entry (kept while tunnels use it)
+        self.installed: dict[FlowClass, int] = {}  # what the engine's table holds now
+        self.uses: dict[int, int] = {}  # flow id -> live tunnels
+        self.conns: dict[PoolKey, object] = {}  # pool key -> the fast path's NativeConnection
+        self._dialing: dict[PoolKey, asyncio.Task] = {}
+        self._waiting: dict[PoolKey, dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
+        self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
+        self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
+        self._orphans: dict[int, socket.socket] = {}
+        self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
+        self._reaper: asyncio.Task | None = None
+        self.listening = False
+        self.engine.fast_sink = self
+
+    # -- the listener ---------------------------------------------------------------------------
+    def listen(self, lsock: socket.socket) -> None:
+        """The workers accept on `lsock` from now on (the event loop does not)."""
+        self.core.listen(lsock.fileno(), (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL,
+                                          sockets.KEEPALIVE_COUNT))
+        self.listening = True
+
+    def drain(self) -> None:
+        """No new connections; the fast path's HBONE connections say GOAWAY and close when drained."""
+        if self.listening and not self.engine._closed:
+            self.core.unlisten()
+            _, hits, misses, flushes = self.core.flow_stats
+            log.info("fast path: %d connections carried by the workers, %d by the event loop's path, "
+                     "%d flushes", hits, misses, flushes)
+        self.listening = False
+        self.flush()
+        for conn in list(self.conns.values()):
+            self._goaway(conn)
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    # -- decisions ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Forget every installed decision (a state or policy change is about to apply)."""
+        if not self.engine._closed:
+            self.core.flow_flush(0)
+        self.installed.clear()
+        self._waiting.clear()
+        self._drop_unused()
+
+    def learn(self, route, source, key: PoolKey, client_ip, dst_ip, dst_port: int) -> None:
+        """Outbound.handle decided `route` for this connection: cache the class when it may be."""
+        if not self.listening:
+            return
+        flow = FlowClass(client_ip, dst_ip, dst_port)
+        if flow in self.installed:
+            conn = self.conns.get(key)
+            if conn is not None and self._usable(conn):
+                return
+        entry = flow_entry(flow, route, source, key, dedicated=self.ctx.dedicated)
+        if entry is None:
+            return
+        conn = self.conns.get(key)
+        if conn is not None and self._usable(conn):
+            self._install(entry, conn)
+            return
+        self._waiting.setdefault(key, {})[flow] = entry
+        if key not in self._dialing:
+            task = self.loop.create_task(self._dial(key), name=f"fast-path-dial-{key.next_hop[0]}")
+            self._dialing[key] = task
+
+    def _usable(self, conn) -> bool:
+        return conn.lost is None and not conn.goaway_sent and not conn.goaway_received
+
+    def _install(self, entry: FlowEntry, conn) -> None:
+        flow_id = next(self._ids)
+        self.entries[flow_id] = entry
+        old = self.installed.get(entry.flow)
+        self.installed[entry.flow] = flow_id
+        self.flow_conn[flow_id] = conn.id
+        f = entry.flow
+        self.core.flow_install(int(f.src_ip), int(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
+                               entry.prefix, entry.fwd_host, entry.suffix)
+        if old is not None:
+            self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        """Forget entries no longer installed, unused, and retired long enough ago that no worker
+        can still be opening a tunnel it looked up before the flush (a lookup and its
+        EV_FAST_OPEN are microseconds apart; RETIRED_KEEP is seconds)."""
+        now = time.monotonic()
+        live = set(self.installed.values())
+        for flow_id in [i for i in self.entries if i not in live]:
+            retired = self._retired.setdefault(flow_id, now)
+            if not self.uses.get(flow_id) and now - retired >= RETIRED_KEEP:
+                del self.entries[flow_id]
+                del self._retired[flow_id]
+                self.uses.pop(flow_id, None)
+                self.flow_conn.pop(flow_id, None)
+
+    async def _dial(self, key: PoolKey) -> None:
+        try:
+            conn = await self.outbound.connect_hbone(key)
+        except (ProxyError, TlsError, ConnectionLost, OSError) as exc:  # the event loop's path keeps serving the class
+            log.debug("fast path: no HBONE connection to %s: %s", key.next_hop, exc)
+            self._waiting.pop(key, None)
+            return
+        finally:
+            self._dialing.pop(key, None)
+        if not self.listening:
+            conn.close()
+            return
+        old = self.conns.get(key)
+        if old is not None and old is not conn and self._usable(old):
+            self._goaway(old)
+        self.conns[key] = conn
+        conn.fast_streams = 0
+        self.core.fast_enable(conn.worker, conn.id, self.max_streams)
+        conn.closed.add_done_callback(lambda _f, key=key, conn=conn: self._conn_closed(key, conn))
+        for entry in self._waiting.pop(key, {}).values():  # decided under the state in force (flush empties it)
+            self._install(entry, conn)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = self.loop.create_task(self._reap(), name="fast-path-reaper")
+
+    def _conn_closed(self, key: PoolKey, conn) -> None:
+        if self.conns.get(key) is conn:
+            del self.conns[key]
+        if not self.engine._closed:
+            self.core.flow_flush(conn.id)
+        for flow, flow_id in list(self.installed.items()):
+            if self.flow_conn.get(flow_id) == conn.id:
+                del self.installed[flow]
+        self._drop_unused()
+
+    def _goaway(self, conn) -> None:
+        if conn.lost is not None or conn.goaway_sent:
+            return
+        conn.goaway_sent = True
+        if not self.engine._closed:
+            self.core.flow_flush(conn.id)
+            self.core.goaway(conn.worker, conn.id, ErrorCodes.NO_ERROR)
+
+    async def _reap(self) -> None:
+        interval = max(0.05, min(self.idle_timeout / 2, 30.0))
+        while self.conns:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                if getattr(conn, "fast_streams", 0) == 0 and now - conn.idle_since >= self.idle_timeout:
+                    log.debug("closing idle fast-path HBONE connection %s", conn.name)
+                    self._goaway(conn)
+
+    # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
+    def on_accepted(self, fd: int) -> None:
+        """A miss: the reference path serves the connection (and may install an entry)."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        task = self.loop.create_task(self.outbound.handle(sock), name=f"outbound-{fd}")
+        task.add_done_callback(_report_crash)
+        self.ctx.track(task)
+
+    def on_open(self, conn_id: int, token: int, sid: int, fd: int, client_port: int, flow_id: int,
+                accepted_ns: int, data: bytes) -> None:
+        """A worker opened a fast-path tunnel: the event loop's path's opening lines and metrics."""
+        sock = socket.socket(fileno=fd)
+        entry = self.entries.get(flow_id)
+        conn = self.engine._conns.get(conn_id)
+        if entry is None or conn is None:  # cannot happen: entries live while tunnels use them
+            log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
+            self._orphans[token] = sock  # closed at its completion, once the worker let go of it
+            if conn is not None and not self.engine._closed:
+                self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
+            return
+        trace_id = data[:32].decode()
+        client_ip = ipaddress.IPv4Address(int.from_bytes(data[32:36], "little"))
+        route = entry.route
+        span = Span("outbound", {"id": trace_id})
+        start = accepted_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()
+        if log.isEnabledFor(logging.INFO):
+            log.info("proxy to %s using HBONE via %s type %s", route.authority,
+                     hbone_headers.format_addr(*route.next_hop), route.via.value, extra={"span": span})
+        record = connection_record(self.ctx, (client_ip, client_port), route, entry.source)
+        record.start = start
+        future = self.loop.create_future()
+        self.tunnels[token] = _Tunnel(flow_id, conn, sid, sock, span, record, start, future)
+        self.uses[flow_id] = self.uses.get(flow_id, 0) + 1
+        conn.fast_streams = getattr(conn, "fast_streams", 0) + 1
+        future.add_done_callback(lambda f, token=token: self._cancelled(token) if f.cancelled() else None)
+        self.ctx.track(future)
+
+    def on_status(self, token: int, status: int) -> None:
+        tunnel = self.tunnels.get(token)
+        if tunnel is not None:
+            tunnel.status = status
+
+    def on_end(self, token: int, kind: int, code: int, err: int, sent: int, received: int) -> None:
+        """A fast-path tunnel's completion: the event loop's path's closing lines and metrics."""
+        tunnel = self.tunnels.pop(token, None)
+        if tunnel is None:
+            orphan = self._orphans.pop(token, None)
+            if orphan is not None:
+                abort(orphan)
+            return
+        conn = tunnel.conn
+        conn.fast_streams -= 1
+        conn.idle_since = time.monotonic()
+        self.uses[tunnel.flow_id] -= 1
+        if not self.uses[tunnel.flow_id] and tunnel.flow_id in self._retired:
+            self._drop_unused()
+        if not tunnel.future.done():
+            tunnel.future.set_result(None)
+        elif tunnel.future.cancelled():  # drained: Outbound.handle's CancelledError branch
+            abort(tunnel.sock)
+            tunnel.record.complete(0, 0, "connection closed due to drain")
+            return
+        pending = kind & END_PENDING
+        kind &= ~END_PENDING
+        if pending or tunnel.status:
+            # no tunnel was attached: the CONNECT failed, as pool.open_stream raises it
+            if tunnel.status:
+                exc = HttpStatus(tunnel.status, _reason(tunnel.status))
+            else:
+                exc = conn.lost if conn.lost is not None else StreamReset(code or ErrorCodes.CANCEL)
+            self._failed(tunnel, str(exc))
+            tunnel.record.complete(0, 0, str(exc), getattr(exc, "flag", "CONNECT"))
+            abort(tunnel.sock)
+            return
+        completion = stream_completion((kind, code, err, sent, received), tunnel.start)
+        close_after(completion, tunnel.sock)
+        tunnel.record.complete(completion.sent, completion.received, completion.error)
+        if completion.error:
+            self._failed(tunnel, completion.error)
+        else:
+            log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start), extra={"span": tunnel.span})
+
+    def _failed(self, tunnel: _Tunnel, error: str) -> None:
+        log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - tunnel.start), error,
+                    extra={"span": tunnel.span})
+
+    def _cancelled(self, token: int) -> None:
+        """Drain gave up on the tunnel: its worker resets it (the completion follows)."""
+        tunnel = self.tunnels.get(token)
+        if tunnel is not None and not self.engine._closed:
+            self.core.reset(tunnel.conn.worker, tunnel.conn.id, tunnel.sid, ErrorCodes.CANCEL)
