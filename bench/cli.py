@@ -36,7 +36,7 @@ from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
-DEFAULT_SETUPS = "direct,native,pure,envoy,envoy1"
+DEFAULT_SETUPS = "direct,native,fastpath,pure,envoy,envoy1"
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ class Runner:
         out: dict = {}
         recorders = [("perf", lambda: flame.Recorder(ctx.proxies, self.results_dir / f"{self.stamp}-{setup.name}-perf",
                                                      seconds))]
-        if setup.name in ("native", "pure"):
+        if setup.name in ("native", "pure", "fastpath"):
             recorders.append(("py-spy", lambda: Recorder(ctx.proxies, self.results_dir / f"{self.stamp}-{setup.name}",
                                                          seconds)))
         for tool, make in recorders:

@@ -5,6 +5,8 @@
   pure    the same with ZTUNNEL_ENGINE=pure (the pure-Python twin)
   envoy   client ──REDIRECT──▶ Envoy originator  ══HBONE══▶ Envoy terminator ──▶ app  (--concurrency 2)
   envoy1  the same with --concurrency 1 (issue 14's held-out configuration)
+  fastpath  native with ZTUNNEL_FAST_PATH=true (the workers' flow cache for outbound connections);
+          only the figures the fast path can move (idle, throughput, new connections, scaling)
 
 In every setup the load generators connect to <server ip>:<app port>; the proxied setups capture
 the client pod's outbound TCP with the same iptables rule (netns.redirect_outbound: REDIRECT to
@@ -72,10 +74,14 @@ class Direct(Setup):
 class ZtunnelFast(Setup):
     threads_label = "ZTUNNEL_WORKER_THREADS"
 
-    def __init__(self, engine: str, worker_threads: int = 2, log_level: str = ZTUNNEL_LOG_LEVEL):
+    def __init__(self, engine: str, worker_threads: int = 2, log_level: str = ZTUNNEL_LOG_LEVEL,
+                 fast_path: bool = False):
         self.engine = engine
-        self.name = engine
-        self.label = f"ztunnel-fast {engine}"
+        self.fast_path = fast_path
+        self.name = "fastpath" if fast_path else engine
+        self.label = f"ztunnel-fast {engine}" + (" + ZTUNNEL_FAST_PATH=true" if fast_path else "")
+        # the fast path changes how connections start, not the byte path or what a tunnel holds
+        self.skip = frozenset({"tunnels", "syscalls", "topology2", "cpu"}) if fast_path else frozenset()
         self.log_level = log_level
         self.worker_threads = worker_threads
         self.scales = engine == "native"  # the pure twin has no worker threads (one asyncio loop)
@@ -91,7 +97,8 @@ class ZtunnelFast(Setup):
 
     def start(self, bl: BenchLab, threads: int | None = None) -> Started:
         threads = threads or self.worker_threads
-        env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level, "ZTUNNEL_WORKER_THREADS": str(threads)}
+        env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level, "ZTUNNEL_WORKER_THREADS": str(threads),
+               "ZTUNNEL_FAST_PATH": "true" if self.fast_path else "false"}
         server = bl.lab.start_ztunnel(bl.server, redirect=False, **env)  # the server pod only answers
         client = bl.lab.start_ztunnel(bl.client, redirect=True, **env)
         m = re.search(r"engine=(\S+)", client.log())
@@ -147,7 +154,8 @@ def _certs(bl: BenchLab, side: str):
 
 
 ALL = {"direct": lambda t: Direct(), "native": lambda t: ZtunnelFast("native", t), "pure": lambda t: ZtunnelFast("pure", t),
-       "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1)}
+       "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1),
+       "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True)}
 
 
 def make(names: list[str], worker_threads: int = 2) -> list[Setup]:

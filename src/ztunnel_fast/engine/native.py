@@ -27,11 +27,11 @@ import os
 import socket
 import time
 
-import hpack
 from h2.errors import ErrorCodes
 
 from .. import _splice  # ImportError here means "no native engine"
 from ..errors import HttpStatus, StreamReset
+from ..hbone.hpack_cache import StatelessEncoder
 from ..hbone.connection import (
     PING_INTERVAL,
     PING_TIMEOUT,
@@ -357,8 +357,7 @@ class NativeConnection(ConnectionState):
         self._next_sid = 1
         self._started = False
         # stateless HPACK encoder: a block the worker drops (stream gone) cannot desynchronise the peer
-        self._encoder = hpack.Encoder()
-        self._encoder.header_table_size = 0
+        self._encoder = StatelessEncoder()
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
