@@ -133,7 +133,8 @@ class Soak:
         self.holder_restarts = 0
         self.t0 = _now()
         self.bl: BenchLab | None = None
-        self.env = {"ZTUNNEL_ENGINE": args.engine, "RUST_LOG": LOG_LEVEL, "SECRET_TTL": args.secret_ttl}
+        self.env = {"ZTUNNEL_ENGINE": args.engine, "RUST_LOG": LOG_LEVEL, "SECRET_TTL": args.secret_ttl,
+                    "ZTUNNEL_FAST_PATH": "true" if args.fast_path else "false"}
 
     # -- set-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -531,7 +532,7 @@ def targets(soak: Soak) -> list[tuple[str, str, str, bool]]:
 def markdown(soak: Soak, meta: dict) -> str:
     a = soak.args
     out = [f"# Soak run {meta['stamp']}", "",
-           f"`python -m bench.soak --minutes {a.minutes:g} --engine {a.engine}` on {meta['machine']['nproc']} cores "
+           f"`python -m bench.soak --minutes {a.minutes:g} --engine {a.engine}{' --fast-path' if a.fast_path else ''}` on {meta['machine']['nproc']} cores "
            f"({meta['machine']['cpu_model']}, {meta['machine']['os']}, Linux {meta['machine']['kernel']}); "
            f"load average at start {meta['machine']['loadavg_at_start']}, at end {meta['loadavg_at_end']}. "
            "The machine is shared with other work, which the load average shows; figures are "
@@ -541,7 +542,7 @@ def markdown(soak: Soak, meta: dict) -> str:
            f"sample, an app resetting every connection; the local config rewritten atomically every "
            f"{a.config_interval:g} s ({soak.config_writes} writes: policies and a workload added and removed); "
            f"SECRET_TTL={a.secret_ttl} (certificates renewed at half-life). Warm-up: {soak.warmup:.0f} s. "
-           f"Engine: {a.engine}; commit {meta['versions'].get('git_commit')}"
+           f"Engine: {a.engine}{' with ZTUNNEL_FAST_PATH=true' if a.fast_path else ''}; commit {meta['versions'].get('git_commit')}"
            f"{' (dirty)' if meta['versions'].get('git_dirty') else ''}.", "",
            "## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for name, want, got, ok in targets(soak):
@@ -629,6 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--secret-ttl", default="90s", help="SECRET_TTL of both proxies (renewed at half-life)")
     p.add_argument("--held", type=int, default=1000, help="tunnels held open for the whole run")
     p.add_argument("--no-faults", action="store_true")
+    p.add_argument("--fast-path", action="store_true", help="both proxies with ZTUNNEL_FAST_PATH=true (native engine)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep-workdir", action="store_true", help="keep the proxies' logs and configs")
     a = p.parse_args(argv)
@@ -668,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path = args.out / f"soak-{stamp}.md"
     md_path.write_text(md)
     png = args.out / f"soak-{stamp}.png"
-    chart(soak, png, f"ztunnel-fast soak {stamp} ({args.engine}, {args.minutes:g} min)")
+    chart(soak, png, f"ztunnel-fast soak {stamp} ({args.engine}{' + fast path' if args.fast_path else ''}, {args.minutes:g} min)")
     print(md)
     print(f"wrote {md_path} and {png}")
     met = all(ok for *_, ok in targets(soak))
