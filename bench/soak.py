@@ -386,7 +386,9 @@ class Soak:
         finally:
             for chain, flag in rules:
                 netns.iptables(bl.server.pod, "-D", chain, "-p", "tcp", flag, "15008", "-j", "DROP", check=False)
-        bound = PING_TIMEOUT_S + 10.0  # timeout after a PING, which is sent every 10 s
+        # the PING timeout after a PING sent every 10 s, plus this loop's 0.5 s polling and the
+        # proxies' 0.1 s timer tick (a 30.2 s close is on time)
+        bound = PING_TIMEOUT_S + 10.0 + 0.5 + 0.1
         return {"fault": "peer blackholed (iptables DROP on 15008 in its netns)",
                 "observed": (f"{before} HBONE connection(s) closed by the client {closed_after:.1f}s after the DROP"
                              if closed_after is not None else f"{before} HBONE connection(s) still open after "
