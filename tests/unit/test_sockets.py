@@ -45,3 +45,16 @@ def test_address_caches_stay_bounded():
         assert sockets._ip_text(sockets.normalize(text)) == text
     assert len(sockets._ip_parsed) <= sockets.IP_CACHE_SIZE
     assert len(sockets._ip_texts) <= sockets.IP_CACHE_SIZE
+
+
+def test_addresses_are_parsed_once_and_unmapped():
+    from ipaddress import IPv4Address, IPv6Address
+
+    from ztunnel_fast.proxy import sockets
+
+    mapped = sockets.normalize("::ffff:10.1.2.3")
+    assert mapped == IPv4Address("10.1.2.3")
+    assert sockets.normalize("::ffff:10.1.2.3") is mapped  # the cached object
+    assert sockets.normalize("fe80::1%eth0") == IPv6Address("fe80::1")
+    assert sockets._from_packed(bytes([10, 1, 2, 3])) == mapped
+    assert sockets._from_packed(IPv6Address("::ffff:10.1.2.3").packed) == mapped

@@ -49,25 +49,22 @@ _ip_texts: dict[IpAddress, str] = {}  # address -> str(address)
 
 def normalize(ip: str) -> IpAddress:
     addr = _ip_parsed.get(ip)
-    if addr is None:
-        addr = ip_address(ip.split("%", 1)[0])
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if len(_ip_parsed) >= IP_CACHE_SIZE:
-            _ip_parsed.clear()
-        _ip_parsed[ip] = addr
-    return addr
+    return addr if addr is not None else _parse(ip, ip.split("%", 1)[0])
 
 
 def _from_packed(packed: bytes) -> IpAddress:
     addr = _ip_parsed.get(packed)
-    if addr is None:
-        addr = ip_address(packed)
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if len(_ip_parsed) >= IP_CACHE_SIZE:
-            _ip_parsed.clear()
-        _ip_parsed[packed] = addr
+    return addr if addr is not None else _parse(packed, packed)
+
+
+def _parse(key: str | bytes, raw: str | bytes) -> IpAddress:
+    """The cache miss of normalize/_from_packed: parse, unmap IPv4-mapped IPv6, remember."""
+    addr = ip_address(raw)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if len(_ip_parsed) >= IP_CACHE_SIZE:
+        _ip_parsed.clear()
+    _ip_parsed[key] = addr
     return addr
 
 
