@@ -16,9 +16,11 @@ import pytest
 import uvloop
 from OpenSSL import SSL
 
-from ztunnel_fast.engine import base
+from ztunnel_fast.engine import (
+    base,
+    native,
+)
 
-from ztunnel_fast.engine import native  # noqa: E402 - must be built on this machine kind: a missing build fails, never skips
 NativeEngine = native.NativeEngine
 
 
@@ -34,6 +36,19 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     for s in (a, b):
         s.setblocking(False)
     return a, b
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected non-blocking Unix socket pair: a downstream and the plain leg it arrives on."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def close_all(*closeables) -> None:
+    for c in closeables:
+        c.close()
 
 
 async def send_all_then_fin(loop, sock: socket.socket, payload: bytes) -> None:
@@ -73,8 +88,7 @@ def test_splice_moves_both_ways_with_half_close():
         assert got_up == up and got_down == down
         assert (completion.sent, completion.received) == (len(up), len(down))
         assert completion.error is None and not completion.reset
-        for s in (client, plain, upstream, server):
-            s.close()
+        close_all(client, plain, upstream, server)
         engine.close()
 
     run(main())
@@ -138,8 +152,7 @@ def test_splice_cancel_ends_promptly_and_lets_go_of_the_sockets():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not engine._splices  # the completion arrived before CancelledError propagated
-        for s in (client, plain, upstream, server):
-            s.close()
+        close_all(client, plain, upstream, server)
         engine.close()
 
     run(main())
@@ -155,8 +168,7 @@ def test_engine_close_completes_open_splices():
         engine.close()
         completion = await task
         assert completion.reset
-        for s in (client, plain, upstream, server):
-            s.close()
+        close_all(client, plain, upstream, server)
 
     run(main())
 
@@ -165,10 +177,8 @@ def test_splice_works_on_unix_socket_pairs():
     async def main():
         loop = asyncio.get_running_loop()
         engine = NativeEngine(workers=1)
-        a1, a2 = socket.socketpair()
-        b1, b2 = socket.socketpair()
-        for s in (a1, a2, b1, b2):
-            s.setblocking(False)
+        a1, a2 = socket_pair()
+        b1, b2 = socket_pair()
         task = asyncio.ensure_future(engine.splice(a2, b1, "t"))
         data = os.urandom(1 << 20)
         await send_all_then_fin(loop, a1, data)
@@ -177,8 +187,7 @@ def test_splice_works_on_unix_socket_pairs():
         assert await read_to_eof(loop, a1) == b""
         completion = await task
         assert completion.sent == len(data) and completion.error is None
-        for s in (a1, a2, b1, b2):
-            s.close()
+        close_all(a1, a2, b1, b2)
         engine.close()
 
     run(main())
@@ -206,6 +215,17 @@ def certs(tmp_path_factory):
     init_ca(d, TD)
     ca = LocalCA.load(d)
     return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
+
+
+async def tls_pair(certs):
+    """A socket pair with TLS done on both ends (sleep as client, httpbin as server):
+    (client socket, server socket, client TLS, server TLS)."""
+    c, s = socket_pair()
+    client_tls, server_tls = await asyncio.gather(
+        handshake(c, certs[SLEEP].client_context, server_side=False),
+        handshake(s, certs[HTTPBIN].server_context, server_side=True),
+    )
+    return c, s, client_tls, server_tls
 
 
 def connect_request(authority="198.18.0.2:80"):
@@ -239,13 +259,7 @@ class Pair:
         self.server_tasks = []
 
     async def open(self):
-        c, s = socket.socketpair()
-        c.setblocking(False)
-        s.setblocking(False)
-        client_tls, server_tls = await asyncio.gather(
-            handshake(c, self.certs[SLEEP].client_context, server_side=False),
-            handshake(s, self.certs[HTTPBIN].server_context, server_side=True),
-        )
+        c, s, client_tls, server_tls = await tls_pair(self.certs)
         self.server = self.server_engine.connection(s, server_tls, client=False, settings=self.settings,
                                                     on_request=self.serve, name="server")
         self.server.start()
@@ -259,9 +273,7 @@ class Pair:
         if self.status != 200:
             stream.respond(self.status, end=True)
             return
-        plain, app = socket.socketpair()
-        plain.setblocking(False)
-        app.setblocking(False)
+        plain, app = socket_pair()
         self.apps.append(app)
         stream.respond(200)
         echo = asyncio.ensure_future(echo_plain(loop, app))
@@ -279,9 +291,7 @@ class Pair:
         """A downstream socket tunnelled through a new stream: send payload, FIN, read the echo."""
         loop = asyncio.get_running_loop()
         stream = await self.stream()
-        down, plain = socket.socketpair()
-        down.setblocking(False)
-        plain.setblocking(False)
+        down, plain = socket_pair()
         task = asyncio.ensure_future(self.client_engine.tunnel(plain, stream, "cli"))
         sender = asyncio.ensure_future(send_all_then_fin(loop, down, payload))
         got = await read_to_eof(loop, down)
@@ -323,8 +333,7 @@ def test_tunnel_echo_through_native_connections(certs, kind):
         assert all(c.error is None for c in pair.completions)
         pair.close()
         await asyncio.sleep(0.05)
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -341,8 +350,7 @@ def test_non_200_raises_http_status_and_connection_stays_usable(certs, kind):
         got, _ = await pair.echo(b"still works")
         assert got == b"still works"
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -363,8 +371,7 @@ def test_64_mib_through_native_connections_makes_no_per_chunk_events(certs):
         assert after - before <= 12, after - before  # 64 MiB = 4096 chunks of 16 KiB: none of them
         pair.close()
         await asyncio.sleep(0.05)
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main(), timeout=120)
 
@@ -381,9 +388,7 @@ def test_half_close_server_first(certs, kind):
         received_by_app = asyncio.get_running_loop().create_future()
 
         async def serve(stream):
-            plain, app = socket.socketpair()
-            plain.setblocking(False)
-            app.setblocking(False)
+            plain, app = socket_pair()
             stream.respond(200)
             task = asyncio.ensure_future(se.tunnel(plain, stream, "srv"))
             await send_all_then_fin(loop, app, reply)
@@ -394,9 +399,7 @@ def test_half_close_server_first(certs, kind):
 
         pair.server.on_request = serve
         stream = await pair.stream()
-        down, plain = socket.socketpair()
-        down.setblocking(False)
-        plain.setblocking(False)
+        down, plain = socket_pair()
         task = asyncio.ensure_future(ce.tunnel(plain, stream, "cli"))
         assert await read_to_eof(loop, down) == reply  # server FIN arrived while we still send
         await send_all_then_fin(loop, down, request)
@@ -406,8 +409,7 @@ def test_half_close_server_first(certs, kind):
         base.close_after(completion, plain)
         down.close()
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -445,8 +447,7 @@ def test_app_reset_reaches_the_client_as_reset(certs, kind):
         got, _ = await pair.echo(b"the connection survives")
         assert got == b"the connection survives"
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -457,9 +458,7 @@ def test_cancelled_tunnel_resets_the_stream_and_lets_go(certs):
         ce, se = engines("native-native")
         pair = await Pair(certs, ce, se).open()
         stream = await pair.stream()
-        down, plain = socket.socketpair()
-        down.setblocking(False)
-        plain.setblocking(False)
+        down, plain = socket_pair()
         task = asyncio.ensure_future(ce.tunnel(plain, stream, "cli"))
         await loop.sock_sendall(down, b"x" * 1000)
         await asyncio.sleep(0.05)
@@ -473,8 +472,7 @@ def test_cancelled_tunnel_resets_the_stream_and_lets_go(certs):
         plain.close()
         down.close()
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -486,9 +484,7 @@ def test_graceful_goaway_lets_open_streams_finish(certs, kind):
         ce, se = engines(kind)
         pair = await Pair(certs, ce, se).open()
         stream = await pair.stream()
-        down, plain = socket.socketpair()
-        down.setblocking(False)
-        plain.setblocking(False)
+        down, plain = socket_pair()
         task = asyncio.ensure_future(ce.tunnel(plain, stream, "cli"))
         await loop.sock_sendall(down, b"before")
         pair.server.goaway()
@@ -502,8 +498,7 @@ def test_graceful_goaway_lets_open_streams_finish(certs, kind):
         down.close()
         await asyncio.wait_for(asyncio.shield(pair.client.closed), 2)  # closed once its last stream ended
         await asyncio.wait_for(asyncio.shield(pair.server.closed), 2)
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -529,9 +524,7 @@ def test_data_before_attach_is_buffered_within_the_window(certs):
         writer = asyncio.ensure_future(stream.write(data))
         await asyncio.sleep(0.3)
         assert not writer.done()  # flow control holds the writer at the window
-        plain, app = socket.socketpair()
-        plain.setblocking(False)
-        app.setblocking(False)
+        plain, app = socket_pair()
         attach.set_result(plain)
         reader = asyncio.ensure_future(read_to_eof(loop, app))
         await writer
@@ -539,8 +532,7 @@ def test_data_before_attach_is_buffered_within_the_window(certs):
         assert await reader == data
         app.close()
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -581,8 +573,7 @@ def test_pool_over_native_connections(certs):
         pool.close()
         for p in pairs:
             p.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
 
@@ -592,13 +583,7 @@ def test_connection_refused_by_peer_fails_the_first_stream_instead_of_hanging(ce
     does): the stream's response fails with the connection's error."""
     async def main():
         engine = NativeEngine(workers=1)
-        c, s = socket.socketpair()
-        c.setblocking(False)
-        s.setblocking(False)
-        client_tls, _server_tls = await asyncio.gather(
-            handshake(c, certs[SLEEP].client_context, server_side=False),
-            handshake(s, certs[HTTPBIN].server_context, server_side=True),
-        )
+        c, s, client_tls, _server_tls = await tls_pair(certs)
         conn = engine.connection(c, client_tls, client=True, settings=H2Settings())
         conn.start()
         stream = conn.start_stream(connect_request())
@@ -627,20 +612,13 @@ def test_keepalive_pings_are_answered_and_a_silent_peer_is_dropped(certs, monkey
         pair.close()
 
         # a peer that completes TLS, then never reads or answers again
-        c, s = socket.socketpair()
-        c.setblocking(False)
-        s.setblocking(False)
-        client_tls, _server_tls = await asyncio.gather(
-            handshake(c, certs[SLEEP].client_context, server_side=False),
-            handshake(s, certs[HTTPBIN].server_context, server_side=True),
-        )
+        c, s, client_tls, _server_tls = await tls_pair(certs)
         conn = ce.connection(c, client_tls, client=True, settings=H2Settings(), name="silent-peer")
         conn.start()
         error = await asyncio.wait_for(conn.closed, 5)
         assert isinstance(error, ConnectionLost) and "keepalive" in str(error)
         s.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
     assert "silent-peer: no PING ack" in caplog.text
@@ -652,13 +630,7 @@ def test_protocol_error_from_a_peer_ends_only_that_connection(certs, caplog):
     async def main():
         ce, se = engines("native-native")
         good = await Pair(certs, ce, se).open()
-        c, s = socket.socketpair()
-        c.setblocking(False)
-        s.setblocking(False)
-        client_tls, server_tls = await asyncio.gather(
-            handshake(c, certs[SLEEP].client_context, server_side=False),
-            handshake(s, certs[HTTPBIN].server_context, server_side=True),
-        )
+        c, s, client_tls, server_tls = await tls_pair(certs)
         bad = se.connection(s, server_tls, client=False, settings=H2Settings(), on_request=good.serve, name="bad-peer")
         bad.start()
         preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
@@ -682,8 +654,7 @@ def test_protocol_error_from_a_peer_ends_only_that_connection(certs, caplog):
         assert got == b"others unharmed"
         good.close()
         c.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
     assert "bad-peer: closing connection, peer violated HTTP/2" in caplog.text
@@ -698,9 +669,7 @@ def test_a_stalled_stream_does_not_stall_its_connection(certs):
         ce, se = engines("native-native", workers=1)
         pair = await Pair(certs, ce, se).open()
         stalled = await pair.stream()
-        down, plain = socket.socketpair()
-        down.setblocking(False)
-        plain.setblocking(False)
+        down, plain = socket_pair()
         task = asyncio.ensure_future(ce.tunnel(plain, stalled, "stalled"))
         # 16 MiB sent; the echo comes back but `down` never reads it
         sender = asyncio.ensure_future(loop.sock_sendall(down, payload(16 << 20, 1)))
@@ -713,10 +682,8 @@ def test_a_stalled_stream_does_not_stall_its_connection(certs):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for s in (down, plain):
-            s.close()
+        close_all(down, plain)
         pair.close()
-        for e in (ce, se):
-            e.close()
+        close_all(ce, se)
 
     run(main())
