@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import netns
 from ..fakes.cni import FakeCni, install_inpod_rules
-from .journey import BOLD, RESET, DemoFailed, in_ns, push_mesh, show
+from .journey import BOLD, RESET, DemoFailed, demo_exit, in_ns, push_mesh, show
 from .lab import Lab, LabIstiod, LabPod
 
 NS = "ambient-demo"
@@ -214,12 +214,8 @@ def run_inpod_demo(engine: str = "auto", keep: bool = False, step: str | None = 
         if keep:
             print(f"\n--keep: the topology stays up. Enter a pod: ip netns exec {c.sleep.pod.netns} bash")
         return 0
-    except DemoFailed as exc:
-        print(f"\ndemo failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; tearing down", file=sys.stderr)
-        return 130
+    except (DemoFailed, KeyboardInterrupt) as exc:
+        return demo_exit(exc)
     finally:
         if not (keep and completed):
             if c is not None:

@@ -442,12 +442,8 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
             print(f"  remove everything: for n in $(ip netns list | grep -o '^{c.topo.prefix}-[a-z0-9-]*'); "
                   f"do ip netns pids $n | xargs -r kill; ip netns del $n; rm -rf /etc/netns/$n; done; rm -rf {workdir}")
         return 0
-    except DemoFailed as exc:
-        print(f"\ndemo failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; tearing down", file=sys.stderr)
-        return 130
+    except (DemoFailed, KeyboardInterrupt) as exc:
+        return demo_exit(exc)
     finally:
         if not (keep and completed):
             teardown(c)
@@ -455,6 +451,16 @@ def run_demo(engine: str = "auto", keep: bool = False, step: str | None = None) 
             if c is not None:
                 print(f"\ntorn down: no namespace, rule, ipset or process of {c.topo.prefix} left, "
                       f"{workdir} removed")
+
+
+def demo_exit(exc: BaseException) -> int:
+    """The exit status of a demo ended by `exc`: 1 for a failed step (its message on stderr),
+    130 for Ctrl-C; the caller's `finally` tears down."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("\ninterrupted; tearing down", file=sys.stderr)
+        return 130
+    print(f"\ndemo failed: {exc}", file=sys.stderr)
+    return 1
 
 
 def _terminated(signum: int, frame) -> None:
