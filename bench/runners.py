@@ -43,6 +43,7 @@ class Ctx:
     proxies: Proxies
     settings: Settings
     workdir: Path
+    pooled: bool = True  # the proxies keep an HBONE connection open (the plain relays do not)
 
     @property
     def server_ip(self) -> str:
@@ -77,9 +78,15 @@ def path_check(ctx: Ctx) -> dict:
     if status != 200:
         raise BenchError(f"GET http://{ctx.server_ip}:{HTTP_PORT}/ through the setup returned {status or 'nothing'}")
     hbone = ctx.bl.established(ctx.bl.client, "dport = :15008")
-    if ctx.proxies and hbone < 1:
+    if ctx.proxies and ctx.pooled and hbone < 1:
         raise BenchError("no HBONE connection from the client pod after a request: traffic bypassed the proxy")
-    return {"http_status": status, "hbone_connections": hbone}
+    out = {"http_status": status, "hbone_connections": hbone}
+    if ctx.proxies and not ctx.pooled:  # a relay closes its upstream with the flow: the capture rule is the proof
+        cp = ctx.bl.run(ctx.bl.client, ["iptables-legacy", "-w", "10", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"])
+        out["redirected_packets"] = parse.redirect_packets(cp.stdout)
+        if out["redirected_packets"] < 1:
+            raise BenchError("the outbound REDIRECT rule counted no packet: traffic bypassed the relay")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- iperf3

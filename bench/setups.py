@@ -7,6 +7,11 @@
   envoy1  the same with --concurrency 1 (issue 14's held-out configuration)
   fastpath  native with ZTUNNEL_FAST_PATH=true (the workers' flow cache for outbound connections);
           only the figures the fast path can move (idle, throughput, new connections, scaling)
+  relay   client ──REDIRECT──▶ plain TCP relay ──tcp──▶ plain TCP relay ──▶ app (bench/relay.py):
+          no TLS, no HTTP/2, bytes moved by splice(2) — what any proxy pair pays here (the floor);
+          only throughput, CPU/GB and syscalls
+  relaycopy  the same relay with recv_into()/send() through a 256 KiB buffer: the two user-space
+          copies per proxy a user-space TLS proxy cannot avoid
 
 In every setup the load generators connect to <server ip>:<app port>; the proxied setups capture
 the client pod's outbound TCP with the same iptables rule (netns.redirect_outbound: REDIRECT to
@@ -144,6 +149,42 @@ class EnvoyPair(Setup):
         return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
 
 
+class RelayPair(Setup):
+    """bench/relay.py in both pods, where the proxies sit: the byte path without any protocol."""
+
+    threads_label = "one thread per direction"
+    # no HTTP, tunnel or scaling figures: the floor is about bytes (CPU/GB), not connections
+    skip = frozenset({"http_ka", "http_nc", "tunnels", "scaling"})
+
+    def __init__(self, mode: str = "splice"):
+        self.mode = mode
+        self.name = "relay" if mode == "splice" else f"relay{mode}"
+        how = "splice(2), no user-space copy" if mode == "splice" else "recv_into/send, 256 KiB buffer"
+        self.label = f"plain TCP relay pair (no TLS; {how})"
+
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
+        import sys
+
+        from .relay import __file__ as relay_script
+
+        peer = f"{bl.server.ip}:15008"
+        procs = {
+            "server": bl.popen(bl.server, [sys.executable, relay_script, "server", "--listen", peer,
+                                           "--mode", self.mode], "relay-server.log"),
+        }
+        netns.wait_listening(bl.server.pod, 15008, timeout=15)
+        procs["client"] = bl.popen(bl.client, [sys.executable, relay_script, "client", "--listen", "0.0.0.0:15001",
+                                               "--peer", peer, "--mode", self.mode], "relay-client.log")
+        netns.wait_listening(bl.client.pod, 15001, timeout=15)
+        netns.redirect_outbound(bl.client.pod)
+        for side, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"relay {side} exited with {proc.returncode}; see {bl.workdir}")
+        info = {"mode": self.mode, "topology": bl.kind, "pooled": False,
+                "outbound": "iptables REDIRECT to 15001 + SO_ORIGINAL_DST"}
+        return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
+
+
 def _certs(bl: BenchLab, side: str):
     """Key, chain and root for the pod's SPIFFE identity, issued by the Lab's CA."""
     from tests.certs import CertPaths
@@ -155,7 +196,8 @@ def _certs(bl: BenchLab, side: str):
 
 ALL = {"direct": lambda t: Direct(), "native": lambda t: ZtunnelFast("native", t), "pure": lambda t: ZtunnelFast("pure", t),
        "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1),
-       "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True)}
+       "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True),
+       "relay": lambda t: RelayPair("splice"), "relaycopy": lambda t: RelayPair("copy")}
 
 
 def make(names: list[str], worker_threads: int = 2) -> list[Setup]:
