@@ -1,4 +1,4 @@
-"""The five setups measured side by side, and how each one is started in a BenchLab.
+"""The setups measured side by side, and how each one is started in a BenchLab.
 
   direct  client ──▶ server app                                   (no proxy: the reference)
   native  client ──REDIRECT──▶ ztunnel-fast (ZTUNNEL_ENGINE=native) ══HBONE══▶ ztunnel-fast ─▶ app
