@@ -41,8 +41,12 @@ def summarize(figures: dict[str, list[dict]]) -> dict[str, dict]:
     for label, runs in figures.items():
         cpu = [r["proxy_cpu_s_per_gb"] for r in runs if r.get("proxy_cpu_s_per_gb") is not None]
         gbps = [r["gbps"] for r in runs if r.get("gbps") is not None]
+        user = [r["proxy_cpu_user_s_per_gb"] for r in runs if r.get("proxy_cpu_user_s_per_gb") is not None]
+        system = [r["proxy_cpu_sys_s_per_gb"] for r in runs if r.get("proxy_cpu_sys_s_per_gb") is not None]
         out[label] = {"runs": len(runs), "cpu_median": statistics.median(cpu) if cpu else None,
-                      "cpu_min": min(cpu) if cpu else None, "gbps_median": statistics.median(gbps) if gbps else None}
+                      "cpu_min": min(cpu) if cpu else None, "gbps_median": statistics.median(gbps) if gbps else None,
+                      "user_median": statistics.median(user) if user else None,
+                      "sys_median": statistics.median(system) if system else None}
     return out
 
 
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     bl.teardown()
                 figures[label].append(result)
-                shown = (f"{result['proxy_cpu_s_per_gb']:.3f} s/GB, {result['gbps']:.2f} Gbit/s"
+                shown = (f"{result['proxy_cpu_s_per_gb']:.3f} s/GB (user {result['proxy_cpu_user_s_per_gb']:.3f}, sys "
+                 f"{result['proxy_cpu_sys_s_per_gb']:.3f}), {result['gbps']:.2f} Gbit/s"
                          if "error" not in result else result["error"])
                 print(f"round {rnd + 1} {label:>14}: {shown}", flush=True)
     finally:
@@ -103,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if s["cpu_median"] is None:
             print(f"{label:>14}: no figure")
             continue
-        print(f"{label:>14}: CPU/GB median {s['cpu_median']:.3f}, min {s['cpu_min']:.3f} s/GB; "
-              f"{s['gbps_median']:.2f} Gbit/s median ({s['runs']} runs)")
+        print(f"{label:>14}: CPU/GB median {s['cpu_median']:.3f}, min {s['cpu_min']:.3f} s/GB (median user "
+              f"{s['user_median']:.3f}, sys {s['sys_median']:.3f}); {s['gbps_median']:.2f} Gbit/s median "
+              f"({s['runs']} runs)")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "figures": figures,
                                          "summary": summary}, indent=2, default=str) + "\n")

@@ -106,7 +106,7 @@ def _iperf(ctx: Ctx, args: list[str], timeout: float) -> dict:
     _check_alive(ctx)
     out_path = ctx.workdir / "iperf3-client.json"
     argv = ["iperf3", "-c", ctx.server_ip, "-p", str(IPERF_PORT), "-J", "--connect-timeout", "5000", *args]
-    cpu0 = ctx.proxies.cpu()
+    user0, sys0 = ctx.proxies.cpu_split()
     start = time.monotonic()
     with open(out_path, "wb") as out:  # a file, not a pipe: -J output of 4 streams outgrows a pipe buffer
         proc = ctx.bl.topology.popen(ctx.bl.client.pod, argv, stdout=out, stderr=subprocess.STDOUT)
@@ -125,11 +125,16 @@ def _iperf(ctx: Ctx, args: list[str], timeout: float) -> dict:
             time.sleep(POLL_SECONDS)
     finally:
         ctx.bl.topology.stop(proc)
-    cpu = ctx.proxies.cpu() - cpu0
+    user1, sys1 = ctx.proxies.cpu_split()
+    cpu = (user1 - user0) + (sys1 - sys0)
     result = parse.parse_iperf3(out_path.read_text(errors="replace")).as_dict()
     result["proxy_cpu_seconds"] = round(cpu, 3)
     gb = result["bytes_received"] / GB
     result["proxy_cpu_s_per_gb"] = round(cpu / gb, 4) if ctx.proxies and gb else None
+    # the split (JSON only): user = what the proxies do themselves (AEAD, copies, framing), system =
+    # the kernel's share charged to them (syscalls, copies to and from user space, TCP, softirq)
+    result["proxy_cpu_user_s_per_gb"] = round((user1 - user0) / gb, 4) if ctx.proxies and gb else None
+    result["proxy_cpu_sys_s_per_gb"] = round((sys1 - sys0) / gb, 4) if ctx.proxies and gb else None
     _check_alive(ctx)
     return result
 

@@ -86,3 +86,28 @@ def test_relay_header_round_trips_the_original_destination():
     assert len(raw) == HEADER.size == 6
     assert raw == bytes([198, 18, 0, 2, 0x14, 0x51])
     assert decode_header(raw) == ("198.18.0.2", 5201)
+
+
+def test_ab_summary_takes_medians_and_skips_failed_runs():
+    from bench.ab import summarize
+
+    runs = [{"proxy_cpu_s_per_gb": 3.0, "proxy_cpu_user_s_per_gb": 1.0, "proxy_cpu_sys_s_per_gb": 2.0, "gbps": 3.0},
+            {"proxy_cpu_s_per_gb": 2.0, "proxy_cpu_user_s_per_gb": 0.9, "proxy_cpu_sys_s_per_gb": 1.1, "gbps": 4.0},
+            {"error": "BenchError: proxy exited"},
+            {"proxy_cpu_s_per_gb": 4.0, "proxy_cpu_user_s_per_gb": 1.2, "proxy_cpu_sys_s_per_gb": 2.8, "gbps": 2.0}]
+    s = summarize({"0:native": runs, "1:relay": [{"error": "x"}]})
+    assert s["0:native"] == {"runs": 4, "cpu_median": 3.0, "cpu_min": 2.0, "gbps_median": 3.0,
+                             "user_median": 1.0, "sys_median": 2.0}
+    assert s["1:relay"]["cpu_median"] is None and s["1:relay"]["runs"] == 1
+
+
+def test_cpu_split_adds_up_to_cpu_seconds():
+    import os
+
+    from bench import procstat
+
+    user, system = procstat.cpu_split([os.getpid()])
+    assert user >= 0 and system >= 0
+    total = procstat.cpu_seconds([os.getpid()])
+    assert total >= user + system  # read after: the process only accumulates CPU
+    assert procstat.cpu_split([2**22 + 12345]) == (0.0, 0.0)  # a pid that does not exist counts as 0
