@@ -95,7 +95,9 @@ STEPS = (
     Step("idle", "idle RSS", runners.idle_rss,
          lambda r: ", ".join(f"{k} {_mib(v)}" for k, v in r["rss"].items()) or "no proxy"),
     Step("check", "path check", runners.path_check,
-         lambda r: f"HTTP {r['http_status']}, HBONE connections {r['hbone_connections']}"),
+         lambda r: f"HTTP {r['http_status']}, " + (f"packets through the REDIRECT rule {r['redirected_packets']}"
+                                                    if "redirected_packets" in r
+                                                    else f"HBONE connections {r['hbone_connections']}")),
     Step("tput1", "throughput, 1 stream", lambda c: runners.throughput(c, 1), _iperf_summary),
     Step("tput4", "throughput, 4 streams", lambda c: runners.throughput(c, 4), _iperf_summary),
     Step("cpu", "CPU per GB (fixed-size transfer)", runners.cpu_per_gb, _iperf_summary),

@@ -153,8 +153,8 @@ class RelayPair(Setup):
     """bench/relay.py in both pods, where the proxies sit: the byte path without any protocol."""
 
     threads_label = "one thread per direction"
-    # no HTTP, tunnel or scaling figures: the floor is about bytes (CPU/GB), not connections
-    skip = frozenset({"http_ka", "http_nc", "tunnels", "scaling"})
+    # no HTTP, tunnel, scaling or memory figures: the floor is about bytes (CPU/GB), not connections
+    skip = frozenset({"idle", "http_ka", "http_nc", "tunnels", "scaling"})
 
     def __init__(self, mode: str = "splice"):
         self.mode = mode
