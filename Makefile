@@ -35,8 +35,9 @@ test: system-deps build
 
 # bench: `make bench` (~15 min), `make bench BENCH_ARGS=--quick` (~5 min), `make bench PROFILE=1`
 # (perf flame graphs of every proxy thread + py-spy of ztunnel-fast).  nginx-light serves the HTTP
-# figures; strace and linux-perf count the proxies' syscalls (bench/README.md).
-BENCH_APT_PKGS := nginx-light strace linux-perf
+# figures; strace and linux-perf count the proxies' syscalls; libssl-dev builds the AES-GCM relay of
+# the floor figures (bench/README.md).
+BENCH_APT_PKGS := nginx-light strace linux-perf libssl-dev
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 PROFILE ?=

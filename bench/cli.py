@@ -30,13 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from . import micro, report, runners
+from . import floor, micro, report, runners
 from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
-DEFAULT_SETUPS = "direct,native,fastpath,pure,envoy,envoy1"
+DEFAULT_SETUPS = "direct,native,fastpath,pure,envoy,envoy1,relay,relaycopy,relayaead"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ STEPS = (
     Step("idle", "idle RSS", runners.idle_rss,
          lambda r: ", ".join(f"{k} {_mib(v)}" for k, v in r["rss"].items()) or "no proxy"),
     Step("check", "path check", runners.path_check,
-         lambda r: f"HTTP {r['http_status']}, HBONE connections {r['hbone_connections']}"),
+         lambda r: f"HTTP {r['http_status']}, " + (f"packets through the REDIRECT rule {r['redirected_packets']}"
+                                                    if "redirected_packets" in r
+                                                    else f"HBONE connections {r['hbone_connections']}")),
     Step("tput1", "throughput, 1 stream", lambda c: runners.throughput(c, 1), _iperf_summary),
     Step("tput4", "throughput, 4 streams", lambda c: runners.throughput(c, 4), _iperf_summary),
     Step("cpu", "CPU per GB (fixed-size transfer)", runners.cpu_per_gb, _iperf_summary),
@@ -127,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="short durations, 2,000 tunnels (~5 minutes)")
     p.add_argument("--setups", default=DEFAULT_SETUPS,
-                   help="comma-separated subset of direct,native,pure,envoy,envoy1, run in the order given")
+                   help="comma-separated subset of direct,native,fastpath,pure,envoy,envoy1,relay,relaycopy,relayaead, run in "
+                        "the order given (relay, relaycopy: plain TCP relay pairs, the CPU floor; with them the table "
+                        "adds floor = relay CPU/GB + AES-128-GCM encrypt + decrypt per GB; relayaead: a C relay pair "
+                        "with AES-128-GCM records between the relays, the floor measured in place)")
     p.add_argument("--topology", choices=("both",) + TOPOLOGIES, default="both",
                    help="bridge: pods on a bridge (every figure); veth: one veth pair between the pods (every "
                         "figure); both: every figure on the bridge, throughput and CPU/GB also on the veth pair")
@@ -264,7 +269,8 @@ class Runner:
                       topology=topology or self.settings.topology)
         self.current = bl
         started = setup.start(bl, threads)
-        return bl, started, runners.Ctx(bl, started.proxies, self.settings, workdir)
+        return bl, started, runners.Ctx(bl, started.proxies, self.settings, workdir,
+                                        pooled=started.info.get("pooled", True))
 
     def steps_for(self, setup) -> list[Step]:
         return [st for st in STEPS if st.key not in self.skip and st.key not in setup.skip
@@ -505,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                             args.profile, args.results_dir, stamp, skip)
             for setup in setups:
                 runner.run_setup(setup)
+        if any(name in floor.DERIVED.values() for name in names):
+            console.print("measuring AES-GCM encrypt + decrypt per GB on this CPU (the floor's crypto share)")
+            doc["crypto"] = floor.measure_crypto((64 if args.quick else 256) * MIB)
         doc["micro"] = micro.run_all(args.quick)
     except KeyboardInterrupt:
         interrupted = True
@@ -523,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["interrupted"] = interrupted
     for name, rec in doc["setups"].items():
         rec["metrics"] = report.metrics_from_raw(rec["raw"], proxied=name != "direct")
+    doc["setups"].update(floor.derived_setups(doc["setups"], doc.get("crypto")))  # floor = relay + crypto
     doc["ratios"] = report.ratios({n: r["metrics"] for n, r in doc["setups"].items()})
     doc["configuration"] = report.configuration(doc)
 

@@ -156,6 +156,17 @@ def count_ss_lines(text: str) -> int:
     return sum(1 for line in text.splitlines() if line.strip())
 
 
+def redirect_packets(text: str, port: int = 15001) -> int:
+    """Packets counted by the REDIRECT rule(s) to `port` in `iptables -t nat -L OUTPUT -v -n -x`
+    output (0 when there is no such rule): proof that traffic was captured by the outbound rule."""
+    total = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if "REDIRECT" in fields and f"ports {port}" in line and fields[0].isdigit():
+            total += int(fields[0])
+    return total
+
+
 def ss_bytes_received(text: str) -> int:
     """Sum of `bytes_received:N` over the sockets of an `ss -ti` listing (0 when none)."""
     return sum(int(n) for n in re.findall(r"\bbytes_received:(\d+)", text))

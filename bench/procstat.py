@@ -44,14 +44,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the given processes (all their threads), in seconds."""
-    ticks = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the given processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 (utime) and 15 (stime)
-    return ticks / CLK_TCK
+            user += int(fields[11])  # stat field 14 (utime)
+            system += int(fields[12])  # stat field 15 (stime)
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes (all their threads), in seconds."""
+    return sum(cpu_split(pids))
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -106,6 +112,10 @@ class Proxies:
 
     def cpu(self) -> float:
         return cpu_seconds(self.tree())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of both sides."""
+        return cpu_split(self.tree())
 
     def rss(self, side: str | None = None) -> int:
         return rss_bytes(self.tree(side))

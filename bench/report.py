@@ -16,12 +16,17 @@ from typing import Any
 
 MIB = 1 << 20
 KIB = 1 << 10
-ORDER = ("direct", "native", "fastpath", "pure", "envoy", "envoy1")
+ORDER = ("direct", "native", "fastpath", "pure", "envoy", "envoy1", "relay", "relaycopy", "relayaead", "floor",
+         "floorcopy")
 SHORT = {"direct": "direct", "native": "native", "fastpath": "native+fast path", "pure": "pure", "envoy": "Envoy",
-         "envoy1": "Envoy c1"}
+         "envoy1": "Envoy c1", "relay": "relay", "relaycopy": "relay, copies", "relayaead": "relay, AES-GCM",
+         "floor": "floor",
+         "floorcopy": "floor, copies"}
 RATIO_COLUMNS = (  # (setup, reference)
     ("native", "direct"), ("pure", "direct"), ("envoy", "direct"), ("native", "envoy"), ("pure", "envoy"),
     ("native", "envoy1"), ("pure", "envoy1"), ("fastpath", "envoy"), ("fastpath", "envoy1"),
+    ("floor", "envoy"), ("floor", "envoy1"), ("floorcopy", "envoy"), ("floorcopy", "envoy1"), ("native", "floor"),
+    ("relayaead", "envoy"), ("relayaead", "envoy1"),
 )
 
 
@@ -292,6 +297,11 @@ def notes(doc: dict) -> list[str]:
         "syscalls per GB: both proxies, every thread, counted on a transfer of their own (never a timed one), "
         "÷ GB received; read = read/readv/recv*, write = write/writev/send*, epoll = epoll_*",
     ]
+    from .floor import crypto_note
+
+    crypto = crypto_note(doc.get("crypto"))
+    if crypto:
+        out.append(crypto)
     for name in ORDER:
         st = doc["setups"].get(name)
         if not st:
@@ -299,8 +309,9 @@ def notes(doc: dict) -> list[str]:
         info = st.get("info") or {}
         desc = st.get("label", name)
         if info:
-            shown = ("engine", "concurrency", "worker_threads", "log_level")
-            desc += " [" + ", ".join(f"{k}={v}" for k, v in info.items() if k in shown) + "]"
+            shown = ("engine", "concurrency", "worker_threads", "log_level", "mode")
+            listed = ", ".join(f"{k}={v}" for k, v in info.items() if k in shown)
+            desc += f" [{listed}]" if listed else ""
         if not st.get("available", True):
             out.append(f"{name}: not measured: {st.get('reason')}")
             continue
@@ -343,7 +354,9 @@ CHART_METRICS = ("throughput_1", "throughput_4", "cpu_per_gb", "syscalls_per_gb"
                  "rps_keepalive", "p50_keepalive", "p99_keepalive", "newconn_scaling",
                  "rps_newconn", "p50_newconn", "p99_newconn", "rps_newconn_1t",
                  "idle_rss", "tunnels_rss", "rss_per_tunnel", "rps_newconn_2t")
-COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "fastpath": "#2ca02c", "pure": "#aec7e8", "envoy": "#ff7f0e", "envoy1": "#ffbb78"}
+COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "fastpath": "#2ca02c", "pure": "#aec7e8", "envoy": "#ff7f0e",
+          "envoy1": "#ffbb78", "relay": "#9467bd", "relaycopy": "#c5b0d5", "relayaead": "#e377c2", "floor": "#8c564b",
+          "floorcopy": "#c49c94"}
 
 
 def chart(doc: dict, path: Path, title: str) -> Path:

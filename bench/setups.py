@@ -1,4 +1,4 @@
-"""The five setups measured side by side, and how each one is started in a BenchLab.
+"""The setups measured side by side, and how each one is started in a BenchLab.
 
   direct  client ──▶ server app                                   (no proxy: the reference)
   native  client ──REDIRECT──▶ ztunnel-fast (ZTUNNEL_ENGINE=native) ══HBONE══▶ ztunnel-fast ─▶ app
@@ -7,6 +7,13 @@
   envoy1  the same with --concurrency 1 (issue 14's held-out configuration)
   fastpath  native with ZTUNNEL_FAST_PATH=true (the workers' flow cache for outbound connections);
           only the figures the fast path can move (idle, throughput, new connections, scaling)
+  relay   client ──REDIRECT──▶ plain TCP relay ──tcp──▶ plain TCP relay ──▶ app (bench/relay.py):
+          no TLS, no HTTP/2, bytes moved by splice(2) — what any proxy pair pays here (the floor);
+          only throughput, CPU/GB and syscalls
+  relaycopy  the same relay with recv_into()/send() through a 256 KiB buffer: the two user-space
+          copies per proxy a user-space TLS proxy cannot avoid
+  relayaead  a relay pair in C (bench/relay_aead.c) with AES-128-GCM in 16 KiB records between the
+          relays: recv, seal or open, send - the least a user-space TLS proxy pair does, measured
 
 In every setup the load generators connect to <server ip>:<app port>; the proxied setups capture
 the client pod's outbound TCP with the same iptables rule (netns.redirect_outbound: REDIRECT to
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ztunnel_fast import netns
 
@@ -144,6 +152,67 @@ class EnvoyPair(Setup):
         return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
 
 
+class RelayPair(Setup):
+    """bench/relay.py in both pods, where the proxies sit: the byte path without any protocol."""
+
+    threads_label = "one thread per direction"
+    # no HTTP, tunnel, scaling or memory figures: the floor is about bytes (CPU/GB), not connections
+    skip = frozenset({"idle", "http_ka", "http_nc", "tunnels", "scaling"})
+
+    def __init__(self, mode: str = "splice"):
+        self.mode = mode
+        self.name = "relay" if mode == "splice" else f"relay{mode}"
+        self.label = {
+            "splice": "plain TCP relay pair (no TLS; splice(2), no user-space copy)",
+            "copy": "plain TCP relay pair (no TLS; recv_into/send, 256 KiB buffer)",
+            "aead": "TCP relay pair in C with AES-128-GCM 16 KiB records between the relays (not TLS; "
+                    "recv, seal/open, send)",
+        }[mode]
+
+    def available(self) -> tuple[bool, str]:
+        if self.mode == "aead":
+            import shutil
+
+            if not shutil.which("cc"):
+                return False, "no C compiler (cc) to build bench/relay_aead.c"
+            if not Path("/usr/include/openssl/evp.h").exists():
+                return False, "OpenSSL headers missing (apt: libssl-dev)"
+        return True, ""
+
+    def _argv(self, bl: BenchLab, role: str, listen: str, peer: str) -> list[str]:
+        import os
+        import subprocess
+        import sys
+
+        from .relay import __file__ as relay_script
+
+        if self.mode != "aead":
+            return [sys.executable, relay_script, role, "--listen", listen] + (
+                ["--peer", peer] if role == "client" else []) + ["--mode", self.mode]
+        binary = bl.workdir / "relay_aead"
+        if not binary.exists():
+            subprocess.run(["cc", "-O2", "-o", str(binary), str(Path(relay_script).with_name("relay_aead.c")),
+                            "-lcrypto", "-lpthread"], check=True, capture_output=True, timeout=120)
+        if not getattr(self, "_key", None):
+            self._key = os.urandom(16).hex()  # one key for both relays of a setup
+        ip, port = listen.rsplit(":", 1)
+        return [str(binary), role, ip, port] + (peer.rsplit(":", 1) if role == "client" else []) + [self._key]
+
+    def start(self, bl: BenchLab, threads: int | None = None) -> Started:
+        peer = f"{bl.server.ip}:15008"
+        procs = {"server": bl.popen(bl.server, self._argv(bl, "server", peer, peer), "relay-server.log")}
+        netns.wait_listening(bl.server.pod, 15008, timeout=15)
+        procs["client"] = bl.popen(bl.client, self._argv(bl, "client", "0.0.0.0:15001", peer), "relay-client.log")
+        netns.wait_listening(bl.client.pod, 15001, timeout=15)
+        netns.redirect_outbound(bl.client.pod)
+        for side, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"relay {side} exited with {proc.returncode}; see {bl.workdir}")
+        info = {"mode": self.mode, "topology": bl.kind, "pooled": False,
+                "outbound": "iptables REDIRECT to 15001 + SO_ORIGINAL_DST"}
+        return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
+
+
 def _certs(bl: BenchLab, side: str):
     """Key, chain and root for the pod's SPIFFE identity, issued by the Lab's CA."""
     from tests.certs import CertPaths
@@ -155,7 +224,9 @@ def _certs(bl: BenchLab, side: str):
 
 ALL = {"direct": lambda t: Direct(), "native": lambda t: ZtunnelFast("native", t), "pure": lambda t: ZtunnelFast("pure", t),
        "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1),
-       "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True)}
+       "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True),
+       "relay": lambda t: RelayPair("splice"), "relaycopy": lambda t: RelayPair("copy"),
+       "relayaead": lambda t: RelayPair("aead")}
 
 
 def make(names: list[str], worker_threads: int = 2) -> list[Setup]:
