@@ -93,3 +93,177 @@ def test_sequential_connects_hash_checked_with_the_same_logs_and_metrics(lab, en
         assert answered == n - 1 and handed == 0, stats  # cold: the first one installs the class
     else:
         assert stats is None
+
+
+DENY_PORT_81 = {"name": "deny-81", "namespace": "demo", "scope": "Namespace", "action": "Deny",
+                "rules": [[[{"principals": [{"Exact": "cluster.local/ns/demo/sa/sleep"}], "destinationPorts": [81]}]]]}
+
+
+def _normalize(value, server) -> str:
+    return str(value).replace(server.ip, "SERVER-IP").replace(server.name, "SERVER")
+
+
+def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
+    """The same cases against a destination whose ztunnel has the switch on (alpha) and one whose
+    ztunnel has it off (bravo): an allowed port (cached), a port a policy denies (401, never
+    cached), a port nothing listens on (allowed, so cached; each warm dial is refused and handed
+    back: 503 with the event loop's wording), and the destination through a service VIP (the same
+    class as direct, but the service labels come from each request's `forwarded`).  Each case
+    runs cold (one connection) then warm (three): outcomes, access log lines, metrics and lines
+    (server name and IP aside) must be equal."""
+    a = lab.pod("sleep", namespace="demo")
+    servers = [lab.pod("alpha", namespace="demo"), lab.pod("bravo", namespace="demo")]
+    vips = {"alpha": "10.96.0.11", "bravo": "10.96.0.12"}
+    for s in servers:
+        lab.service(f"echo-{s.name}", "demo", vips[s.name], {80: 80}, [s])
+    lab.write_config()
+    _publish(lab, [DENY_PORT_81])
+    for s in servers:
+        lab.app(s, "serve", "80", "echo", port=80)
+        lab.app(s, "serve", "81", "echo", port=81)
+    lab.start_ztunnel(a)
+    zts = {"alpha": lab.start_ztunnel(servers[0], redirect=False, **FAST),
+           "bravo": lab.start_ztunnel(servers[1], redirect=False)}
+    results = {}
+    for s in servers:
+        zt = zts[s.name]
+        cases = [("allowed", s.ip, "80"), ("denied", s.ip, "81"), ("refused", s.ip, "82"),
+                 ("service", vips[s.name], "80")]
+        outcome = []
+        for name, ip, port in cases:
+            for count in (1, 3):  # cold, then warm
+                out = lab.client(a, "echo", ip, port, "--size", "777", "--count", str(count))
+                outcome.append((name, count, out["ok"], out["failed"]))
+        wait_lines(zt, "connection complete", 16)
+        view = _server_view(lab, zt, s, a.ip)
+        results[s.name] = (outcome, *(sorted(_normalize(x, s) for x in part) for part in view),
+                           inbound_stats(lab, zt))
+    f, s = results["alpha"], results["bravo"]
+    assert f[0] == s[0]
+    assert [o[2:] for o in f[0]] == [(1, 0), (3, 0), (0, 1), (0, 3), (0, 1), (0, 3), (1, 0), (3, 0)]
+    assert f[1:6] == s[1:6]
+    access, m, got, refused, failed = f[1:6]
+    assert len(access) == 16 and len(got) == 16 and len(refused) == 8, (access, got, refused)
+    assert sum("401" in x for x in refused) == 4 and sum("failed to connect to SERVER-IP:82" in x for x in refused) == 4
+    assert any("echo-SERVER.demo.svc.cluster.local" in x for x in m), m  # the service labels
+    assert s[6] is None
+    if engine == "native":
+        # warm allowed (3) and every service connection (4) by the workers; warm refused dials handed back (3)
+        assert f[6][:2] == (7, 3), f[6]
+    else:
+        assert f[6] is None
+
+
+def test_a_policy_change_racing_connects_lets_no_denied_one_through(lab, engine):
+    """Connections stream in (4 at a time) while a policy that denies the client is published to
+    the destination's ztunnel, whose workers answer the warm ones.  Each CONNECT is checked against
+    the policy in force when the destination took it (its `got CONNECT` line before or after the
+    reload line): every one after it is refused, none reaches the app; those before either
+    completed or were closed by the change; every payload that completed is intact."""
+    from .test_fast_path import DENY_CLIENT
+
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    lab.start_ztunnel(a)
+    zb = lab.start_ztunnel(b, redirect=False, **FAST)
+    total = 1000
+    proc, out_path = lab.client_background(a, "echo", b.ip, "80", "--size", "500", "--count", str(total),
+                                           "--concurrency", "4")
+    deadline = time.monotonic() + 60
+    while len(zb.lines("complete dur=")) < 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _publish(lab, [DENY_CLIENT])
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = json.loads(out_path.read_text().strip().splitlines()[-1])
+    assert out["ok"] + out["failed"] == total and out["mismatched"] == 0, out
+    lines = zb.log().splitlines()
+    reload = next(i for i, line in enumerate(lines) if "local config reloaded" in line)
+
+    def trace(line):
+        return line.split("inbound{id=")[1].split(" ")[0]
+
+    taken = {trace(line): i for i, line in enumerate(lines) if "got CONNECT request to" in line}
+    ended_ok = {trace(line) for line in lines if "inbound{id=" in line and "complete dur=" in line}
+    refused = {trace(line) for line in lines if "inbound{id=" in line and "refused CONNECT with 401" in line}
+    after = {t for t, i in taken.items() if i > reload}
+    assert len(after) >= 20, len(after)  # the change came while connections were streaming in
+    assert after <= refused and not after & ended_ok
+    assert len(taken) == total
+    assert len(ended_ok) <= out["ok"] <= len(ended_ok) + 4 and len(ended_ok) >= 50, (out, len(ended_ok))
+    stats = inbound_stats(lab, zb)
+    if engine == "native":
+        assert stats[0] >= 50 and stats[2] >= 1, stats
+    else:
+        assert stats is None
+
+
+def test_the_destination_leaving_the_config_stops_the_workers_answering(lab, engine):
+    """Connections stream in while the destination's own workload leaves its ztunnel's config:
+    from the reload line on, every CONNECT is refused (503, no local workload) by the event loop's
+    path; none is answered from the flushed verdict, and every payload that completed is intact."""
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    # the client's ztunnel keeps the first config: only the destination's decisions change
+    frozen = lab.workdir / "client-config.yaml"
+    frozen.write_text(lab.config_path.read_text())
+    lab.start_ztunnel(a, LOCAL_XDS_PATH=str(frozen))
+    zb = lab.start_ztunnel(b, redirect=False, **FAST)
+    total = 2000
+    proc, out_path = lab.client_background(a, "echo", b.ip, "80", "--size", "500", "--count", str(total),
+                                           "--concurrency", "4")
+    deadline = time.monotonic() + 60
+    while len(zb.lines("complete dur=")) < 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    del lab.pods[b.name]
+    _publish(lab, [])
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = json.loads(out_path.read_text().strip().splitlines()[-1])
+    assert out["ok"] + out["failed"] == total and out["mismatched"] == 0, out
+    lines = zb.log().splitlines()
+    reload = next(i for i, line in enumerate(lines) if "local config reloaded" in line)
+    after = lines[reload + 1:]
+    assert not [x for x in after if "got CONNECT request to" in x]
+    refused = [x for x in after if "refused CONNECT with 503" in x and "no local workload" in x]
+    assert len(refused) >= 20 and out["failed"] >= len(refused), (len(refused), out)
+    assert len([x for x in lines[:reload] if "got CONNECT request to" in x]) >= 60
+    stats = inbound_stats(lab, zb)
+    if engine == "native":
+        assert stats[0] >= 50 and stats[2] >= 1, stats
+    else:
+        assert stats is None
+
+
+def test_3000_short_connections_hash_checked(lab, engine):
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    lab.start_ztunnel(a)
+    zb = lab.start_ztunnel(b, redirect=False, **FAST)
+    n = 3000
+    out = lab.client(a, "echo", b.ip, "80", "--size", "1024", "--count", str(n), "--concurrency", "30", timeout=300)
+    assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
+    assert len(wait_lines(zb, "complete dur=", n, timeout=30)) == n
+    assert len(zb.lines("got CONNECT request to")) == n
+    m = metrics(lab, b)
+    assert [v for (name, _), v in m.items() if name == "istio_tcp_connections_closed_total"] == [n]
+    assert sum(v for (name, _), v in m.items() if name == "istio_tcp_received_bytes_total") == n * 1024
+    assert sum(v for (name, _), v in m.items() if name == "istio_tcp_sent_bytes_total") == n * 1024
+    stats = inbound_stats(lab, zb)
+    if engine == "native":
+        answered, handed, _ = stats
+        assert answered >= n * 9 // 10 and handed == 0, stats
+    else:
+        assert stats is None
