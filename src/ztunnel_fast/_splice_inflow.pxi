@@ -139,7 +139,8 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     cdef uint64_t flow_id = 0, gen = 0
     cdef int64_t timeout_ns = 0, now
     cdef bint hit = False
-    if t == NULL or c.client or t.count == 0 or c.state != CST_OPEN:
+    # t.count is read without the lock: a stale value only means a miss (or a lookup that misses)
+    if t == NULL or c.client or t.count == 0 or c.state != CST_OPEN or c.flags & (CF_GOAWAY_SENT | CF_GOAWAY_RECV):
         return 0
     if not inflow_fields_ok(fields.data, fields.end, &auth, &alen):
         return 0
