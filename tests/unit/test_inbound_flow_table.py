@@ -142,3 +142,45 @@ def test_a_worker_answers_cached_connects_and_hands_the_rest_over(certs):
         server_engine.close()
 
     run(main())
+
+
+def test_a_dial_past_its_timeout_is_handed_over(certs):
+    """The app's accept queue is full (SYNs dropped: the dial hangs): after the entry's connect
+    timeout the worker lets go of the dial and the event loop's path gets the CONNECT."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = []
+        for _ in range(4):  # fill the accept queue (nobody accepts); later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            queued.append(s)
+        await asyncio.sleep(0.2)
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        authority = f"127.0.0.1:{port}"
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 21, 0x7F000001, port, 0, 0, 0.3, KEEPALIVE)
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        status, _ = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"x")
+        assert status == 503 and len(served) == 1 and not sink.opened
+        assert server_engine.core.inflow_stats[1:3] == (0, 1)  # the worker dialled, then handed it back
+        pair.close()
+        for s in queued:
+            s.close()
+        full.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
