@@ -142,7 +142,7 @@ def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
     assert f[0] == s[0]
     assert [o[2:] for o in f[0]] == [(1, 0), (3, 0), (0, 1), (0, 3), (0, 1), (0, 3), (1, 0), (3, 0)]
     assert f[1:6] == s[1:6]
-    access, m, got, refused, failed = f[1:6]
+    access, m, got, refused, _ = f[1:6]
     assert len(access) == 16 and len(got) == 16 and len(refused) == 8, (access, got, refused)
     assert sum("401" in x for x in refused) == 4 and sum("failed to connect to SERVER-IP:82" in x for x in refused) == 4
     assert any("echo-SERVER.demo.svc.cluster.local" in x for x in m), m  # the service labels

@@ -10,7 +10,12 @@ from ipaddress import ip_address
 import pytest
 
 from ztunnel_fast.identity.spiffe import Identity
-from ztunnel_fast.proxy.flowcache import AUTHORITY_MAX, InboundClass, inbound_cacheable, inbound_entry
+from ztunnel_fast.proxy.flowcache import (
+    AUTHORITY_MAX,
+    InboundClass,
+    inbound_cacheable,
+    inbound_entry,
+)
 from ztunnel_fast.state.rbac import ALLOWED, NOT_ALLOWED, ConnectionInfo, Decision
 from ztunnel_fast.state.store import ProxyState
 from ztunnel_fast.state.workload import ApplicationTunnel, ApplicationTunnelProtocol
@@ -33,9 +38,9 @@ def _workload():
 def _args(**over):
     workload = over.pop("workload", None) or _workload()
     target = over.pop("target", (HERE, 80))
-    args = dict(peer=PEER, peer_id=PEER_ID, arrived_on=HERE, target=target, workload=workload,
-                info=ConnectionInfo(PEER[0], target[0], target[1], PEER_ID),
-                decision=Decision(True, ALLOWED, None), source=None, own_netns=True)
+    args = {"peer": PEER, "peer_id": PEER_ID, "arrived_on": HERE, "target": target, "workload": workload,
+            "info": ConnectionInfo(PEER[0], target[0], target[1], PEER_ID),
+            "decision": Decision(True, ALLOWED, None), "source": None, "own_netns": True}
     args.update(over)
     return args
 
@@ -77,3 +82,21 @@ def test_the_entry_holds_what_each_connect_of_the_class_gets():
     assert entry.flow == flow and entry.peer == PEER and entry.peer_id == PEER_ID
     assert entry.target == (HERE, 80) and entry.arrived_on == HERE and entry.source == PEER[0]
     assert entry.workload is args["workload"] and entry.info == args["info"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    [("forwarded", 'for="198.18.0.1:4000";host=echo.demo.svc.cluster.local'), ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-00")],
+    [("traceparent", "00-xyz-1-00"), ("baggage", "k8s.namespace.name=demo")],
+    [("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-00"), ("traceparent", "00-" + "c" * 32 + "-" + "d" * 16 + "-00"),
+     ("forwarded", "for=x"), ("forwarded", "for=y;host=z"), ("tracestate", "a=b")],
+])
+def test_the_fast_path_reads_a_request_as_check_connect_does(extra):
+    from ztunnel_fast.config import SELF_PORTS
+    from ztunnel_fast.hbone.headers import check_connect
+    from ztunnel_fast.proxy.fastpath_inbound import request_telemetry
+
+    headers = [(":method", "CONNECT"), (":authority", "198.18.0.2:80")] + extra
+    checked = check_connect(headers, arrived_on=HERE, self_ports=SELF_PORTS)
+    fields = [(k.encode(), v.encode()) for k, v in headers]
+    assert request_telemetry(fields) == ("198.18.0.2:80", checked.trace_id, checked.forwarded)

@@ -13,10 +13,30 @@ import pytest
 
 from ztunnel_fast import _splice
 from ztunnel_fast.engine.pure import PureEngine
+from ztunnel_fast.identity.ca import LocalCA, init_ca
+from ztunnel_fast.identity.manager import WorkloadCertificate
 
-from .test_native_engine import NativeEngine, Pair, certs, payload, read_to_eof, run, send_all_then_fin  # noqa: F401
+from .test_native_engine import (
+    HTTPBIN,
+    SLEEP,
+    TD,
+    NativeEngine,
+    Pair,
+    payload,
+    read_to_eof,
+    run,
+    send_all_then_fin,
+)
 
 KEEPALIVE = (180, 180, 9)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ca")
+    init_ca(d, TD)
+    ca = LocalCA.load(d)
+    return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
 
 
 def test_install_replace_and_flush():

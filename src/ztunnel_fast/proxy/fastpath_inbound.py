@@ -33,7 +33,6 @@ import time
 
 from h2.errors import ErrorCodes
 
-from ..config import SELF_PORTS
 from ..engine import abort, close_after
 from ..engine.native import NativeStream, stream_completion
 from ..hbone import headers as hbone_headers
@@ -151,22 +150,18 @@ class InboundFastPath:
         sock = socket.socket(fileno=fd)
         entry = self.entries.get(flow_id)
         conn = self.engine._conns.get(conn_id)
-        headers = [(k.decode(), v.decode()) for k, v in fields]  # printable ASCII (the worker checked)
-        checked = None
-        if entry is not None:
-            checked = hbone_headers.check_connect(headers, arrived_on=entry.arrived_on, self_ports=SELF_PORTS)
-        if conn is None or not isinstance(checked, hbone_headers.ConnectTarget) \
-                or (checked.ip, checked.port) != entry.target:  # cannot happen: entries outlive their opens
+        authority, trace, forwarded = request_telemetry(fields)
+        if conn is None or entry is None or authority != entry.flow.authority:  # cannot happen: entries outlive their opens
             log.error("inbound fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
             self._orphans[token] = sock  # closed at its completion, once the worker let go of it
             if conn is not None and not self.engine._closed:
                 self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
             return
-        stream = NativeStream(conn, sid, headers)
+        stream = NativeStream(conn, sid)
         stream.responded = stream.attached = True
         conn.streams[sid] = stream
         conn.streams_opened += 1
-        trace = checked.trace_id or hbone_headers.new_trace_id()
+        trace = trace or hbone_headers.new_trace_id()
         span = Span("inbound", {"id": trace, "peer_ip": entry.peer[0], "peer_id": entry.peer_id})
         if log.isEnabledFor(logging.INFO):
             log.info("got CONNECT request to %s", hbone_headers.format_addr(*entry.target), extra={"span": span})
@@ -179,7 +174,7 @@ class InboundFastPath:
             hbone_addr=entry.target,
             source=Peer(ctx.state.workload_by_ip(entry.peer[0], ctx.config.network), entry.peer_id),
             destination=Peer(workload, workload.identity),
-            service=ctx.service_by_hostname(_forwarded_host(checked.forwarded)),
+            service=ctx.service_by_hostname(_forwarded_host(forwarded)),
             mtls=True,
         )
         start = start_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()
@@ -224,3 +219,19 @@ class InboundFastPath:
             stream.reset_code = ErrorCodes.CANCEL
         if not self.engine._closed and tunnel.conn.lost is None:
             self.core.reset(tunnel.conn.worker, tunnel.conn.id, tunnel.sid, ErrorCodes.CANCEL)
+
+
+def request_telemetry(fields) -> tuple[str | None, str | None, str]:
+    """(:authority, trace id, `forwarded`) of a request the worker answered, as check_connect reads
+    them (the last of a repeated field wins; the worker passed only printable ASCII values, with
+    :method CONNECT and the :authority of the entry, which the event loop's path accepted)."""
+    authority = traceparent = None
+    forwarded = ""
+    for name, value in fields:
+        if name == b"traceparent":
+            traceparent = value.decode()
+        elif name == b"forwarded":
+            forwarded = value.decode()
+        elif name == b":authority":
+            authority = value.decode()
+    return authority, hbone_headers.trace_id_of(traceparent), forwarded
