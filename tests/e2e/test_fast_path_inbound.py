@@ -272,3 +272,27 @@ def test_3000_short_connections_hash_checked(lab, engine):
         assert answered >= n * 9 // 10 and handed == 0, stats
     else:
         assert stats is None
+
+
+def test_shared_mode_answers_each_destination_workload_as_itself(lab, engine):
+    """Node mode: the node's ztunnel (switch on) serves two workloads; a client connects to each in
+    turn.  Each destination's CONNECTs arrive on a TLS connection of its own certificate, so each
+    is a class of its own: the warm ones are the workers', and every tunnel reaches the workload
+    it named, with that workload's labels, in order."""
+    from .test_shared_mode import node_mesh
+
+    node, w1, w2, sleep, zs, zn = node_mesh(lab, **FAST)
+    for _ in range(3):
+        for w in (w1, w2):
+            out = lab.client(sleep, "echo", w.ip, "80", "--size", "4096", "--count", "4")
+            assert out["ok"] == 4 and out["mismatched"] == 0, out
+    got = zn.lines("got CONNECT request to")
+    assert [line.rsplit(" ", 1)[1].rsplit(":", 1)[0] for line in got] == ([w1.ip] * 4 + [w2.ip] * 4) * 3
+    wait_lines(zn, "connection complete", 24)
+    access = access_lines(zn, "inbound")
+    assert [a["dst.workload"] for a in access] == (["w1"] * 4 + ["w2"] * 4) * 3
+    stats = inbound_stats(lab, zn)
+    if engine == "native":
+        assert stats[0] == 24 - 2 and stats[1] == 0, stats  # cold: the first CONNECT to each workload
+    else:
+        assert stats is None
