@@ -204,3 +204,45 @@ def test_a_dial_past_its_timeout_is_handed_over(certs):
         server_engine.close()
 
     run(main())
+
+
+def test_the_dial_spoofs_the_installed_source(certs):
+    """ORIG_SRC: the worker binds the dial to the entry's source (IP_TRANSPARENT) and sets the
+    entry's SO_MARK, as sockets.connect does (a failure of either would hand the CONNECT to the
+    event loop: 503 here): the app sees the peer's address (here 127.0.0.2 on loopback)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        peers = []
+
+        async def app():
+            sock, addr = await loop.sock_accept(lsock)
+            peers.append(addr[0])
+            sock.setblocking(False)
+            while data := await loop.sock_recv(sock, 1 << 16):
+                await loop.sock_sendall(sock, data)
+            sock.close()
+
+        task = asyncio.ensure_future(app())
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        authority = f"127.0.0.1:{port}"
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 31, 0x7F000001, port, 0x7F000002,
+                                          0x539, 5.0, KEEPALIVE)
+        status, got = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"hello")
+        assert (status, got, peers) == (200, b"hello", ["127.0.0.2"])
+        for _ in range(100):
+            if sink.ended:
+                break
+            await asyncio.sleep(0.02)
+        assert [o[2] for o in sink.opened] == [31] and len(sink.ended) == 1
+        pair.close()
+        task.cancel()
+        lsock.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
