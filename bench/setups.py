@@ -5,7 +5,8 @@
   pure    the same with ZTUNNEL_ENGINE=pure (the pure-Python twin)
   envoy   client ──REDIRECT──▶ Envoy originator  ══HBONE══▶ Envoy terminator ──▶ app  (--concurrency 2)
   envoy1  the same with --concurrency 1 (issue 14's held-out configuration)
-  fastpath  native with ZTUNNEL_FAST_PATH=true (the workers' flow cache for outbound connections);
+  fastpath  native with ZTUNNEL_FAST_PATH=true on both sides (the workers' flow caches: outbound
+          connections on the client side, inbound CONNECTs on the server side);
           only the figures the fast path can move (idle, throughput, new connections, scaling)
   relay   client ──REDIRECT──▶ plain TCP relay ──tcp──▶ plain TCP relay ──▶ app (bench/relay.py):
           no TLS, no HTTP/2, bytes moved by splice(2) — what any proxy pair pays here (the floor);

@@ -23,6 +23,7 @@ cdef enum:
 
 
 cdef struct FlowTable  # below: the fast path's flow cache
+cdef struct InFlowTable  # below: the inbound fast path's flow cache
 
 
 cdef struct Handle:
@@ -128,6 +129,13 @@ cdef struct Stream:
     Stream *aprev
     Stream *gnext        # graveyard
     int fast_fd          # fast path: the accepted socket waiting for the CONNECT's answer (SF_FAST_PENDING)
+    # inbound fast path (_splice_inflow.pxi): the upstream dial of a peer's CONNECT (SF_DIALING)
+    int dial_fd          # the socket connecting to the app, -1 when none
+    int64_t dial_start   # when the CONNECT arrived (CLOCK_MONOTONIC ns)
+    int64_t dial_deadline
+    uint64_t dial_gen    # the inbound table's generation the verdict was looked up in
+    uint64_t dial_flow   # the event loop's id of that decision
+    Buf dial_fields      # the decoded request fields, for EV_INBOUND_OPEN or the hand-over EV_HEADERS
 
 
 cdef struct Conn:
@@ -202,6 +210,7 @@ cdef struct Conn:
     iovec dl_iov[64]     # DELIVER_IOV pieces of rbuf (valid until rbuf is compacted or refilled)
     nghttp2_hd_inflater *hd_inflater  # the peer's HPACK context (_splice_hpack.pxi), made at its first block
     int64_t fast_max_streams  # fast path: streams the workers may open on it (0: not a fast-path connection)
+    int ndialing         # inbound fast path: streams whose upstream dial is in progress (SF_DIALING)
 
 
 # One direction of a plain<->plain tunnel on a worker.
@@ -255,6 +264,7 @@ cdef struct Worker:
     int64_t nobjs
     # fast path (_splice_accept.pxi, _splice_flow.pxi)
     FlowTable *flows     # the Core's flow cache, shared by every worker
+    InFlowTable *inflows # the Core's inbound flow cache, shared by every worker
     Handle listen_h
     int listen_fd        # this worker's dup of the outbound listener, when `listening`
     bint listening
@@ -290,3 +300,30 @@ cdef struct FlowTable:
     int64_t count
     int64_t hits         # connections the workers carried (a fast-path tunnel opened)
     int64_t misses       # connections handed to the event loop (EV_ACCEPTED)
+
+
+# The inbound flow cache (_splice_inflow.pxi): (inbound HBONE connection, :authority text) -> the
+# allow verdict and upstream the event loop decided.  The connection fixes the peer (IP, port,
+# identity) and the address it arrived on; the :authority text fixes the destination.  Entries are
+# immutable; a lookup copies what it needs under the lock.
+cdef struct InFlowEntry:
+    InFlowEntry *next
+    uint64_t conn_id     # the inbound HBONE connection
+    char authority[64]   # INFLOW_AUTHORITY_MAX
+    size_t authority_len
+    uint64_t flow_id     # the event loop's id of the decision (workload, labels, log fields)
+    uint32_t app_ip      # the upstream (IPv4, host byte order)
+    uint32_t app_port
+    uint32_t source_ip   # bind to it with IP_TRANSPARENT (the peer's address), 0: no spoofing
+    int mark             # SO_MARK of the upstream socket, 0: none
+    int64_t timeout_ns   # connect timeout
+    int keepalive[3]     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
+
+
+cdef struct InFlowTable:
+    pthread_mutex_t lock
+    InFlowEntry **buckets
+    uint64_t gen         # bumped by every flush (state or policy change)
+    int64_t count
+    int64_t hits         # CONNECTs the workers answered and spliced (EV_INBOUND_OPEN)
+    int64_t handed       # hits whose dial the workers handed back to the event loop

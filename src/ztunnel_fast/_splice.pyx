@@ -10,7 +10,7 @@ work ever reaches Python: never a Python frame per chunk of payload.
 Layout (each piece a .pxi included below, declarations in _splice.pxd and includes/system.pxd):
 core (buffers, queues), frames (HTTP/2 wire constants and writers), splice (plain<->plain), conn
 (connection and stream lifecycle), hpack (libnghttp2's decoder for the peer's header blocks), flow + accept (the
-outbound fast path: the flow cache and the workers' own accept), parse + data (the frame parser, sans-IO), stream (a stream
+outbound fast path: the flow cache and the workers' own accept), inflow (the inbound fast path), parse + data (the frame parser, sans-IO), stream (a stream
 attached to a plain socket), tls (SSL_read / SSL_write, run loop, commands, timers), worker
 (threads and epoll), then the Python API (`Core`, and `FrameParser` for tests).
 
@@ -33,6 +33,7 @@ include "_splice_splice.pxi"
 include "_splice_conn.pxi"
 include "_splice_hpack.pxi"
 include "_splice_flow.pxi"
+include "_splice_inflow.pxi"
 include "_splice_accept.pxi"
 include "_splice_parse.pxi"
 include "_splice_data.pxi"

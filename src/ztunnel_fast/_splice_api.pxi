@@ -29,9 +29,12 @@ cdef class Core:
     cdef bint stopped
     cdef FlowTable flows
     cdef bint flows_ready
+    cdef InFlowTable inflows
+    cdef bint inflows_ready
 
     def __cinit__(self):
         self.flows_ready = False
+        self.inflows_ready = False
         self.workers = NULL
         self.nworkers = 0
         self.evq_ready = False
@@ -50,6 +53,9 @@ cdef class Core:
         if flow_table_init(&self.flows) != 0:
             raise MemoryError()
         self.flows_ready = True
+        if inflow_table_init(&self.inflows) != 0:
+            raise MemoryError()
+        self.inflows_ready = True
         self.workers = <Worker *>calloc(nworkers, sizeof(Worker))
         if self.workers == NULL:
             raise MemoryError()
@@ -58,6 +64,7 @@ cdef class Core:
             err = worker_init(&self.workers[i], i, &self.evq)
             self.nworkers = i + 1
             self.workers[i].flows = &self.flows
+            self.workers[i].inflows = &self.inflows
             self.workers[i].all_workers = self.workers
             self.workers[i].nworkers = nworkers
             if err == 0:
@@ -276,6 +283,64 @@ cdef class Core:
         """(entries, connections carried by the workers, handed to the event loop, flushes)."""
         return (self.flows.count, self.flows.hits, self.flows.misses, self.flows.gen)
 
+    # -- the inbound fast path (_splice_inflow.pxi) ---------------------------------------------
+    def inflow_install(self, uint64_t conn_id, bytes authority, uint64_t flow_id, uint32_t app_ip,
+                       uint32_t app_port, uint32_t source_ip, int mark, double timeout, tuple keepalive):
+        """Install (or replace) the allow verdict for CONNECTs to `authority` (the exact :authority
+        text) on inbound connection `conn_id`: dial app_ip:app_port (IPv4, host byte order) from
+        source_ip (0: our own address) with SO_MARK `mark`, within `timeout` seconds."""
+        cdef InFlowEntry *e
+        cdef InFlowEntry **pp
+        cdef size_t b
+        if len(authority) == 0 or len(authority) > INFLOW_AUTHORITY_MAX:
+            raise ValueError("authority too long for the inbound flow cache")
+        e = <InFlowEntry *>calloc(1, sizeof(InFlowEntry))
+        if e == NULL:
+            raise MemoryError()
+        e.conn_id = conn_id
+        memcpy(e.authority, <const char *>authority, len(authority))
+        e.authority_len = len(authority)
+        e.flow_id = flow_id
+        e.app_ip = app_ip
+        e.app_port = app_port
+        e.source_ip = source_ip
+        e.mark = mark
+        e.timeout_ns = <int64_t>(timeout * NS)
+        e.keepalive[0] = keepalive[0]
+        e.keepalive[1] = keepalive[1]
+        e.keepalive[2] = keepalive[2]
+        b = inflow_bucket(conn_id, e.authority, e.authority_len)
+        pthread_mutex_lock(&self.inflows.lock)
+        pp = &self.inflows.buckets[b]
+        while pp[0] != NULL:
+            if pp[0].conn_id == conn_id and pp[0].authority_len == e.authority_len \
+                    and memcmp(pp[0].authority, e.authority, e.authority_len) == 0:
+                e.next = pp[0].next
+                free(pp[0])
+                pp[0] = e
+                break
+            pp = &pp[0].next
+        else:
+            e.next = self.inflows.buckets[b]
+            self.inflows.buckets[b] = e
+            self.inflows.count += 1
+        pthread_mutex_unlock(&self.inflows.lock)
+
+    def inflow_flush(self, uint64_t conn_id=0):
+        """Forget every inbound verdict (conn_id 0: a state or policy change; the generation moves,
+        so no dial looked up before it opens a tunnel), or those of one connection."""
+        with nogil:
+            pthread_mutex_lock(&self.inflows.lock)
+            inflow_table_clear(&self.inflows, conn_id)
+            if conn_id == 0:
+                self.inflows.gen += 1
+            pthread_mutex_unlock(&self.inflows.lock)
+
+    @property
+    def inflow_stats(self):
+        """(entries, CONNECTs the workers answered, dials handed back to the event loop, flushes)."""
+        return (self.inflows.count, self.inflows.hits, self.inflows.handed, self.inflows.gen)
+
     def stop(self):
         """Stop every worker (their connections and splices end, with events) and join them."""
         cdef int i
@@ -308,6 +373,9 @@ cdef class Core:
         if self.flows_ready:
             flow_table_destroy(&self.flows)
             self.flows_ready = False
+        if self.inflows_ready:
+            inflow_table_destroy(&self.inflows)
+            self.inflows_ready = False
         if self.evq_ready:
             e = evq_take_all(&self.evq)
             while e != NULL:

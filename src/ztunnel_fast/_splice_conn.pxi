@@ -37,6 +37,7 @@ cdef enum:
     SF_PEER = 0x200          # opened by the peer
     SF_EPOLL = 0x400
     SF_FAST_PENDING = 0x800  # fast path: a CONNECT we sent for an accepted socket, not answered yet
+    SF_DIALING = 0x1000      # inbound fast path: the worker is dialling the app for the peer's CONNECT
 
 DEF STREAM_BUCKETS = 256
 DEF LINGER_NS = 100000000            # 100 ms for an error GOAWAY to reach the peer, as the pure twin
@@ -111,6 +112,7 @@ cdef Stream *stream_new(Conn *c, uint32_t sid, uint32_t flags) noexcept nogil:
     s.id = sid
     s.flags = flags
     s.fd = -1
+    s.dial_fd = -1
     s.send_window = c.peer_initial_window
     s.recv_window = c.local_stream_window
     s.hnext = c.buckets[b]
@@ -151,6 +153,7 @@ cdef void stream_unlink(Conn *c, Stream *s) noexcept nogil:
 
 cdef void stream_free(Stream *s) noexcept nogil:
     chunkq_clear(&s.rq)
+    buf_free(&s.dial_fields)
     free(s)
 
 
@@ -180,6 +183,8 @@ cdef void stream_end(Conn *c, Stream *s, int kind, int code, int err) noexcept n
     cdef Worker *w = <Worker *>c.worker
     if s.flags & SF_DEAD:
         return
+    if s.flags & SF_DIALING:
+        inflow_hand_over(c, s)  # the event loop hears of the CONNECT first, then of its end
     s.flags |= SF_DEAD
     if s.flags & SF_EPOLL and w != NULL:
         epoll_ctl(w.epfd, EPOLL_CTL_DEL, s.fd, NULL)

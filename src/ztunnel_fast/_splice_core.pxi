@@ -14,6 +14,8 @@ cdef enum:
                          # data=trace id (32 hex) + client IPv4 (host order): a fast-path tunnel began
     EV_ACCEPTED = 9      # a=fd, b=accept time (ns): an accepted socket for the event loop's path
     EV_FAST_STATUS = 10  # id=conn, token, sid, code=status: a fast-path CONNECT answered non-200
+    EV_INBOUND_OPEN = 11 # id=conn, token, sid, code=upstream fd, a=flow id, b=CONNECT time (ns),
+                         # data=the request's decoded fields: the worker answered 200 and spliced
 
 # header block flags
 cdef enum:

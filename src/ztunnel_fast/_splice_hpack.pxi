@@ -92,8 +92,8 @@ cdef list hpack_fields(const char *p, size_t n):
 
 cdef tuple event_tuple(Event *e):
     """An event as the event loop reads it: (kind, id, token, sid, code, flags, err, a, b, data);
-    EV_HEADERS data is the decoded field list."""
-    if e.kind == EV_HEADERS:
+    EV_HEADERS and EV_INBOUND_OPEN data is the decoded field list."""
+    if e.kind == EV_HEADERS or e.kind == EV_INBOUND_OPEN:
         data = hpack_fields(e.data, e.len) if e.data != NULL else []
     else:
         data = e.data[:e.len] if e.data != NULL else None

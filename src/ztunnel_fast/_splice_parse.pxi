@@ -62,6 +62,8 @@ cdef int emit_headers(Conn *c, uint32_t sid, int hflags) noexcept nogil:
             flow_response(c, s, fields_status(fields.data, fields.end))
             buf_free(&fields)
             return 0
+    if hflags == 0 and not c.client and inflow_start(c, sid, &fields):
+        return 0  # a cached verdict: the worker dials (EV_INBOUND_OPEN, or these fields handed over)
     e = event_new(EV_HEADERS, c.o.id)
     if e == NULL:
         buf_free(&fields)

@@ -483,6 +483,8 @@ cdef void conn_tick(Conn *c, int64_t now) noexcept nogil:
         if now >= c.linger_deadline:
             conn_close(c, CLOSE_PROTOCOL, "closed after a protocol error", False)
         return
+    if c.ndialing > 0 and c.state == CST_OPEN:
+        inflow_tick(c, now)
     if c.state == CST_CLOSED or c.ping_interval_ns <= 0:
         return
     if c.ping_sent_ns:

@@ -151,7 +151,10 @@ cdef void worker_on_event(Worker *w, epoll_event *ev, bint *cmds) noexcept nogil
         s = <Stream *>h.owner
         c = <Conn *>s.conn
         if not c.o.dead and (s.flags & SF_DEAD) == 0:
-            stream_on_io(s, ev.events)
+            if s.flags & SF_DIALING:
+                inflow_dial_ready(c, s)  # the inbound fast path's dial to the app (_splice_inflow.pxi)
+            else:
+                stream_on_io(s, ev.events)
             worker_queue(w, &c.o)
     elif h.kind == H_SPLICE_A or h.kind == H_SPLICE_B:
         o = <Obj *>h.owner

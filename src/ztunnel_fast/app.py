@@ -182,6 +182,10 @@ class App:
         if use_xds:
             self._start_xds()
         self.inbound = Inbound(ctx)
+        if ctx.fast_path is not None:
+            from .proxy.fastpath_inbound import InboundFastPath
+
+            ctx.inbound_fast = InboundFastPath(ctx)
         passthrough = InboundPassthrough(ctx)
         _raise_open_files()  # config is valid: before the first listener accepts
         if config.inpod:
@@ -386,6 +390,8 @@ class App:
             task.cancel()
         if ctx.fast_path is not None:
             ctx.fast_path.drain()
+        if ctx.inbound_fast is not None:
+            ctx.inbound_fast.drain()
         for lsock in self.listeners:
             lsock.close()
         if self.workload_manager is not None:  # in-pod mode: every pod drains its own tunnels

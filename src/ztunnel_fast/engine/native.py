@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 # _splice event kinds (worker -> event loop)
 EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = range(1, 8)
 EV_FAST_OPEN, EV_ACCEPTED, EV_FAST_STATUS = 8, 9, 10  # the outbound fast path (proxy/fastpath.py)
+EV_INBOUND_OPEN = 11  # the inbound fast path (proxy/fastpath_inbound.py)
+INBOUND_TOKEN = 1 << 61  # with FAST_TOKEN: tokens of inbound fast-path tunnels
 FAST_TOKEN = 1 << 62  # tokens of fast-path tunnels (issued by the workers)
 # how a stream ended
 END_CLEAN, END_PEER_RESET, END_LOCAL_RESET, END_IO, END_CONN, END_REFUSED, END_NOSTREAM, END_PROTOCOL = range(8)
@@ -99,6 +101,7 @@ class NativeEngine:
         self._closed = False
         self._pure = PureEngine()
         self.fast_sink = None  # proxy/fastpath.FastPath when ZTUNNEL_FAST_PATH is on
+        self.inbound_sink = None  # proxy/fastpath_inbound.InboundFastPath, same switch
         self.loop.add_reader(self.core.event_fd, self._on_events)
 
     @property
@@ -152,6 +155,17 @@ class NativeEngine:
     def _dispatch_fast(self, ev) -> bool:
         """Events of the outbound fast path; True when nothing else is to be done with `ev`."""
         kind, ident, token, sid, code, flags, err, a, b, data = ev
+        if kind == EV_INBOUND_OPEN or token & INBOUND_TOKEN:
+            inbound = self.inbound_sink
+            if kind == EV_INBOUND_OPEN:
+                if inbound is None:  # nobody installed a verdict: cannot happen
+                    os.close(code)
+                else:
+                    inbound.on_open(ident, token, sid, code, a, b, data)
+                return True
+            if kind == EV_STREAM_END and inbound is not None:
+                inbound.on_end(token, flags, code, err, a, b)
+            return False  # the connection's own bookkeeping follows (_on_stream_end)
         sink = self.fast_sink
         if kind == EV_ACCEPTED:
             if sink is None:

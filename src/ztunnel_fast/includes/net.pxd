@@ -18,10 +18,13 @@ cdef extern from "<netinet/in.h>" nogil:
 
     uint16_t ntohs(uint16_t)
     uint32_t ntohl(uint32_t)
+    uint16_t htons(uint16_t)
+    uint32_t htonl(uint32_t)
     enum:
         IPPROTO_TCP
         SOL_IP
         AF_INET
+        IP_TRANSPARENT
 
 
 cdef extern from "<netinet/tcp.h>" nogil:
@@ -43,10 +46,15 @@ cdef extern from "<sys/socket.h>" nogil:
 
     int accept4(int sockfd, sockaddr *addr, unsigned int *addrlen, int flags)
     int getsockname(int sockfd, sockaddr *addr, unsigned int *addrlen)
+    int socket(int domain, int type, int protocol)
+    int connect(int sockfd, const sockaddr *addr, unsigned int addrlen)
+    int bind(int sockfd, const sockaddr *addr, unsigned int addrlen)
     enum:
+        SOCK_STREAM
         SOCK_NONBLOCK
         SOCK_CLOEXEC
         SO_KEEPALIVE
+        SO_MARK
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -60,3 +68,8 @@ cdef extern from "<sys/random.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int dup(int oldfd)
+
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        EINPROGRESS

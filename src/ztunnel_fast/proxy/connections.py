@@ -41,8 +41,10 @@ class ConnectionManager:
     def __init__(self):
         self._tracked: set[Tracked] = set()
 
-    def track(self, workload: Workload, info: ConnectionInfo, span=None) -> Tracked:
-        entry = Tracked(workload, info, asyncio.current_task(), span)
+    def track(self, workload: Workload, info: ConnectionInfo, span=None, task=None) -> Tracked:
+        """`task` (the current task by default) is cancelled to close the tunnel (the inbound fast
+        path passes the future its tunnel completes)."""
+        entry = Tracked(workload, info, task if task is not None else asyncio.current_task(), span)
         self._tracked.add(entry)
         return entry
 

@@ -46,6 +46,8 @@ class ProxyContext:
     state_listeners: list[Callable[[ProxyState], None]] = field(default_factory=list)
     # The outbound fast path (proxy/fastpath.py, ZTUNNEL_FAST_PATH), None when off.
     fast_path: "object | None" = None
+    # The inbound fast path (proxy/fastpath_inbound.py, same switch), None when off.
+    inbound_fast: "object | None" = None
 
     def __post_init__(self) -> None:
         if self.policies is None:
@@ -58,6 +60,8 @@ class ProxyContext:
         again and those now denied are closed.  Returns how many were closed."""
         if self.fast_path is not None:  # before the new state applies: no connection rides an old entry
             self.fast_path.flush()
+        if self.inbound_fast is not None:  # also takes the tunnels opened on old verdicts (reevaluated below)
+            self.inbound_fast.flush()
         if state.policies() is not self.state.policies():  # the store keeps the tuple while unchanged
             self.policies = PolicyIndex.build(state.policies())
         self.state = state

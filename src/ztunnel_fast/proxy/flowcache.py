@@ -1,5 +1,5 @@
-"""The outbound flow cache's decision, pure: which flows the native engine may carry on its own and
-with what entry (the fast path: ZTUNNEL_FAST_PATH, native engine only).
+"""The flow caches' decisions, pure: which flows the native engine may carry on its own and with
+what entry (the fast path: ZTUNNEL_FAST_PATH, native engine only).  Outbound first, then inbound.
 
 A flow class is (source IP, original destination IP:port).  Its entry is what the event loop's
 path (proxy/outbound.py, the reference) would do for every connection of the class, minus the
@@ -16,6 +16,18 @@ Invariants:
 - The header block is stateless HPACK (literals without indexing, no Huffman), so a worker can
   prepend and append fields without an encoder whose table could go out of step with the peer.
 - The header fields are those of hbone.headers.connect_request, in its order.
+
+Inbound (a peer's CONNECT on 15008, proxy/inbound.py the reference): the class is (the inbound
+HBONE connection, the :authority text).  The connection fixes the peer's address and identity and
+the address it arrived on; the :authority the destination; so the authorization's input
+(ConnectionInfo) and the destination workload are functions of the class and the state.
+- Only an allow verdict without dry-run policies (whose lines are per connection) is cached, for a
+  CONNECT to the address the connection arrived on (no waypoint or application-tunnel delivery),
+  to a workload without an application tunnel (no PROXY header), upstream sockets in our own
+  network namespace, IPv4 everywhere.  Denials, refusals and everything else take the event
+  loop's path every time.
+- What differs per CONNECT within a class (trace id, `forwarded`'s service host) is telemetry
+  only; the event loop reads it from each request's own fields.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ from hpack.hpack import encode_integer
 
 from ..hbone import headers as hbone_headers
 from ..hbone.pool import PoolKey
+from ..identity.spiffe import Identity
+from ..state.rbac import ConnectionInfo, Decision
 from ..state.workload import IpAddress, Workload
 from .route import Kind, Route, Via
 
@@ -84,3 +98,58 @@ def flow_entry(flow: FlowClass, route: Route, source: Workload | None, key: Pool
     prefix = b"".join(literal(name, value) for name, value in fields[:2])
     suffix = b"".join(literal(name, value) for name, value in fields[4:])
     return FlowEntry(flow, key, route, source, prefix, b"", suffix)
+
+
+# -- inbound -----------------------------------------------------------------------------------------
+AUTHORITY_MAX = 64  # bytes of :authority the native table keys on ("255.255.255.255:65535" fits)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundClass:
+    """The key: the inbound HBONE connection (engine id) and the CONNECT's :authority text."""
+
+    conn_id: int
+    authority: str
+
+
+@dataclass(frozen=True, slots=True)
+class InboundEntry:
+    """What every CONNECT of a class gets, as proxy/inbound.py would give it."""
+
+    flow: InboundClass
+    peer: tuple  # (IP, port) of the peer ztunnel: the access log's src.addr
+    peer_id: Identity
+    arrived_on: IpAddress  # the local address the connection arrived on
+    target: tuple  # (IP, port) the :authority names: the app, dialled as it is
+    workload: Workload  # the destination workload
+    info: ConnectionInfo  # what the verdict was made on (re-checked on every policy change)
+    source: IpAddress | None  # the dial's spoofed source (ORIG_SRC: the peer's IP), None: ours
+
+
+def inbound_cacheable(flow: InboundClass, *, peer_ip: IpAddress, arrived_on: IpAddress | None,
+                      target: tuple, workload: Workload, decision: Decision, source: IpAddress | None,
+                      own_netns: bool) -> bool:
+    ip, _ = target
+    return (
+        decision.allowed
+        and not decision.dry_run
+        and arrived_on is not None
+        and ip == arrived_on
+        and workload.application_tunnel is None
+        and own_netns
+        and ip.version == 4
+        and peer_ip.version == 4
+        and (source is None or source.version == 4)
+        and flow.authority.isascii()
+        and 0 < len(flow.authority) <= AUTHORITY_MAX
+    )
+
+
+def inbound_entry(flow: InboundClass, *, peer: tuple, peer_id: Identity, arrived_on: IpAddress | None,
+                  target: tuple, workload: Workload, info: ConnectionInfo, decision: Decision,
+                  source: IpAddress | None, own_netns: bool) -> InboundEntry | None:
+    """The entry for a class, or None when its CONNECTs must keep taking the event loop's path."""
+    if not inbound_cacheable(flow, peer_ip=peer[0], arrived_on=arrived_on, target=target, workload=workload,
+                             decision=decision, source=source, own_netns=own_netns):
+        return None
+    return InboundEntry(flow, peer, peer_id, arrived_on, target, workload, info, source)

@@ -7,7 +7,9 @@ destination must be the IP the connection arrived on (400) unless the local work
 waypoint of that destination or has an application tunnel (then the bytes go to the local pod),
 never ztunnel's own ports (503),
 a local workload at the target (503), the upstream dial to the app (503 on failure); only then
-`200`, and the engine moves the bytes.  A workload with `applicationTunnel: {protocol: PROXY}`
+`200`, and the engine moves the bytes.  With ZTUNNEL_FAST_PATH (native engine) an allowed
+CONNECT's class is installed for the workers (proxy/fastpath_inbound.py), which answer the next
+ones themselves; this path stays the reference for every miss.  A workload with `applicationTunnel: {protocol: PROXY}`
 (the waypoint sandwich) is dialled on its tunnel port and first gets a PROXY v2 header with the
 original addresses and the source identity (proxy_protocol.py).  The guide's line `got CONNECT request to <ip:port>` is
 logged under `inbound{id=... peer_ip=... peer_id=spiffe://...}`.
@@ -142,6 +144,8 @@ class Inbound:
             name=f"hbone-from-{peer_ip}", peer_identity=peer_id,
         )
         self.connections.add(conn)
+        if ctx.inbound_fast is not None:  # after its EV_CLOSED: no tunnel of its verdicts is still queued
+            conn.closed.add_done_callback(lambda _f, conn=conn: ctx.inbound_fast.forget(conn))
         try:
             conn.start()
             await conn.closed
@@ -208,6 +212,11 @@ class Inbound:
         tunnel = workload.application_tunnel
         sandwich = tunnel is not None and tunnel.protocol is ApplicationTunnelProtocol.PROXY
         app_port = (tunnel.port or checked.port) if sandwich else checked.port
+        # the PROXY header carries the client address, so the sandwich does not spoof it
+        spoof = peer_ip if ctx.orig_src and not sandwich else None
+        if ctx.inbound_fast is not None:  # the native workers may answer this class next time
+            ctx.inbound_fast.learn(stream, peer=client, peer_id=peer_id, arrived_on=arrived_on, target=target,
+                                   workload=workload, info=info, decision=decision, source=spoof)
         header = None
         if sandwich:
             try:
@@ -216,8 +225,6 @@ class Inbound:
                 self._refuse(stream, 503, f"cannot write the PROXY header: {exc}", span)
                 record.complete(0, 0, str(exc), "CONNECT")
                 return
-        # the PROXY header carries the client address, so the sandwich does not spoof it
-        spoof = peer_ip if ctx.orig_src and not sandwich else None
         upstream = None
         try:
             upstream = await sockets.connect(

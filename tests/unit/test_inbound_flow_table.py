@@ -1,0 +1,248 @@
+"""The native engine's inbound flow cache (_splice_inflow.pxi), in process: the table's install /
+replace / flush, and a worker answering a peer's CONNECT from an installed verdict over a real TLS
+socket pair (the client is the pure twin): it dials the app itself, answers 200, splices, and
+reports EV_INBOUND_OPEN then the completion; a request with a field the verdict did not cover, a
+refused dial and a flushed table all hand the CONNECT to the event loop's path (on_request)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from ztunnel_fast import _splice
+from ztunnel_fast.engine.pure import PureEngine
+from ztunnel_fast.identity.ca import LocalCA, init_ca
+from ztunnel_fast.identity.manager import WorkloadCertificate
+
+from .test_native_engine import (
+    HTTPBIN,
+    SLEEP,
+    TD,
+    NativeEngine,
+    Pair,
+    payload,
+    read_to_eof,
+    run,
+    send_all_then_fin,
+)
+
+KEEPALIVE = (180, 180, 9)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ca")
+    init_ca(d, TD)
+    ca = LocalCA.load(d)
+    return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
+
+
+def test_install_replace_and_flush():
+    core = _splice.Core(2)
+    try:
+        core.inflow_install(7, b"10.0.0.2:80", 1, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)
+        core.inflow_install(7, b"10.0.0.2:81", 2, 0x0A000002, 81, 0, 0, 10.0, KEEPALIVE)
+        core.inflow_install(8, b"10.0.0.2:80", 3, 0x0A000002, 80, 0x0A000001, 1337, 10.0, KEEPALIVE)
+        core.inflow_install(7, b"10.0.0.2:80", 4, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)  # replaces flow 1
+        assert core.inflow_stats == (3, 0, 0, 0)
+        core.inflow_flush(7)  # the entries of connection 7
+        assert core.inflow_stats == (1, 0, 0, 0)
+        core.inflow_flush()  # a state change: everything, and the generation moves
+        assert core.inflow_stats == (0, 0, 0, 1)
+        with pytest.raises(ValueError):
+            core.inflow_install(7, b"1" * 65, 5, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)
+        assert core.inflow_stats[0] == 0
+    finally:
+        core.stop()
+
+
+class Sink:
+    """Stands in for proxy/fastpath_inbound.InboundFastPath: records the workers' events."""
+
+    def __init__(self):
+        self.opened = []
+        self.ended = []
+        self.socks = {}
+
+    def on_open(self, conn_id, token, sid, fd, flow_id, start_ns, fields):
+        self.socks[token] = socket.socket(fileno=fd)
+        self.opened.append((conn_id, sid, flow_id, fields))
+
+    def on_end(self, token, kind, code, err, sent, received):
+        self.ended.append((kind, sent, received))
+        self.socks.pop(token).close()
+
+
+async def _echo_server(loop, lsock):
+    conns = []
+
+    async def one(sock):
+        while data := await loop.sock_recv(sock, 1 << 16):
+            await loop.sock_sendall(sock, data)
+        sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    while True:
+        sock, _ = await loop.sock_accept(lsock)
+        sock.setblocking(False)
+        conns.append(asyncio.ensure_future(one(sock)))
+
+
+async def _tunnel(pair, loop, headers, data):
+    """One CONNECT from the pure client: (status, echoed bytes)."""
+    stream = pair.client.start_stream(headers)
+    try:
+        await pair.client.response(stream)
+    except Exception as exc:  # noqa: BLE001 - the status is what the test looks at
+        return getattr(exc, "status", None), b""
+    down, plain = socket.socketpair()
+    down.setblocking(False)
+    plain.setblocking(False)
+    task = asyncio.ensure_future(pair.client_engine.tunnel(plain, stream, "cli"))
+    await send_all_then_fin(loop, down, data)
+    got = await read_to_eof(loop, down)
+    await task
+    plain.close()
+    down.close()
+    return 200, got
+
+
+def test_a_worker_answers_cached_connects_and_hands_the_rest_over(certs):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=2)
+        sink = server_engine.inbound_sink = Sink()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        with socket.create_server(("127.0.0.1", 0)) as closed:
+            dead_port = closed.getsockname()[1]  # nothing listens there once closed
+        app = asyncio.ensure_future(_echo_server(loop, lsock))
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        core = server_engine.core
+        cid = pair.server.id
+        authority, dead = f"127.0.0.1:{port}", f"127.0.0.1:{dead_port}"
+        core.inflow_install(cid, authority.encode(), 11, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE)
+        core.inflow_install(cid, dead.encode(), 12, 0x7F000001, dead_port, 0, 0, 5.0, KEEPALIVE)
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(dict(stream.request_headers).get(":authority"))
+            await serve(stream)  # the event loop's path of this test: 503
+
+        pair.server.on_request = counting
+        data = payload(200_000, 3)
+        base = [(":method", "CONNECT"), (":authority", authority)]
+        # a hit: the worker dials, answers 200 and splices; the event loop only hears the events
+        status, got = await _tunnel(pair, loop, base + [("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-00")], data)
+        assert (status, got == data, served) == (200, True, [])
+        for _ in range(100):
+            if sink.ended:
+                break
+            await asyncio.sleep(0.02)
+        assert [(o[2], dict(o[3])[b":authority"]) for o in sink.opened] == [(11, authority.encode())]
+        assert sink.ended == [(0, len(data), len(data))]
+        # a field the verdict did not cover: the event loop's path
+        assert (await _tunnel(pair, loop, base + [("user-agent", "x")], data))[0] == 503
+        # a refused dial is handed back untouched (the event loop dials and answers itself)
+        assert (await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", dead)], data))[0] == 503
+        assert served == [authority, dead]
+        assert core.inflow_stats[1:3] == (1, 1)
+        # a flush: nothing is answered from the old verdicts any more
+        core.inflow_flush()
+        assert (await _tunnel(pair, loop, base, data))[0] == 503
+        assert served == [authority, dead, authority] and len(sink.opened) == 1
+        pair.close()
+        app.cancel()
+        lsock.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
+
+
+def test_a_dial_past_its_timeout_is_handed_over(certs):
+    """The app's accept queue is full (SYNs dropped: the dial hangs): after the entry's connect
+    timeout the worker lets go of the dial and the event loop's path gets the CONNECT."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = []
+        for _ in range(4):  # fill the accept queue (nobody accepts); later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            queued.append(s)
+        await asyncio.sleep(0.2)
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        authority = f"127.0.0.1:{port}"
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 21, 0x7F000001, port, 0, 0, 0.3, KEEPALIVE)
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        status, _ = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"x")
+        assert status == 503 and len(served) == 1 and not sink.opened
+        assert server_engine.core.inflow_stats[1:3] == (0, 1)  # the worker dialled, then handed it back
+        pair.close()
+        for s in queued:
+            s.close()
+        full.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
+
+
+def test_the_dial_spoofs_the_installed_source(certs):
+    """ORIG_SRC: the worker binds the dial to the entry's source (IP_TRANSPARENT) and sets the
+    entry's SO_MARK, as sockets.connect does (a failure of either would hand the CONNECT to the
+    event loop: 503 here): the app sees the peer's address (here 127.0.0.2 on loopback)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        peers = []
+
+        async def app():
+            sock, addr = await loop.sock_accept(lsock)
+            peers.append(addr[0])
+            sock.setblocking(False)
+            while data := await loop.sock_recv(sock, 1 << 16):
+                await loop.sock_sendall(sock, data)
+            sock.close()
+
+        task = asyncio.ensure_future(app())
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        authority = f"127.0.0.1:{port}"
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 31, 0x7F000001, port, 0x7F000002,
+                                          0x539, 5.0, KEEPALIVE)
+        status, got = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"hello")
+        assert (status, got, peers) == (200, b"hello", ["127.0.0.2"])
+        for _ in range(100):
+            if sink.ended:
+                break
+            await asyncio.sleep(0.02)
+        assert [o[2] for o in sink.opened] == [31] and len(sink.ended) == 1
+        pair.close()
+        task.cancel()
+        lsock.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
