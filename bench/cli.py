@@ -36,7 +36,7 @@ from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
-DEFAULT_SETUPS = "direct,native,fastpath,pure,envoy,envoy1"
+DEFAULT_SETUPS = "direct,native,fastpath,xds,pure,envoy,envoy1"
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="short durations, 2,000 tunnels (~5 minutes)")
     p.add_argument("--setups", default=DEFAULT_SETUPS,
-                   help="comma-separated subset of direct,native,pure,envoy,envoy1, run in the order given")
+                   help="comma-separated subset of direct,native,fastpath,xds,pure,envoy,envoy1, run in the order given")
     p.add_argument("--topology", choices=("both",) + TOPOLOGIES, default="both",
                    help="bridge: pods on a bridge (every figure); veth: one veth pair between the pods (every "
                         "figure); both: every figure on the bridge, throughput and CPU/GB also on the veth pair")
