@@ -1,6 +1,7 @@
 """Idle memory: what a mode does not use is not imported.  A local-config instance loads neither
 grpcio nor protobuf nor the xDS/CA/in-pod/fake/demo modules (they cost ~20 MiB of RSS); the
-xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds)."""
+xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds).  No mode loads
+aiohttp or its stack (~9 MiB): the operator endpoints are served by admin/http.py on h11."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import sys
 NOT_FOR_LOCAL_MODE = ("grpc", "google.protobuf", "ztunnel_fast.xds.client", "ztunnel_fast.xds.delta",
                       "ztunnel_fast.xds.convert", "ztunnel_fast.identity.istiod_ca", "ztunnel_fast.istiod",
                       "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos")
+
+
+HEAVY_HTTP = ("aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "aiohappyeyeballs", "propcache")
+
+
+def _under(mods: set[str], prefixes) -> list[str]:
+    return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
 def loaded_after(code: str) -> set[str]:
@@ -28,3 +36,12 @@ def test_the_run_command_and_the_app_import_no_grpc_protobuf_or_xds():
 def test_the_xds_client_still_imports_what_it_needs():
     mods = loaded_after("import ztunnel_fast.app\nfrom ztunnel_fast.xds.client import XdsClient")
     assert "grpc" in mods and "ztunnel_fast.xds.delta" in mods
+
+
+def test_no_mode_loads_aiohttp_the_operator_endpoints_run_on_h11():
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
+                        "from ztunnel_fast.xds.client import XdsClient\n"
+                        "from ztunnel_fast.identity.istiod_ca import IstiodCA\n"
+                        "from ztunnel_fast.inpod.workloadmanager import WorkloadManager")
+    assert _under(mods, HEAVY_HTTP) == []
+    assert "h11" in mods and "ztunnel_fast.admin.http" in mods
