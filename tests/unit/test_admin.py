@@ -201,3 +201,16 @@ def test_query_decoded_as_aiohttp_request_query():
         ("/logging", {"level": "ztunnel_fast::proxy=debug,info"})
     assert parse_target(b"/logging?level=a%3Db+c&level=second") == ("/logging", {"level": "a=b c"})
     assert parse_target(b"/config_dump") == ("/config_dump", {})
+
+
+def test_on_ready_runs_once_when_the_last_start_up_task_is_done():
+    r = Readiness("proxy", "certificates")
+    calls = []
+    r.on_ready(lambda: calls.append(sorted(r.pending)))
+    r.done("proxy")
+    assert calls == []
+    r.done("certificates")
+    assert calls == [[]]
+    r.block("drain")
+    r.done("drain")  # ready again later (a drain that ends): start-up's callbacks do not run twice
+    assert calls == [[]]

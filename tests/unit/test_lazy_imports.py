@@ -1,7 +1,8 @@
 """Idle memory: what a mode does not use is not imported.  A local-config instance loads neither
 grpcio nor protobuf nor the xDS/CA/in-pod/fake/demo modules (they cost ~20 MiB of RSS); the
 xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds).  No mode loads
-aiohttp or its stack (~9 MiB): the operator endpoints are served by admin/http.py on h11."""
+aiohttp or its stack (~9 MiB): the operator endpoints are served by admin/http.py on h11.  An
+xDS-mode instance does not load PyYAML (~1 MiB): only parsing a local config file does."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def test_the_run_command_and_the_app_import_no_grpc_protobuf_or_xds():
     mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native")
     unexpected = sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in NOT_FOR_LOCAL_MODE))
     assert unexpected == []
+
+
+def test_an_xds_mode_instance_does_not_load_pyyaml():
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
+                        "from ztunnel_fast.xds.client import XdsClient\n"
+                        "from ztunnel_fast.identity.istiod_ca import IstiodCA")
+    assert _under(mods, ("yaml", "ztunnel_fast.xds.strict_yaml")) == []
+
+
+def test_parsing_a_local_config_loads_the_strict_yaml_reader():
+    mods = loaded_after("from ztunnel_fast.xds.local import parse_local_config\n"
+                        "parse_local_config('workloads: []', 'test')")
+    assert "yaml" in mods and "ztunnel_fast.xds.strict_yaml" in mods
 
 
 def test_the_xds_client_still_imports_what_it_needs():

@@ -41,9 +41,18 @@ class Readiness:
 
     def __init__(self, *tasks: str):
         self.pending: set[str] = set(tasks)
+        self._on_ready: list[Callable[[], None]] = []
+
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, the first time no task is pending (from the `done` that made it so)."""
+        self._on_ready.append(callback)
 
     def done(self, task: str) -> None:
         self.pending.discard(task)
+        if not self.pending and self._on_ready:
+            callbacks, self._on_ready = self._on_ready, []
+            for callback in callbacks:
+                callback()
 
     def block(self, task: str) -> None:
         self.pending.add(task)
