@@ -12,7 +12,8 @@ import sys
 
 NOT_FOR_LOCAL_MODE = ("grpc", "google.protobuf", "ztunnel_fast.xds.client", "ztunnel_fast.xds.delta",
                       "ztunnel_fast.xds.convert", "ztunnel_fast.identity.istiod_ca", "ztunnel_fast.istiod",
-                      "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos")
+                      "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos",
+                      "ztunnel_fast.redirect")
 
 
 HEAVY_HTTP = ("aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "aiohappyeyeballs", "propcache")
@@ -38,7 +39,7 @@ def test_an_xds_mode_instance_does_not_load_pyyaml():
     mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
                         "from ztunnel_fast.xds.client import XdsClient\n"
                         "from ztunnel_fast.identity.istiod_ca import IstiodCA")
-    assert _under(mods, ("yaml", "ztunnel_fast.xds.strict_yaml")) == []
+    assert _under(mods, ("yaml", "ztunnel_fast.xds.strict_yaml", "ztunnel_fast.redirect")) == []
 
 
 def test_parsing_a_local_config_loads_the_strict_yaml_reader():
@@ -59,3 +60,10 @@ def test_no_mode_loads_aiohttp_the_operator_endpoints_run_on_h11():
                         "from ztunnel_fast.inpod.workloadmanager import WorkloadManager")
     assert _under(mods, HEAVY_HTTP) == []
     assert "h11" in mods and "ztunnel_fast.admin.http" in mods
+
+
+def test_the_redirect_group_loads_when_used():
+    mods = loaded_after("from click.testing import CliRunner\nfrom ztunnel_fast.cli import main\n"
+                        "r = CliRunner().invoke(main, ['redirect', '--help'])\n"
+                        "assert r.exit_code == 0 and 'install' in r.output, r.output")
+    assert "ztunnel_fast.redirect.cli" in mods
