@@ -67,3 +67,9 @@ def test_the_redirect_group_loads_when_used():
                         "r = CliRunner().invoke(main, ['redirect', '--help'])\n"
                         "assert r.exit_code == 0 and 'install' in r.output, r.output")
     assert "ztunnel_fast.redirect.cli" in mods
+
+
+def test_malloc_trim_is_found_without_ctypes_util():
+    mods = loaded_after("from ztunnel_fast import limits\n"
+                        "assert limits.release_free_memory() in (True, False) and limits._malloc_trim")
+    assert "ctypes.util" not in mods
