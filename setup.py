@@ -91,5 +91,5 @@ setup(
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
-    entry_points={"console_scripts": ["ztunnel-fast=ztunnel_fast.cli:main"]},
+    entry_points={"console_scripts": ["ztunnel-fast=ztunnel_fast.entry:main"]},
 )

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
 from . import __version__
-from .errors import ConfigError, IdentityError
+from .errors import IdentityError
 
 # (flag, environment variable, help) for `run`; every flag takes a string, validated by Config.
 RUN_FLAGS = [
@@ -75,7 +76,7 @@ class _LazyGroup(click.Group):
     """A group whose `lazy` subcommands are imported only when used (click's documented lazy
     loading pattern): `run` never loads the `redirect` group's modules (~0.4 MiB of idle RSS)."""
 
-    lazy = {"redirect": "ztunnel_fast.redirect.cli:redirect"}
+    lazy: ClassVar[dict[str, str]] = {"redirect": "ztunnel_fast.redirect.cli:redirect"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -103,25 +104,9 @@ def _run_command():
             value = flags.get(flag.lstrip("-").replace("-", "_"))
             if value is not None:
                 env[var] = value
-        from .config import Config
-        from .telemetry.logs import setup_logging
+        from .run import run as run_proxy
 
-        try:
-            config = Config.from_env(env)
-            setup_logging(config.log_level, config.log_format)
-        except (ConfigError, ValueError) as exc:
-            _fail(exc)
-        from .app import App
-
-        import uvloop
-
-        async def go():
-            await App(config).run()
-
-        try:
-            uvloop.run(go())
-        except (ConfigError, IdentityError) as exc:
-            _fail(exc)
+        run_proxy(env)
 
     for flag, var, text in reversed(RUN_FLAGS):
         run = click.option(flag, default=None, metavar=var, help=f"{text} [env {var}]")(run)

@@ -73,3 +73,22 @@ def test_malloc_trim_is_found_without_ctypes_util():
     mods = loaded_after("from ztunnel_fast import limits\n"
                         "assert limits.release_free_memory() in (True, False) and limits._malloc_trim")
     assert "ctypes.util" not in mods
+
+
+def _entry(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str]]:
+    """Run ztunnel_fast.entry.main(args) in a fresh interpreter: (exit status, stderr, modules)."""
+    code = ("import sys, json, atexit\n"
+            "atexit.register(lambda: print(json.dumps(sorted(sys.modules))))\n"
+            f"from ztunnel_fast.entry import main\nmain({args!r})\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env})
+    return cp.returncode, cp.stderr, json.loads(cp.stdout.splitlines()[-1])
+
+
+def test_run_without_flags_does_not_load_click_and_fails_alike():
+    # the chart's `ztunnel-fast run`: environment only, no click; same validation and error line
+    status, err, mods = _entry(["run"], {"PROXY_MODE": "sideways"})
+    assert status == 2 and err == "ztunnel-fast: error: PROXY_MODE: invalid value 'sideways'; accepted: shared, dedicated\n"
+    assert "click" not in mods
+    status2, err2, mods2 = _entry(["run", "--proxy-mode", "sideways"], {})
+    assert (status2, err2) == (status, err) and "click" in mods2

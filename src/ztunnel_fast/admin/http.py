@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 import h11
@@ -148,7 +148,7 @@ class HttpServer:
                     return
                 try:
                     resp = await self.app.handle(request)
-                except Exception:  # noqa: BLE001 - one failed handler answers 500, the server goes on
+                except Exception:  # one failed handler answers 500, the server goes on
                     log.exception("admin handler for %s %s failed", request.method, request.path)
                     resp = text("500 Internal Server Error\n\nServer got itself in trouble", 500)
                 self._send(conn, writer, resp, head_only=request.method == "HEAD")
@@ -156,7 +156,7 @@ class HttpServer:
                 if conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, h11.LocalProtocolError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, h11.LocalProtocolError):
             return
         finally:
             self.connections.discard(writer)
