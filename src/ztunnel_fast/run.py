@@ -11,6 +11,7 @@ stderr, `ztunnel-fast: error: <reason>`, before any listener accepts.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
@@ -23,6 +24,10 @@ def fail(exc: Exception | str) -> NoReturn:
 
 
 def run(env: dict[str, str]) -> None:
+    # gRPC core's own INFO lines (GOAWAY received, ...) would break our log format: errors only
+    # unless the operator asks for more.  Set before anything imports grpc (istiod_ca does, before
+    # xds/client.py's own setdefault would run).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .config import Config
     from .telemetry.logs import setup_logging
 
