@@ -64,7 +64,7 @@ setup(
         "PyYAML>=6.0,<7",
         "click>=8.1,<9",
         "prometheus_client>=0.20,<1",
-        "aiohttp>=3.9,<4",
+        "h11>=0.16,<0.17",  # the operator endpoints' HTTP/1.1 (admin/http.py)
         "python-iptables>=1.0,<2",
         "grpcio>=1.85,<1.86",
         "protobuf>=7.35.1,<8",
@@ -91,5 +91,5 @@ setup(
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
-    entry_points={"console_scripts": ["ztunnel-fast=ztunnel_fast.cli:main"]},
+    entry_points={"console_scripts": ["ztunnel-fast=ztunnel_fast.entry:main"]},
 )

@@ -36,7 +36,7 @@ from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
-DEFAULT_SETUPS = "direct,native,fastpath,pure,envoy,envoy1,relay,relaycopy,relayaead"
+DEFAULT_SETUPS = "direct,native,fastpath,xds,pure,envoy,envoy1,relay,relaycopy,relayaead"
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="short durations, 2,000 tunnels (~5 minutes)")
     p.add_argument("--setups", default=DEFAULT_SETUPS,
-                   help="comma-separated subset of direct,native,fastpath,pure,envoy,envoy1,relay,relaycopy,relayaead, run in "
-                        "the order given (relay, relaycopy: plain TCP relay pairs, the CPU floor; with them the table "
+                   help="comma-separated subset of direct,native,fastpath,xds,pure,envoy,envoy1,relay,relaycopy,relayaead, run in "
+                        "the order given (xds: native in xDS mode against the fake istiod, idle RSS only; relay, relaycopy: plain TCP relay pairs, the CPU floor; with them the table "
                         "adds floor = relay CPU/GB + AES-128-GCM encrypt + decrypt per GB; relayaead: a C relay pair "
                         "with AES-128-GCM records between the relays, the floor measured in place)")
     p.add_argument("--topology", choices=("both",) + TOPOLOGIES, default="both",

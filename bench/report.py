@@ -16,15 +16,15 @@ from typing import Any
 
 MIB = 1 << 20
 KIB = 1 << 10
-ORDER = ("direct", "native", "fastpath", "pure", "envoy", "envoy1", "relay", "relaycopy", "relayaead", "floor",
+ORDER = ("direct", "native", "fastpath", "xds", "pure", "envoy", "envoy1", "relay", "relaycopy", "relayaead", "floor",
          "floorcopy")
-SHORT = {"direct": "direct", "native": "native", "fastpath": "native+fast path", "pure": "pure", "envoy": "Envoy",
+SHORT = {"direct": "direct", "native": "native", "fastpath": "native+fast path", "xds": "native xDS", "pure": "pure", "envoy": "Envoy",
          "envoy1": "Envoy c1", "relay": "relay", "relaycopy": "relay, copies", "relayaead": "relay, AES-GCM",
          "floor": "floor",
          "floorcopy": "floor, copies"}
 RATIO_COLUMNS = (  # (setup, reference)
     ("native", "direct"), ("pure", "direct"), ("envoy", "direct"), ("native", "envoy"), ("pure", "envoy"),
-    ("native", "envoy1"), ("pure", "envoy1"), ("fastpath", "envoy"), ("fastpath", "envoy1"),
+    ("native", "envoy1"), ("pure", "envoy1"), ("fastpath", "envoy"), ("fastpath", "envoy1"), ("xds", "envoy"),
     ("floor", "envoy"), ("floor", "envoy1"), ("floorcopy", "envoy"), ("floorcopy", "envoy1"), ("native", "floor"),
     ("relayaead", "envoy"), ("relayaead", "envoy1"),
 )
@@ -189,7 +189,7 @@ def configuration(doc: dict) -> str:
                   - {None})
     if conc:
         parts.append("Envoy --concurrency " + " and ".join(map(str, conc)))
-    if any(n in setups for n in ("native", "pure", "fastpath")):
+    if any(n in setups for n in ("native", "pure", "fastpath", "xds")):
         parts.append(f"ztunnel-fast ZTUNNEL_WORKER_THREADS={s.get('worker_threads', '?')}")
     parts.append("scaling at " + " and ".join(map(str, s.get("scaling_threads") or ())) + " worker threads")
     parts.append(f"iperf3 {s.get('iperf_seconds')} s + {s.get('iperf_omit')} s warm-up")
@@ -354,7 +354,7 @@ CHART_METRICS = ("throughput_1", "throughput_4", "cpu_per_gb", "syscalls_per_gb"
                  "rps_keepalive", "p50_keepalive", "p99_keepalive", "newconn_scaling",
                  "rps_newconn", "p50_newconn", "p99_newconn", "rps_newconn_1t",
                  "idle_rss", "tunnels_rss", "rss_per_tunnel", "rps_newconn_2t")
-COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "fastpath": "#2ca02c", "pure": "#aec7e8", "envoy": "#ff7f0e",
+COLORS = {"direct": "#7f7f7f", "native": "#1f77b4", "fastpath": "#2ca02c", "xds": "#17becf", "pure": "#aec7e8", "envoy": "#ff7f0e",
           "envoy1": "#ffbb78", "relay": "#9467bd", "relaycopy": "#c5b0d5", "relayaead": "#e377c2", "floor": "#8c564b",
           "floorcopy": "#c49c94"}
 

@@ -8,6 +8,10 @@
   fastpath  native with ZTUNNEL_FAST_PATH=true on both sides (the workers' flow caches: outbound
           connections on the client side, inbound CONNECTs on the server side);
           only the figures the fast path can move (idle, throughput, new connections, scaling)
+  xds     native in xDS mode, the real deployment's: workloads over xDS and certificates from the
+          fake istiod (ztunnel_fast.fakes.istiod, in a third pod, as `make demo` runs it), so
+          grpcio, protobuf and the xDS client are loaded; only idle RSS (issue 11 item 4) and the
+          path check (the byte path is the same engine as `native`)
   relay   client ──REDIRECT──▶ plain TCP relay ──tcp──▶ plain TCP relay ──▶ app (bench/relay.py):
           no TLS, no HTTP/2, bytes moved by splice(2) — what any proxy pair pays here (the floor);
           only throughput, CPU/GB and syscalls
@@ -32,10 +36,12 @@ BenchLab's topology and is stopped by its teardown, also when `start` fails half
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ztunnel_fast import netns
+from ztunnel_fast.demo.lab import LabIstiod
 
 from .lab import APP_PORTS, BenchLab
 from .procstat import Proxies
@@ -84,13 +90,17 @@ class ZtunnelFast(Setup):
     threads_label = "ZTUNNEL_WORKER_THREADS"
 
     def __init__(self, engine: str, worker_threads: int = 2, log_level: str = ZTUNNEL_LOG_LEVEL,
-                 fast_path: bool = False):
+                 fast_path: bool = False, xds: bool = False):
         self.engine = engine
         self.fast_path = fast_path
-        self.name = "fastpath" if fast_path else engine
-        self.label = f"ztunnel-fast {engine}" + (" + ZTUNNEL_FAST_PATH=true" if fast_path else "")
+        self.xds = xds  # control plane: the fake istiod (xDS + CA) instead of the local file and CA
+        self.name = "xds" if xds else "fastpath" if fast_path else engine
+        self.label = (f"ztunnel-fast {engine}" + (" + ZTUNNEL_FAST_PATH=true" if fast_path else "")
+                      + (", xDS mode (fake istiod)" if xds else ""))
         # the fast path changes how connections start, not the byte path or what a tunnel holds
         self.skip = frozenset({"tunnels", "syscalls", "topology2", "cpu"}) if fast_path else frozenset()
+        if xds:  # the control plane changes what is loaded, not the byte path
+            self.skip = frozenset(XDS_SKIPS)
         self.log_level = log_level
         self.worker_threads = worker_threads
         self.scales = engine == "native"  # the pure twin has no worker threads (one asyncio loop)
@@ -108,12 +118,21 @@ class ZtunnelFast(Setup):
         threads = threads or self.worker_threads
         env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level, "ZTUNNEL_WORKER_THREADS": str(threads),
                "ZTUNNEL_FAST_PATH": "true" if self.fast_path else "false"}
+        if self.xds:
+            istiod = bl.lab.attach(LabIstiod(bl.lab))
+            istiod.start()  # serves the Lab's pods over xDS and signs their certificates
+            istiod.exempt(bl.client)  # ztunnel's own connection to istiod is not captured
         server = bl.lab.start_ztunnel(bl.server, redirect=False, **env)  # the server pod only answers
         client = bl.lab.start_ztunnel(bl.client, redirect=True, **env)
+        if self.xds:
+            for pod in (bl.server, bl.client):  # ready = workloads synced and certificates issued
+                _wait_ready(bl, pod)
         m = re.search(r"engine=(\S+)", client.log())
         info = {"engine": m.group(1) if m else "?", "log_level": self.log_level,
                 "worker_threads": threads if self.engine == "native" else "n/a (pure twin: one asyncio loop)",
                 "topology": bl.kind}
+        if self.xds:
+            info["control_plane"] = "fake istiod (xDS + CA over TLS, ztunnel_fast.fakes.istiod)"
         return Started(Proxies({"client": client.proc.pid, "server": server.proc.pid}), info)
 
 
@@ -214,6 +233,19 @@ class RelayPair(Setup):
         return Started(Proxies({side: p.pid for side, p in procs.items()}), info)
 
 
+XDS_SKIPS = ("tput1", "tput4", "cpu", "syscalls", "http_ka", "http_nc", "tunnels", "scaling", "topology2")
+READY_TIMEOUT = 30.0  # seconds for an xDS-mode proxy to sync and get its certificate
+
+
+def _wait_ready(bl: BenchLab, pod) -> None:
+    """Wait until the proxy in `pod` answers 200 on 15021 /healthz/ready (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while bl.lab.http(pod, "http://127.0.0.1:15021/healthz/ready")[0] != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ztunnel-fast in {pod.name} not ready over xDS after {READY_TIMEOUT:.0f}s")
+        time.sleep(0.1)
+
+
 def _certs(bl: BenchLab, side: str):
     """Key, chain and root for the pod's SPIFFE identity, issued by the Lab's CA."""
     from tests.certs import CertPaths
@@ -227,7 +259,8 @@ ALL = {"direct": lambda t: Direct(), "native": lambda t: ZtunnelFast("native", t
        "envoy": lambda t: EnvoyPair(ENVOY_CONCURRENCY), "envoy1": lambda t: EnvoyPair(1),
        "fastpath": lambda t: ZtunnelFast("native", t, fast_path=True),
        "relay": lambda t: RelayPair("splice"), "relaycopy": lambda t: RelayPair("copy"),
-       "relayaead": lambda t: RelayPair("aead")}
+       "relayaead": lambda t: RelayPair("aead"),
+       "xds": lambda t: ZtunnelFast("native", t, xds=True)}
 
 
 def make(names: list[str], worker_threads: int = 2) -> list[Setup]:

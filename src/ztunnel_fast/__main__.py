@@ -1,5 +1,5 @@
 """`python -m ztunnel_fast` is the `ztunnel-fast` command."""
 
-from .cli import main
+from .entry import main
 
 main()

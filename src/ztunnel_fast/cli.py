@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
 from . import __version__
-from .errors import ConfigError, IdentityError
+from .errors import IdentityError
 
 # (flag, environment variable, help) for `run`; every flag takes a string, validated by Config.
 RUN_FLAGS = [
@@ -71,7 +72,25 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose `lazy` subcommands are imported only when used (click's documented lazy
+    loading pattern): `run` never loads the `redirect` group's modules (~0.4 MiB of idle RSS)."""
+
+    lazy: ClassVar[dict[str, str]] = {"redirect": "ztunnel_fast.redirect.cli:redirect"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ztunnel-fast")
 def main() -> None:
     """A per-node zero-trust tunnel for Istio ambient mesh."""
@@ -85,25 +104,9 @@ def _run_command():
             value = flags.get(flag.lstrip("-").replace("-", "_"))
             if value is not None:
                 env[var] = value
-        from .config import Config
-        from .telemetry.logs import setup_logging
+        from .run import run as run_proxy
 
-        try:
-            config = Config.from_env(env)
-            setup_logging(config.log_level, config.log_format)
-        except (ConfigError, ValueError) as exc:
-            _fail(exc)
-        from .app import App
-
-        import uvloop
-
-        async def go():
-            await App(config).run()
-
-        try:
-            uvloop.run(go())
-        except (ConfigError, IdentityError) as exc:
-            _fail(exc)
+        run_proxy(env)
 
     for flag, var, text in reversed(RUN_FLAGS):
         run = click.option(flag, default=None, metavar=var, help=f"{text} [env {var}]")(run)
@@ -152,11 +155,6 @@ def demo(engine: str, keep: bool, step: str | None, mode: str) -> None:
     from .demo.journey import run_demo
 
     sys.exit(run_demo(engine=engine, keep=keep, step=step))
-
-
-from .redirect.cli import redirect  # noqa: E402 - the `redirect` group lives with its module
-
-main.add_command(redirect)
 
 
 @main.command("proxy-config")

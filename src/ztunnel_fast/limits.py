@@ -14,7 +14,6 @@ fact to report, not an error); both are cheap enough to call from the event loop
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 
 TRIM_AFTER_PEAK = 256  # pending connections at a wave's peak before its end is worth a malloc_trim
@@ -45,7 +44,9 @@ def release_free_memory() -> bool:
     global _malloc_trim
     if _malloc_trim is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # the process's own symbols (libc among them): no ctypes.util.find_library, which
+            # imports shutil & co. and runs ldconfig (~0.4 MiB of idle RSS for one lookup)
+            libc = ctypes.CDLL(None)
             _malloc_trim = libc.malloc_trim
             _malloc_trim.argtypes = [ctypes.c_size_t]
             _malloc_trim.restype = ctypes.c_int

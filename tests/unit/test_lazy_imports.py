@@ -1,6 +1,8 @@
 """Idle memory: what a mode does not use is not imported.  A local-config instance loads neither
 grpcio nor protobuf nor the xDS/CA/in-pod/fake/demo modules (they cost ~20 MiB of RSS); the
-xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds)."""
+xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds).  No mode loads
+aiohttp or its stack (~9 MiB): the operator endpoints are served by admin/http.py on h11.  An
+xDS-mode instance does not load PyYAML (~1 MiB): only parsing a local config file does."""
 
 from __future__ import annotations
 
@@ -10,7 +12,15 @@ import sys
 
 NOT_FOR_LOCAL_MODE = ("grpc", "google.protobuf", "ztunnel_fast.xds.client", "ztunnel_fast.xds.delta",
                       "ztunnel_fast.xds.convert", "ztunnel_fast.identity.istiod_ca", "ztunnel_fast.istiod",
-                      "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos")
+                      "ztunnel_fast.inpod", "ztunnel_fast.fakes", "ztunnel_fast.demo", "ztunnel_fast.protos",
+                      "ztunnel_fast.redirect")
+
+
+HEAVY_HTTP = ("aiohttp", "multidict", "yarl", "frozenlist", "aiosignal", "aiohappyeyeballs", "propcache")
+
+
+def _under(mods: set[str], prefixes) -> list[str]:
+    return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
 def loaded_after(code: str) -> set[str]:
@@ -25,6 +35,60 @@ def test_the_run_command_and_the_app_import_no_grpc_protobuf_or_xds():
     assert unexpected == []
 
 
+def test_an_xds_mode_instance_does_not_load_pyyaml():
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
+                        "from ztunnel_fast.xds.client import XdsClient\n"
+                        "from ztunnel_fast.identity.istiod_ca import IstiodCA")
+    assert _under(mods, ("yaml", "ztunnel_fast.xds.strict_yaml", "ztunnel_fast.redirect")) == []
+
+
+def test_parsing_a_local_config_loads_the_strict_yaml_reader():
+    mods = loaded_after("from ztunnel_fast.xds.local import parse_local_config\n"
+                        "parse_local_config('workloads: []', 'test')")
+    assert "yaml" in mods and "ztunnel_fast.xds.strict_yaml" in mods
+
+
 def test_the_xds_client_still_imports_what_it_needs():
     mods = loaded_after("import ztunnel_fast.app\nfrom ztunnel_fast.xds.client import XdsClient")
     assert "grpc" in mods and "ztunnel_fast.xds.delta" in mods
+
+
+def test_no_mode_loads_aiohttp_the_operator_endpoints_run_on_h11():
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
+                        "from ztunnel_fast.xds.client import XdsClient\n"
+                        "from ztunnel_fast.identity.istiod_ca import IstiodCA\n"
+                        "from ztunnel_fast.inpod.workloadmanager import WorkloadManager")
+    assert _under(mods, HEAVY_HTTP) == []
+    assert "h11" in mods and "ztunnel_fast.admin.http" in mods
+
+
+def test_the_redirect_group_loads_when_used():
+    mods = loaded_after("from click.testing import CliRunner\nfrom ztunnel_fast.cli import main\n"
+                        "r = CliRunner().invoke(main, ['redirect', '--help'])\n"
+                        "assert r.exit_code == 0 and 'install' in r.output, r.output")
+    assert "ztunnel_fast.redirect.cli" in mods
+
+
+def test_malloc_trim_is_found_without_ctypes_util():
+    mods = loaded_after("from ztunnel_fast import limits\n"
+                        "assert limits.release_free_memory() in (True, False) and limits._malloc_trim")
+    assert "ctypes.util" not in mods
+
+
+def _entry(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str]]:
+    """Run ztunnel_fast.entry.main(args) in a fresh interpreter: (exit status, stderr, modules)."""
+    code = ("import sys, json, atexit\n"
+            "atexit.register(lambda: print(json.dumps(sorted(sys.modules))))\n"
+            f"from ztunnel_fast.entry import main\nmain({args!r})\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env})
+    return cp.returncode, cp.stderr, json.loads(cp.stdout.splitlines()[-1])
+
+
+def test_run_without_flags_does_not_load_click_and_fails_alike():
+    # the chart's `ztunnel-fast run`: environment only, no click; same validation and error line
+    status, err, mods = _entry(["run"], {"PROXY_MODE": "sideways"})
+    assert status == 2 and err == "ztunnel-fast: error: PROXY_MODE: invalid value 'sideways'; accepted: shared, dedicated\n"
+    assert "click" not in mods
+    status2, err2, mods2 = _entry(["run", "--proxy-mode", "sideways"], {})
+    assert (status2, err2) == (status, err) and "click" in mods2

@@ -28,8 +28,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-import yaml
-
 from ..errors import ConfigError, IdentityError
 from ..identity.spiffe import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, Identity
 from ..state.policy import (
@@ -133,8 +131,13 @@ def local_config_from(config: "Config") -> LocalConfig | None:
 
 def parse_local_config(text: str, source: str) -> LocalConfig:
     """Parse local config YAML; `source` names it in errors (e.g. "LOCAL_XDS_PATH=/etc/z.yaml")."""
+    # imported here: PyYAML is ~1 MiB of idle RSS that an xDS-mode instance never uses
+    import yaml
+
+    from .strict_yaml import load_strict
+
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        document = load_strict(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or e.context or "syntax error"
@@ -146,37 +149,6 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
         return _document(document)
     except _Refusal as r:
         raise ConfigError(source, r.path, r.reason) from None
-
-
-# --- YAML loading -------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
-    # Only keys written in this mapping count: "<<" merge keys may be overridden, that is their
-    # point, and construct_mapping below resolves them.
-    seen: set = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-        except TypeError:  # unhashable key: construct_mapping below reports it with its position
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"duplicate key {key!r}", key_node.start_mark,
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 # --- validation primitives (raise _Refusal; parse_local_config adds the source) ------------------
