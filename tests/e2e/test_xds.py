@@ -131,9 +131,18 @@ def test_removal_nack_and_istiod_restart_keep_serving(lab):
     # a malformed resource: NACKed with its name and reason; the process keeps serving
     istiod.malformed = [{"typeUrl": "type.googleapis.com/istio.workload.Address", "name": "bad-one", "hex": "ffff"}]
     istiod.write()
-    nacks = wait_for(lambda: [r for r in istiod.requests() if r["nack"]], what="NACK")
+    # both proxies get the push: wait for the NACK of each (by its stream's bearer token), since
+    # one proxy's NACK says nothing about whether the other has handled the push yet
+    callers = {f"Bearer {istiod.token_of(p)}": z for p, z in ((a, za), (b, zb))}
+
+    def nacks_from_each_proxy():
+        nacks = [r for r in istiod.requests() if r["nack"]]
+        return nacks if {r["metadata"]["authorization"] for r in nacks} == set(callers) else None
+
+    nacks = wait_for(nacks_from_each_proxy, what="a NACK from each proxy")
     assert all(n["nack"].startswith("bad-one: cannot decode istio.workload.Address") for n in nacks)
-    assert za.lines("type=NACK error=bad-one: cannot decode istio.workload.Address")
+    for z in callers.values():  # each logs the NACK before sending it
+        assert z.lines("type=NACK error=bad-one: cannot decode istio.workload.Address")
     assert ready(lab, a) and ready(lab, b)
     assert_echo(lab.client(a, "echo", b.ip, "80", "--size", str(MiB)), MiB)
 
