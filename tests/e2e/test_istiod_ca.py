@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 from OpenSSL import crypto
 
+from ztunnel_fast import netns
 from ztunnel_fast.fakes.ca_server import ISTIOD_NAME, FakePki
 
 pytestmark = pytest.mark.e2e
@@ -121,6 +122,12 @@ def mesh(lab):
             "SECRET_TTL": "20s",
         }
 
+    # as in a cluster, ztunnel's own connections to istiod are not captured: exempt them from the
+    # pod's outbound redirect (start_ztunnel appends the REDIRECT after this rule); otherwise every
+    # CA request after start-up loops through the proxy itself (node1 is no workload: reset)
+    for p in (sleep, node):
+        netns.iptables(p.pod, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ISTIOD_IP,
+                       "--dport", "15012", "-j", "RETURN")
     zs = lab.start_ztunnel(sleep, **istiod_env("sleep"))
     zn = lab.start_ztunnel(node, shared=True, ENABLE_ORIG_SRC="false", **istiod_env("node1"))
     return pki, ca, node, w1, sleep, zs, zn
@@ -129,8 +136,16 @@ def mesh(lab):
 def test_hbone_with_istiod_certificates_survives_a_ca_outage(lab, mesh):
     pki, ca, node, w1, sleep, zs, zn = mesh
 
+    # -- istiod's answers have reached both proxies (the CA records a request before it answers)
+    def answered() -> bool:
+        mine = {c["identity"]: c["state"] for c in config_dump(lab, sleep)["certificates"]}
+        node_certs = {c["identity"]: c["state"] for c in config_dump(lab, node)["certificates"]}
+        return (mine.get(SLEEP_ID) == "Available" and node_certs.get(W1_ID) == "Available"
+                and "UNAUTHENTICATED" in node_certs.get(W2_ID, ""))
+
+    wait(answered, "certificates of sleep and w1 issued, w2's refused")
+
     # -- what the CA saw: token, clusterid, extra header; impersonation only from the shared node
-    wait(lambda: len(ca.requests()) >= 3, "certificate requests of sleep, w1 and w2")
     by_caller: dict[str, list[dict]] = {}
     for req in ca.requests():
         by_caller.setdefault(req["metadata"]["authorization"], []).append(req)
@@ -191,3 +206,5 @@ def test_hbone_with_istiod_certificates_survives_a_ca_outage(lab, mesh):
     assert lab.client(sleep, "echo", w1.ip, "80", "--size", str(1 << 20))["ok"]
     renewed = certificate(config_dump(lab, sleep), SLEEP_ID)
     assert renewed["state"] == "Available" and chains_to_istiod(pki, renewed)
+    for z in (zs, zn):  # the CA connections never went through the proxies
+        assert not z.lines(f"dst.addr={ISTIOD_IP}:15012"), z.log()
