@@ -135,3 +135,32 @@ def test_a_pod_deleted_while_its_connections_race(lab, mesh, engine):
         assert carried >= result["ok"] // 2, (stats, result)
     else:
         assert stats is None
+
+
+def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mesh, engine):
+    """Warm classes too: without source spoofing a socket's address tells where it was created.
+    The outbound fast path's HBONE connections leave from the pod, and a pod's inbound CONNECTs
+    (whose dial must leave from the pod; the workers dial in their own namespace) keep taking the
+    event loop's path, so the app sees the pod's own address every time."""
+    m = mesh
+    start_both(m, ENABLE_ORIG_SRC="false", **FAST)
+    assert m.add(m.spare) == ""
+    lab.app(m.spare, "serve", "81", "whoami", "--name", "spare", port=81)
+    # inbound to spare, 8 connections of one class: the app always sees spare's own address
+    names = lab.client(m.echo, "whoami", m.spare.ip, "81", "--count", "8")["names"]
+    assert [n.split() for n in names] == [["spare", m.spare.ip]] * 8
+    assert m.nodes["node1"].ip != m.spare.ip
+    assert len(m.zt["node1"].lines(f"got CONNECT request to {m.spare.ip}:81")) == 8
+    # a dial from outside the pod would have been captured by the pod's own 15006 (in-pod rules)
+    assert not m.zt["node1"].lines(f"proxying plaintext to {m.spare.ip}:81")
+    # outbound from sleep, warm: every CONNECT reaches echo's ztunnel from sleep's address
+    out = lab.client(m.sleep, "echo", m.echo.ip, "80", "--size", "1024", "--count", "20")
+    assert out["ok"] == 20 and out["mismatched"] == 0, out
+    got = m.zt["node2"].lines(f"got CONNECT request to {m.echo.ip}:80")
+    assert len(got) == 20 and all(f"peer_ip={m.sleep.ip} " in line for line in got)
+    stats = fast_stats(lab, m.zt["node1"])
+    if engine == "native":
+        carried, event_loop, _ = stats
+        assert carried + event_loop == 20 and carried >= 15, stats
+    else:
+        assert stats is None
