@@ -23,6 +23,7 @@ cdef enum:
 
 
 cdef struct FlowTable  # below: the fast path's flow cache
+cdef struct Listener  # below: one outbound listener a worker accepts on
 cdef struct InFlowTable  # below: the inbound fast path's flow cache
 
 
@@ -265,9 +266,9 @@ cdef struct Worker:
     # fast path (_splice_accept.pxi, _splice_flow.pxi)
     FlowTable *flows     # the Core's flow cache, shared by every worker
     InFlowTable *inflows # the Core's inbound flow cache, shared by every worker
-    Handle listen_h
-    int listen_fd        # this worker's dup of the outbound listener, when `listening`
-    bint listening
+    Listener *listeners  # this worker's dups of the outbound listeners (one per pod in in-pod mode)
+    Listener *dead_listeners  # dropped in this iteration, freed with the grave
+    bint listening       # at least one listener
     int keepalive[3]     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT for accepted sockets
     uint64_t fast_seq    # fast-path tunnel tokens issued by this worker
     uint64_t rng[2]      # xorshift128+ state (trace ids), seeded from getrandom
@@ -275,10 +276,20 @@ cdef struct Worker:
     int nworkers
 
 
-# The flow cache (_splice_flow.pxi): (source IP, original destination IP:port) -> the decision the
+# One outbound listener a worker accepts on (_splice_accept.pxi): its own dup of the socket and the
+# event loop's id for it (node mode: one; in-pod mode: one per pod, the pod's network namespace).
+cdef struct Listener:
+    Handle h             # kind H_LISTEN, owner: this Listener
+    Listener *next
+    int fd               # the worker's own dup
+    uint32_t lid         # the event loop's listener id (part of every flow class's key)
+
+
+# The flow cache (_splice_flow.pxi): (listener, source IP, original destination IP:port) -> the decision the
 # event loop installed.  Entries are immutable; a lookup copies what it needs under the lock.
 cdef struct FlowEntry:
     FlowEntry *next
+    uint32_t lid         # the listener the flow was accepted on (in-pod: the pod)
     uint32_t src         # IPv4, host byte order
     uint32_t dst
     uint32_t port

@@ -1,45 +1,87 @@
-# _splice piece: the outbound listener accepted by the workers themselves (fast path).
+# _splice piece: the outbound listeners accepted by the workers themselves (fast path): one in node
+# mode, one per pod (in its network namespace) in in-pod mode, each with the event loop's listener id.
 #
 # Each worker watches its own dup of the listening socket (EPOLLEXCLUSIVE: one worker woken per
 # connection), accepts, tunes the socket as proxy/sockets.tune does, reads the original destination
 # (SO_ORIGINAL_DST, else the local address as under TPROXY) and looks the flow up: a hit goes to the
 # worker owning the connection (CMD_FAST_OPEN), a miss to the event loop (EV_ACCEPTED).
 #
-# Invariants: a worker closes only its own dup of the listener (CMD_UNLISTEN, stop), so the event
-# loop may close its socket at any time; every accepted socket ends in exactly one of EV_ACCEPTED
+# Invariants: a worker closes only its own dup of a listener (CMD_UNLISTEN, stop, or the EPOLLHUP of
+# a listener the event loop shut down), so the event loop may close its socket at any time; every accepted socket ends in exactly one of EV_ACCEPTED
 # or EV_FAST_OPEN (then the event loop owns it) or, when memory fails, close().
 
 DEF ACCEPT_BATCH = 64               # connections accepted per readiness event (fairness)
 
 
 cdef void worker_listen(Worker *w, Cmd *cmd) noexcept nogil:
+    """CMD_LISTEN: accept on cmd.fd (this worker's own dup), listener id cmd.sid."""
     cdef epoll_event ev
-    if w.listening or cmd.fd < 0:
-        if cmd.fd >= 0:
-            close(cmd.fd)
+    cdef Listener *l
+    if cmd.fd < 0:
         return
-    w.listen_fd = cmd.fd
+    if w.stopping:
+        close(cmd.fd)
+        return
+    l = <Listener *>calloc(1, sizeof(Listener))
+    if l == NULL:
+        close(cmd.fd)
+        return
+    l.fd = cmd.fd
+    l.lid = cmd.sid
+    l.h.kind = H_LISTEN
+    l.h.owner = l
     w.keepalive[0] = <int>cmd.settings[0]
     w.keepalive[1] = <int>cmd.settings[1]
     w.keepalive[2] = <int>cmd.settings[2]
-    w.listen_h.kind = H_LISTEN
-    w.listen_h.owner = w
     if w.rng[0] == 0 and w.rng[1] == 0:
         rng_seed(w)
     ev.events = EPOLLIN | EPOLLEXCLUSIVE
-    ev.data.ptr = &w.listen_h
-    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.listen_fd, &ev) != 0:
-        close(w.listen_fd)
+    ev.data.ptr = &l.h
+    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, l.fd, &ev) != 0:
+        close(l.fd)
+        free(l)
         return
+    l.next = w.listeners
+    w.listeners = l
     w.listening = True
 
 
-cdef void worker_unlisten(Worker *w) noexcept nogil:
-    if not w.listening:
-        return
-    epoll_ctl(w.epfd, EPOLL_CTL_DEL, w.listen_fd, NULL)
-    close(w.listen_fd)
-    w.listening = False
+cdef void worker_drop_listener(Worker *w, Listener *l) noexcept nogil:
+    """Stop watching and close this worker's dup; freed with the grave (an epoll batch of this
+    iteration may still point at it)."""
+    cdef Listener **pp = &w.listeners
+    while pp[0] != NULL:
+        if pp[0] == l:
+            pp[0] = l.next
+            break
+        pp = &pp[0].next
+    else:
+        return  # already dropped
+    epoll_ctl(w.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+    close(l.fd)
+    l.fd = -1
+    l.next = w.dead_listeners
+    w.dead_listeners = l
+    w.listening = w.listeners != NULL
+
+
+cdef void worker_unlisten(Worker *w, uint32_t lid) noexcept nogil:
+    """CMD_UNLISTEN: drop listener `lid`, or every listener (lid 0)."""
+    cdef Listener *l = w.listeners
+    cdef Listener *next_l
+    while l != NULL:
+        next_l = l.next
+        if lid == 0 or l.lid == lid:
+            worker_drop_listener(w, l)
+        l = next_l
+
+
+cdef void worker_free_listeners(Worker *w) noexcept nogil:
+    cdef Listener *l
+    while w.dead_listeners != NULL:
+        l = w.dead_listeners
+        w.dead_listeners = l.next
+        free(l)
 
 
 cdef void tune_accepted(Worker *w, int fd) noexcept nogil:
@@ -51,28 +93,34 @@ cdef void tune_accepted(Worker *w, int fd) noexcept nogil:
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &w.keepalive[2], sizeof(int))
 
 
-cdef void worker_accept(Worker *w, Worker *all_workers, int nworkers) noexcept nogil:
+cdef void worker_accept(Worker *w, Listener *l, uint32_t events, Worker *all_workers, int nworkers) noexcept nogil:
+    """Accept a batch on listener `l`.  A listener the event loop shut down (shutdown(SHUT_RD): the
+    kernel stops listening at once, for every dup) reports EPOLLHUP or fails accept with EINVAL:
+    this worker drops its dup."""
     cdef sockaddr_in peer, dst
     cdef unsigned int plen, dlen
     cdef int fd, i, owner
     cdef Cmd *cmd
+    cdef uint32_t lid = l.lid
     for i in range(ACCEPT_BATCH):
         plen = sizeof(sockaddr_in)
-        fd = accept4(w.listen_fd, <sockaddr *>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        fd = accept4(l.fd, <sockaddr *>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
+            if errno == EINVAL or (events & (EPOLLHUP | EPOLLERR) and errno == EAGAIN):
+                worker_drop_listener(w, l)  # shut down by the event loop (pod removed, drain)
             return  # EAGAIN, or an error the event loop's path would also only log and retry
         tune_accepted(w, fd)
         dlen = sizeof(sockaddr_in)
         if peer.sin_family != AF_INET or (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dst, &dlen) != 0
                 and getsockname(fd, <sockaddr *>&dst, &dlen) != 0) or dst.sin_family != AF_INET:
-            flow_hand_over(w, fd, now_ns())
+            flow_hand_over(w, fd, now_ns(), lid)
             continue
-        owner = flow_lookup(w, ntohl(peer.sin_addr.s_addr), ntohs(peer.sin_port),
+        owner = flow_lookup(w, lid, ntohl(peer.sin_addr.s_addr), ntohs(peer.sin_port),
                             ntohl(dst.sin_addr.s_addr), ntohs(dst.sin_port), fd, &cmd)
         if owner < 0 or owner >= nworkers or cmd == NULL:
             if cmd != NULL:
                 cmd_free(cmd)
-            flow_hand_over(w, fd, now_ns())
+            flow_hand_over(w, fd, now_ns(), lid)
         elif &all_workers[owner] == w:
             flow_open(w, cmd)
             cmd_free(cmd)

@@ -206,8 +206,9 @@ cdef class Core:
         worker_post(w, c)
 
     # -- the outbound fast path (_splice_flow.pxi, _splice_accept.pxi) --------------------------
-    def listen(self, int fd, tuple keepalive):
-        """Every worker accepts on (its own dup of) the listening socket `fd` from now on.
+    def listen(self, int fd, tuple keepalive, uint32_t lid=1):
+        """Every worker accepts on (its own dup of) the listening socket `fd` from now on, as
+        listener `lid` (> 0: the flow classes' key and EV_ACCEPTED's sid).
         keepalive: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) for the accepted sockets."""
         cdef int i, dfd
         cdef Cmd *c
@@ -217,16 +218,21 @@ cdef class Core:
                 raise OSError(errno, "dup of the listening socket failed")
             c = self._cmd(CMD_LISTEN, 0)
             c.fd = dfd
+            c.sid = lid
             c.settings[0] = keepalive[0]
             c.settings[1] = keepalive[1]
             c.settings[2] = keepalive[2]
             worker_post(self._worker(i), c)
 
-    def unlisten(self):
-        """The workers stop accepting (each closes its own dup)."""
+    def unlisten(self, uint32_t lid=0):
+        """The workers stop accepting on listener `lid` (0: every listener; each closes its own
+        dup).  Asynchronous: shut the socket down (SHUT_RD) to stop the kernel listening at once."""
         cdef int i
+        cdef Cmd *c
         for i in range(self.nworkers):
-            worker_post(self._worker(i), self._cmd(CMD_UNLISTEN, 0))
+            c = self._cmd(CMD_UNLISTEN, 0)
+            c.sid = lid
+            worker_post(self._worker(i), c)
 
     def fast_enable(self, int worker, uint64_t conn_id, int max_streams):
         """Let the fast path open up to `max_streams` streams on this client connection (0: none).
@@ -236,13 +242,15 @@ cdef class Core:
         worker_post(self._worker(worker), c)
 
     def flow_install(self, uint32_t src, uint32_t dst, uint32_t port, uint64_t conn_id, int worker,
-                     uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix):
-        """Install (or replace) the decision for flows src -> dst:port (IPv4, host byte order)."""
+                     uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix, uint32_t lid=1):
+        """Install (or replace) the decision for flows src -> dst:port (IPv4, host byte order)
+        accepted on listener `lid`."""
         cdef FlowEntry *e = <FlowEntry *>calloc(1, sizeof(FlowEntry))
         cdef FlowEntry **pp
         cdef size_t b
         if e == NULL:
             raise MemoryError()
+        e.lid = lid
         e.src = src
         e.dst = dst
         e.port = port
@@ -252,11 +260,11 @@ cdef class Core:
         e.prefix = _dup_bytes(prefix, &e.prefix_len)
         e.fwd_host = _dup_bytes(fwd_host, &e.fwd_host_len)
         e.suffix = _dup_bytes(suffix, &e.suffix_len)
-        b = flow_bucket(src, dst, port)
+        b = flow_bucket(lid, src, dst, port)
         pthread_mutex_lock(&self.flows.lock)
         pp = &self.flows.buckets[b]
         while pp[0] != NULL:
-            if pp[0].src == src and pp[0].dst == dst and pp[0].port == port:
+            if pp[0].lid == lid and pp[0].src == src and pp[0].dst == dst and pp[0].port == port:
                 e.next = pp[0].next
                 flow_entry_free(pp[0])
                 pp[0] = e
@@ -276,6 +284,14 @@ cdef class Core:
             flow_table_clear(&self.flows, conn_id)
             if conn_id == 0:
                 self.flows.gen += 1
+            pthread_mutex_unlock(&self.flows.lock)
+
+    def flow_flush_listener(self, uint32_t lid):
+        """Forget the decisions of listener `lid` (its pod is going).  A lookup after this returns
+        has no entry of it to find."""
+        with nogil:
+            pthread_mutex_lock(&self.flows.lock)
+            flow_table_clear_listener(&self.flows, lid)
             pthread_mutex_unlock(&self.flows.lock)
 
     @property

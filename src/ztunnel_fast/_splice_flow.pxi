@@ -1,6 +1,6 @@
 # _splice piece: the flow cache of the outbound fast path.
 #
-# The event loop decides once per flow class (source IP, original destination IP:port) and
+# The event loop decides once per flow class (listener, source IP, original destination IP:port) and
 # installs the decision: the fast-path HBONE connection that carries it (and the worker that owns
 # it), the CONNECT header block around its per-connection fields, and the id of the decision's
 # metric labels and log fields.  A worker that accepts a connection of a known class opens the
@@ -22,9 +22,9 @@ DEF TRACE_HEX = 32                       # a trace id: 16 random bytes in hex
 cdef const char *HEXDIGITS = "0123456789abcdef"
 
 
-cdef inline size_t flow_bucket(uint32_t src, uint32_t dst, uint32_t port) noexcept nogil:
+cdef inline size_t flow_bucket(uint32_t lid, uint32_t src, uint32_t dst, uint32_t port) noexcept nogil:
     cdef uint64_t h = <uint64_t>src * <uint64_t>2654435761u
-    h ^= (<uint64_t>dst * <uint64_t>2246822519u) ^ port
+    h ^= (<uint64_t>dst * <uint64_t>2246822519u) ^ port ^ (<uint64_t>lid << 16)
     h ^= h >> 29
     return <size_t>(h % FLOW_BUCKETS)
 
@@ -53,6 +53,23 @@ cdef void flow_table_clear(FlowTable *t, uint64_t conn_id) noexcept nogil:
         while pp[0] != NULL:
             e = pp[0]
             if conn_id == 0 or e.conn_id == conn_id:
+                pp[0] = e.next
+                flow_entry_free(e)
+                t.count -= 1
+            else:
+                pp = &e.next
+
+
+cdef void flow_table_clear_listener(FlowTable *t, uint32_t lid) noexcept nogil:
+    """Drop the entries of one listener (a pod removed).  Caller holds the lock."""
+    cdef size_t b
+    cdef FlowEntry **pp
+    cdef FlowEntry *e
+    for b in range(FLOW_BUCKETS):
+        pp = &t.buckets[b]
+        while pp[0] != NULL:
+            e = pp[0]
+            if e.lid == lid:
                 pp[0] = e.next
                 flow_entry_free(e)
                 t.count -= 1
@@ -128,7 +145,7 @@ cdef size_t format_ipv4_port(char *out, uint32_t ip, uint32_t port) noexcept nog
                             (ip >> 8) & 0xff, ip & 0xff, port)
 
 
-cdef int flow_lookup(Worker *w, uint32_t src, uint32_t sport, uint32_t dst, uint32_t dport, int fd,
+cdef int flow_lookup(Worker *w, uint32_t lid, uint32_t src, uint32_t sport, uint32_t dst, uint32_t dport, int fd,
                      Cmd **out) noexcept nogil:
     """A hit builds the CMD_FAST_OPEN for the owning worker: data = trace id (32 hex) + the CONNECT
     header block.  Returns the owner's index, or -1 (miss)."""
@@ -153,8 +170,8 @@ cdef int flow_lookup(Worker *w, uint32_t src, uint32_t sport, uint32_t dst, uint
     if buf_append(&b, trace, TRACE_HEX) != 0:
         return -1
     pthread_mutex_lock(&t.lock)
-    e = t.buckets[flow_bucket(src, dst, dport)]
-    while e != NULL and not (e.src == src and e.dst == dst and e.port == dport):
+    e = t.buckets[flow_bucket(lid, src, dst, dport)]
+    while e != NULL and not (e.lid == lid and e.src == src and e.dst == dst and e.port == dport):
         e = e.next
     if e != NULL:
         # forwarded: for="<client ip:port>"[;host=<service>]   traceparent: 00-<trace>-<span>-00
@@ -181,6 +198,7 @@ cdef int flow_lookup(Worker *w, uint32_t src, uint32_t sport, uint32_t dst, uint
                 cmd.id = e.conn_id
                 cmd.fd = fd
                 cmd.fd2 = -1
+                cmd.sid = lid  # a hand-over at the owner still names the listener
                 cmd.data = b.data
                 cmd.len = b.end
                 b.data = NULL
@@ -209,8 +227,9 @@ cdef void flow_count(Worker *w, bint carried) noexcept nogil:
     pthread_mutex_unlock(&w.flows.lock)
 
 
-cdef void flow_hand_over(Worker *w, int fd, int64_t accepted) noexcept nogil:
-    """A connection the fast path does not take: the event loop runs its own path on it."""
+cdef void flow_hand_over(Worker *w, int fd, int64_t accepted, uint32_t lid) noexcept nogil:
+    """A connection the fast path does not take: the event loop runs its own path on it (the
+    event's sid names the listener it was accepted on)."""
     cdef Event *e = event_new(EV_ACCEPTED, 0)
     flow_count(w, False)
     if e == NULL:
@@ -218,6 +237,7 @@ cdef void flow_hand_over(Worker *w, int fd, int64_t accepted) noexcept nogil:
         return
     e.a = fd
     e.b = accepted
+    e.sid = lid
     evq_push(w.evq, e)
 
 
@@ -237,12 +257,12 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
     if c == NULL or c.state != CST_OPEN or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) \
             or c.fast_max_streams <= 0 or c.nstreams >= limit or c.highest_local_sid >= 0x7ffffffd \
             or cmd.len < TRACE_HEX:
-        flow_hand_over(w, cmd.fd, cmd.settings[3])
+        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid)
         return
     sid = c.highest_local_sid + 2 if c.highest_local_sid else 1
     s = stream_new(c, sid, SF_FAST_PENDING)
     if s == NULL:
-        flow_hand_over(w, cmd.fd, cmd.settings[3])
+        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid)
         return
     c.highest_local_sid = sid
     flow_count(w, True)

@@ -67,6 +67,7 @@ cdef inline void worker_queue(Worker *w, Obj *o) noexcept nogil:
 cdef void worker_free_grave(Worker *w) noexcept nogil:
     cdef Obj *o
     cdef Stream *s
+    worker_free_listeners(w)
     while w.sgrave != NULL:
         s = w.sgrave
         w.sgrave = s.gnext
@@ -85,7 +86,7 @@ cdef void worker_command(Worker *w, Cmd *cmd) noexcept nogil:
     cdef Event *e
     if cmd.kind == CMD_STOP:
         w.stopping = True
-        worker_unlisten(w)
+        worker_unlisten(w, 0)
         o = w.live
         while o != NULL:
             if o.kind == H_TLS:
@@ -104,7 +105,7 @@ cdef void worker_command(Worker *w, Cmd *cmd) noexcept nogil:
         worker_listen(w, cmd)
         return
     if cmd.kind == CMD_UNLISTEN:
-        worker_unlisten(w)
+        worker_unlisten(w, cmd.sid)
         return
     if cmd.kind == CMD_FAST_OPEN:
         flow_open(w, cmd)
@@ -140,8 +141,8 @@ cdef void worker_on_event(Worker *w, epoll_event *ev, bint *cmds) noexcept nogil
     if h.kind == H_CMD:
         cmds[0] = True
     elif h.kind == H_LISTEN:
-        if w.listening:
-            worker_accept(w, w.all_workers, w.nworkers)
+        if (<Listener *>h.owner).fd >= 0:
+            worker_accept(w, <Listener *>h.owner, ev.events, w.all_workers, w.nworkers)
     elif h.kind == H_TLS:
         c = <Conn *>h.owner
         if not c.o.dead:
@@ -260,7 +261,8 @@ cdef void worker_destroy(Worker *w) noexcept nogil:
         cmd_free(cmd)
         cmd = next_cmd
     w.cmd_head = w.cmd_tail = NULL
-    worker_unlisten(w)
+    worker_unlisten(w, 0)
+    worker_free_listeners(w)
     if w.epfd >= 0:
         close(w.epfd)
     if w.cmd_efd >= 0:

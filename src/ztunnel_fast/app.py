@@ -186,7 +186,7 @@ class App:
             idle_timeout=config.pool_unused_release_timeout,
         )
         self.ctx = ctx
-        if config.fast_path and engine.name == "native" and not config.inpod:
+        if config.fast_path and engine.name == "native":
             from .proxy.fastpath import FastPath
 
             ctx.fast_path = FastPath(ctx, outbound)

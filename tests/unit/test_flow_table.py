@@ -59,3 +59,73 @@ def test_a_worker_accepts_and_hands_a_miss_over_as_the_socket():
         core.stop()
         client.close()
         lsock.close()
+
+
+def test_entries_are_per_listener_and_flushed_per_listener():
+    """In-pod mode: the same addresses on two pods' listeners are two classes."""
+    core = _splice.Core(2)
+    try:
+        core.flow_install(0x0A000001, 0x0A000002, 80, 7, 0, 1, b"p", b"", b"", 2)
+        core.flow_install(0x0A000001, 0x0A000002, 80, 8, 1, 2, b"p", b"", b"", 3)  # another pod: no replace
+        core.flow_install(0x0A000001, 0x0A000003, 80, 8, 1, 3, b"p", b"", b"", 3)
+        assert core.flow_stats == (3, 0, 0, 0)
+        core.flow_flush_listener(3)  # pod 3 removed
+        assert core.flow_stats == (1, 0, 0, 0)
+        core.flow_flush_listener(3)
+        assert core.flow_stats == (1, 0, 0, 0)
+    finally:
+        core.stop()
+
+
+def _accepted(core, timeout=10.0):
+    events, deadline = [], time.monotonic() + timeout
+    while not events and time.monotonic() < deadline:
+        select.select([core.event_fd], [], [], 0.2)
+        events = [e for e in core.poll() if e[0] == EV_ACCEPTED]
+    return events
+
+
+def test_two_listeners_name_themselves_and_a_shut_down_one_is_dropped_by_the_workers():
+    """Each miss carries its listener id (EV_ACCEPTED's sid); shutting a listener down stops the
+    kernel listening at once although the workers hold dups, and the workers drop their dups
+    (EPOLLHUP, then CMD_UNLISTEN) while the other listener keeps being served."""
+    core = _splice.Core(2)
+    socks = [socket.socket() for _ in range(2)]
+    clients = []
+    try:
+        for lid, s in zip((5, 9), socks):
+            s.bind(("127.0.0.1", 0))
+            s.listen(16)
+            s.setblocking(False)
+            core.listen(s.fileno(), (180, 180, 9), lid)
+        for s in socks:
+            c = socket.socket()
+            c.connect(s.getsockname())
+            clients.append(c)
+            events = _accepted(core)
+            assert len(events) == 1
+            assert events[0][3] == (5 if s is socks[0] else 9)  # sid: the listener
+            socket.socket(fileno=events[0][7]).close()
+        port = socks[0].getsockname()
+        socks[0].shutdown(socket.SHUT_RD)
+        c = socket.socket()
+        clients.append(c)
+        try:
+            c.connect(port)
+            raise AssertionError("connected to a listener that was shut down")
+        except ConnectionRefusedError:
+            pass
+        core.unlisten(5)
+        # the other listener is still served by the workers
+        c = socket.socket()
+        clients.append(c)
+        c.connect(socks[1].getsockname())
+        events = _accepted(core)
+        assert [e[3] for e in events] == [9]
+        socket.socket(fileno=events[0][7]).close()
+    finally:
+        core.stop()
+        for c in clients:
+            c.close()
+        for s in socks:
+            s.close()

@@ -71,3 +71,18 @@ def test_the_entrys_block_with_the_per_connection_fields_is_the_event_loops_conn
     d = hpack.Decoder()
     d.decode(block)
     assert len(d.header_table.dynamic_entries) == 0
+
+
+def test_the_listener_is_part_of_the_class():
+    """In-pod mode: one listener per pod; the same addresses on two pods' listeners are two
+    classes (the source workload is the pod's), and the entry keeps its listener."""
+    state = _state(CONFIG)
+    source = state.workload_by_uid("sleep")
+    route = decide(state, RoundRobin(), source=source, dst_ip=ip_address("198.18.0.2"), dst_port=80)
+    key = PoolKey.of(source.identity, route.identities, route.next_hop)
+    a = FlowClass(ip_address("198.18.0.1"), ip_address("198.18.0.2"), 80, 2)
+    b = FlowClass(ip_address("198.18.0.1"), ip_address("198.18.0.2"), 80, 3)
+    assert a != b and len({a, b}) == 2
+    assert FlowClass(ip_address("198.18.0.1"), ip_address("198.18.0.2"), 80).listener == 1  # node mode's
+    entry = flow_entry(b, route, source, key, dedicated=False)
+    assert entry is not None and entry.flow.listener == 3

@@ -171,7 +171,7 @@ class NativeEngine:
             if sink is None:
                 os.close(a)
             else:
-                sink.on_accepted(a)
+                sink.on_accepted(a, sid)  # sid: the listener it was accepted on
             return True
         if sink is None:
             if kind == EV_FAST_OPEN:

@@ -133,7 +133,8 @@ class PodProxy:
         self.listeners: list[socket.socket] = []
         self.accept_tasks: list[asyncio.Task] = []
         self.inbound: Inbound | None = None
-        self.outbound_open: dict[int, dict[str, str]] = {}  # id(task) -> {src, originalDst}
+        self.outbound_open: dict[int, dict[str, str]] = {}  # id(task) or fast-path token -> {src, originalDst, ...}
+        self.fast_lid: int | None = None  # the outbound listener's id in the fast path (ZTUNNEL_FAST_PATH)
 
     async def start(self) -> None:
         scope = self.scope
@@ -153,7 +154,15 @@ class PodProxy:
         handlers = {"outbound": self._outbound(outbound.handle), "inbound": self.inbound.handle,
                     "inbound_passthrough": InboundPassthrough(scope).handle}
         loop = asyncio.get_running_loop()
+        fast_path = scope.fast_path
         for lsock, name in self.listeners_named:
+            if fast_path is not None and name == "outbound" and lsock.family == socket.AF_INET \
+                    and self.fast_lid is None:
+                # the native workers accept it themselves (proxy/fastpath.py), misses come back here
+                self.fast_lid = fast_path.listen(lsock, handle=handlers[name], outbound=outbound, scope=scope,
+                                                 open_connections=self.outbound_open)
+                if self.fast_lid is not None:
+                    continue
             self.accept_tasks.append(loop.create_task(
                 accept_loop(lsock, handlers[name], scope.track, name), name=f"accept-{name}-{self.uid}"))
         log.info("pod %s/%s (uid %s) proxy started in netns net:[%d] as %s", info.namespace, info.name, self.uid,
@@ -196,17 +205,25 @@ class PodProxy:
                             "protocol": "HBONE" if i.src_identity is not None else "TCP"})
         return {"inbound": inbound, "outbound": list(self.outbound_open.values())}
 
+    def stop_accepting(self) -> None:
+        """Synchronously (before the DelPod's ack): no connection is accepted any more, by the event
+        loop or the fast path's workers (whose entries for this pod are gone when it returns)."""
+        for task in self.accept_tasks:
+            task.cancel()
+        if self.fast_lid is not None:
+            self.scope.fast_path.unlisten(self.fast_lid)
+            self.fast_lid = None
+        for lsock in self.listeners:
+            lsock.close()
+        self.listeners = []
+
     async def drain(self, deadline: float, reason: str) -> None:
         """Stop accepting, GOAWAY this pod's HBONE connections, let its tunnels finish until the
         deadline, then close what is left.  Other pods are not touched."""
         info = self.scope.info
         log.info("pod %s/%s (uid %s) draining (%s): %d open tunnels", info.namespace, info.name, self.uid, reason,
                  len(self.scope.tunnels))
-        for task in self.accept_tasks:
-            task.cancel()
-        for lsock in self.listeners:
-            lsock.close()
-        self.listeners = []
+        self.stop_accepting()
         if self.scope.pool is not None:
             self.scope.pool.goaway_all()
         if self.inbound is not None:

@@ -185,6 +185,8 @@ class WorkloadManager:
         self._drain(proxy, pod, reason, was_up=was_up, close_netns=True)
 
     def _drain(self, proxy: PodProxy, pod: Pod, reason: str, *, was_up: bool, close_netns: bool) -> None:
+        proxy.stop_accepting()  # now, before the request's ack: nothing accepted after it (fast path too)
+
         async def drain() -> None:
             try:
                 await proxy.drain(self.drain_deadline, reason)

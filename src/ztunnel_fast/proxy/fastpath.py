@@ -10,6 +10,12 @@ reports EV_FAST_OPEN then the completion; miss (or anything unusual): the socket
 an entry when proxy/flowcache.py says the class may be cached.
 
 Invariants:
+- Listeners: node mode registers its outbound listener (id 1); in-pod mode one per pod (inpod/
+  podproxy.py), each with its own miss handler, Outbound (upstream sockets in the pod's netns)
+  and scope; the listener id is part of every flow class, and HBONE connections are per
+  (listener, pool key).  `unlisten` (a pod's DelPod or removal from a snapshot, before its ack)
+  shuts the socket down, so the kernel stops listening for every worker's dup at once, and
+  drops the listener's entries before it returns.
 - `flush` runs at the top of every state change (ProxyContext.replace_state, the path of every
   source) before the new state is in place: the engine's table is emptied under its lock, so no
   connection accepted after the change is served from an entry decided before it.
@@ -65,6 +71,20 @@ class _Tunnel:
         self.future = future
 
 
+class _Listener:
+    """One outbound listener the workers accept on: node mode's, or a pod's (in-pod mode)."""
+
+    __slots__ = ("lid", "sock", "handle", "outbound", "scope", "open_connections")
+
+    def __init__(self, lid, sock, handle, outbound, scope, open_connections):
+        self.lid = lid
+        self.sock = sock
+        self.handle = handle  # the event loop's path for a miss (Outbound.handle, or the pod's wrapper)
+        self.outbound = outbound  # dials the fast path's HBONE connections (in the pod's netns)
+        self.scope = scope  # ProxyContext, or the pod's PodScope: source workload, track, dedicated
+        self.open_connections = open_connections  # the pod's workloadState outbound list, or None
+
+
 class FastPath:
     def __init__(self, ctx, outbound):
         self.ctx = ctx
@@ -75,34 +95,79 @@ class FastPath:
         self.max_streams = ctx.config.pool_max_streams_per_connection
         self.idle_timeout = ctx.config.pool_unused_release_timeout
         self._ids = itertools.count(1)
+        self._lids = itertools.count(1)
+        self.listeners: dict[int, _Listener] = {}  # listener id -> what the workers accept on
+        self._by_scope: dict[int, _Listener] = {}  # id(scope) -> its listener
         self.entries: dict[int, FlowEntry] = {}  # flow id -> entry (kept while tunnels use it)
         self.installed: dict[FlowClass, int] = {}  # what the engine's table holds now
         self.uses: dict[int, int] = {}  # flow id -> live tunnels
-        self.conns: dict[PoolKey, object] = {}  # pool key -> the fast path's NativeConnection
-        self._dialing: dict[PoolKey, asyncio.Task] = {}
-        self._waiting: dict[PoolKey, dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
+        self.conns: dict[tuple[int, PoolKey], object] = {}  # (listener, pool key) -> the fast path's NativeConnection
+        self._dialing: dict[tuple[int, PoolKey], asyncio.Task] = {}
+        self._waiting: dict[tuple[int, PoolKey], dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
         self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
         self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
+        self._noted: dict[int, dict] = {}  # token -> the pod's workloadState list it is noted in
         self._orphans: dict[int, socket.socket] = {}
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
         self._reaper: asyncio.Task | None = None
-        self.listening = False
+        self.listening = False  # some listener is registered
+        self._stopped = False  # drain: no listener is registered any more
         self.engine.fast_sink = self
 
-    # -- the listener ---------------------------------------------------------------------------
-    def listen(self, lsock: socket.socket) -> None:
-        """The workers accept on `lsock` from now on (the event loop does not)."""
+    # -- the listeners --------------------------------------------------------------------------
+    def listen(self, lsock: socket.socket, *, handle=None, outbound=None, scope=None,
+               open_connections: dict | None = None) -> int | None:
+        """The workers accept on `lsock` from now on (the event loop does not); returns its
+        listener id, or None after drain (the caller serves it itself).  Node mode: the defaults;
+        in-pod mode: the pod's handler, Outbound (its netns) and PodScope."""
+        if self._stopped or self.engine._closed:
+            return None
+        lid = next(self._lids)
+        lst = _Listener(lid, lsock, handle or self.outbound.handle, outbound or self.outbound, scope or self.ctx,
+                        open_connections)
         self.core.listen(lsock.fileno(), (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL,
-                                          sockets.KEEPALIVE_COUNT))
+                                          sockets.KEEPALIVE_COUNT), lid)
+        self.listeners[lid] = lst
+        self._by_scope[id(lst.scope)] = lst
         self.listening = True
+        return lid
+
+    def unlisten(self, lid: int) -> None:
+        """Listener `lid` is going (its pod removed, or drain), synchronously: the kernel stops
+        listening (shutdown: every worker's dup at once, its queue reset), its entries leave the
+        engine's table and its fast-path HBONE connections say GOAWAY, so no connection is
+        accepted or served from its entries after this returns.  The caller closes the socket."""
+        lst = self.listeners.pop(lid, None)
+        if lst is None:
+            return
+        if self._by_scope.get(id(lst.scope)) is lst:
+            del self._by_scope[id(lst.scope)]
+        self.listening = bool(self.listeners)
+        try:
+            lst.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        if not self.engine._closed:
+            self.core.flow_flush_listener(lid)
+            self.core.unlisten(lid)  # each worker closes its dup (EPOLLHUP already told it)
+        for flow in [f for f in self.installed if f.listener == lid]:
+            del self.installed[flow]
+        for ckey in [k for k in self._waiting if k[0] == lid]:
+            del self._waiting[ckey]
+        for ckey, conn in list(self.conns.items()):
+            if ckey[0] == lid:
+                self._goaway(conn)
+        self._drop_unused()
 
     def drain(self) -> None:
         """No new connections; the fast path's HBONE connections say GOAWAY and close when drained."""
-        if self.listening and not self.engine._closed:
-            self.core.unlisten()
+        if self.listeners and not self.engine._closed:
             _, hits, misses, flushes = self.core.flow_stats
             log.info("fast path: %d connections carried by the workers, %d by the event loop's path, "
                      "%d flushes", hits, misses, flushes)
+        self._stopped = True
+        for lid in list(self.listeners):
+            self.unlisten(lid)
         self.listening = False
         self.flush()
         for conn in list(self.conns.values()):
@@ -119,26 +184,29 @@ class FastPath:
         self._waiting.clear()
         self._drop_unused()
 
-    def learn(self, route, source, key: PoolKey, client_ip, dst_ip, dst_port: int) -> None:
-        """Outbound.handle decided `route` for this connection: cache the class when it may be."""
-        if not self.listening:
+    def learn(self, route, source, key: PoolKey, client_ip, dst_ip, dst_port: int, scope=None) -> None:
+        """Outbound.handle decided `route` for this connection: cache the class when it may be.
+        `scope`: the Outbound's context (a pod's PodScope in in-pod mode), which names the listener."""
+        lst = self._by_scope.get(id(scope if scope is not None else self.ctx))
+        if lst is None:  # not a listener of the workers (IPv6, or its pod is going)
             return
-        flow = FlowClass(client_ip, dst_ip, dst_port)
+        flow = FlowClass(client_ip, dst_ip, dst_port, lst.lid)
+        ckey = (lst.lid, key)
         if flow in self.installed:
-            conn = self.conns.get(key)
+            conn = self.conns.get(ckey)
             if conn is not None and self._usable(conn):
                 return
-        entry = flow_entry(flow, route, source, key, dedicated=self.ctx.dedicated)
+        entry = flow_entry(flow, route, source, key, dedicated=lst.scope.dedicated)
         if entry is None:
             return
-        conn = self.conns.get(key)
+        conn = self.conns.get(ckey)
         if conn is not None and self._usable(conn):
             self._install(entry, conn)
             return
-        self._waiting.setdefault(key, {})[flow] = entry
-        if key not in self._dialing:
-            task = self.loop.create_task(self._dial(key), name=f"fast-path-dial-{key.next_hop[0]}")
-            self._dialing[key] = task
+        self._waiting.setdefault(ckey, {})[flow] = entry
+        if ckey not in self._dialing:
+            task = self.loop.create_task(self._dial(ckey, lst), name=f"fast-path-dial-{key.next_hop[0]}")
+            self._dialing[ckey] = task
 
     def _usable(self, conn) -> bool:
         return conn.lost is None and not conn.goaway_sent and not conn.goaway_received
@@ -151,7 +219,7 @@ class FastPath:
         self.flow_conn[flow_id] = conn.id
         f = entry.flow
         self.core.flow_install(int(f.src_ip), int(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
-                               entry.prefix, entry.fwd_host, entry.suffix)
+                               entry.prefix, entry.fwd_host, entry.suffix, f.listener)
         if old is not None:
             self._drop_unused()
 
@@ -169,33 +237,34 @@ class FastPath:
                 self.uses.pop(flow_id, None)
                 self.flow_conn.pop(flow_id, None)
 
-    async def _dial(self, key: PoolKey) -> None:
+    async def _dial(self, ckey: tuple[int, PoolKey], lst: _Listener) -> None:
+        key = ckey[1]
         try:
-            conn = await self.outbound.connect_hbone(key)
+            conn = await lst.outbound.connect_hbone(key)
         except (ProxyError, TlsError, ConnectionLost, OSError) as exc:  # the event loop's path keeps serving the class
             log.debug("fast path: no HBONE connection to %s: %s", key.next_hop, exc)
-            self._waiting.pop(key, None)
+            self._waiting.pop(ckey, None)
             return
         finally:
-            self._dialing.pop(key, None)
-        if not self.listening:
+            self._dialing.pop(ckey, None)
+        if self.listeners.get(lst.lid) is not lst:  # drained, or its pod removed meanwhile
             conn.close()
             return
-        old = self.conns.get(key)
+        old = self.conns.get(ckey)
         if old is not None and old is not conn and self._usable(old):
             self._goaway(old)
-        self.conns[key] = conn
+        self.conns[ckey] = conn
         conn.fast_streams = 0
         self.core.fast_enable(conn.worker, conn.id, self.max_streams)
-        conn.closed.add_done_callback(lambda _f, key=key, conn=conn: self._conn_closed(key, conn))
-        for entry in self._waiting.pop(key, {}).values():  # decided under the state in force (flush empties it)
+        conn.closed.add_done_callback(lambda _f, ckey=ckey, conn=conn: self._conn_closed(ckey, conn))
+        for entry in self._waiting.pop(ckey, {}).values():  # decided under the state in force (flush empties it)
             self._install(entry, conn)
         if self._reaper is None or self._reaper.done():
             self._reaper = self.loop.create_task(self._reap(), name="fast-path-reaper")
 
-    def _conn_closed(self, key: PoolKey, conn) -> None:
-        if self.conns.get(key) is conn:
-            del self.conns[key]
+    def _conn_closed(self, ckey, conn) -> None:
+        if self.conns.get(ckey) is conn:
+            del self.conns[ckey]
         if not self.engine._closed:
             self.core.flow_flush(conn.id)
         for flow, flow_id in list(self.installed.items()):
@@ -222,13 +291,19 @@ class FastPath:
                     self._goaway(conn)
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
-    def on_accepted(self, fd: int) -> None:
-        """A miss: the reference path serves the connection (and may install an entry)."""
+    def on_accepted(self, fd: int, lid: int = 1) -> None:
+        """A miss: the reference path of its listener serves the connection (and may install an
+        entry).  A listener removed since (its pod deleted) resets it, as a closed listener
+        resets the connections left in its queue."""
         sock = socket.socket(fileno=fd)
+        lst = self.listeners.get(lid)
+        if lst is None:
+            abort(sock)
+            return
         sock.setblocking(False)
-        task = self.loop.create_task(self.outbound.handle(sock), name=f"outbound-{fd}")
+        task = self.loop.create_task(lst.handle(sock), name=f"outbound-{fd}")
         task.add_done_callback(_report_crash)
-        self.ctx.track(task)
+        lst.scope.track(task)
 
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, client_port: int, flow_id: int,
                 accepted_ns: int, data: bytes) -> None:
@@ -257,7 +332,17 @@ class FastPath:
         self.uses[flow_id] = self.uses.get(flow_id, 0) + 1
         conn.fast_streams = getattr(conn, "fast_streams", 0) + 1
         future.add_done_callback(lambda f, token=token: self._cancelled(token) if f.cancelled() else None)
-        self.ctx.track(future)
+        lst = self.listeners.get(entry.flow.listener)
+        if lst is None:
+            self.ctx.track(future)
+            return
+        lst.scope.track(future)  # a pod's drain waits for its tunnels
+        if lst.open_connections is not None:  # the pod's workloadState, as PodProxy notes its own
+            lst.open_connections[token] = {"src": hbone_headers.format_addr(client_ip, client_port),
+                                           "originalDst": hbone_headers.format_addr(entry.flow.dst_ip, entry.flow.dst_port),
+                                           "actualDst": hbone_headers.format_addr(*route.next_hop),
+                                           "protocol": "HBONE"}
+            self._noted[token] = lst.open_connections
 
     def on_status(self, token: int, status: int) -> None:
         tunnel = self.tunnels.get(token)
@@ -272,6 +357,10 @@ class FastPath:
             if orphan is not None:
                 abort(orphan)
             return
+        if self._noted:
+            noted = self._noted.pop(token, None)
+            if noted is not None:
+                noted.pop(token, None)
         conn = tunnel.conn
         conn.fast_streams -= 1
         conn.idle_since = time.monotonic()

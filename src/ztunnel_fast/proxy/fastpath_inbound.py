@@ -97,9 +97,11 @@ class InboundFastPath:
         self.active = False
         self.flush()
 
-    def learn(self, stream, *, peer, peer_id, arrived_on, target, workload, info, decision, source) -> None:
+    def learn(self, stream, *, peer, peer_id, arrived_on, target, workload, info, decision, source,
+              scope=None) -> None:
         """Inbound._stream allowed this CONNECT (no await since the decision): cache its class
-        when it may be."""
+        when it may be.  `scope`: the Inbound's context (a pod's PodScope in in-pod mode, whose
+        upstream sockets belong in the pod's netns: not cached, the workers dial in their own)."""
         conn = stream.conn
         conn_id = getattr(conn, "id", None)
         if not self.active or conn_id is None or conn.lost is not None or conn.goaway_sent:
@@ -115,7 +117,7 @@ class InboundFastPath:
             return
         entry = inbound_entry(flow, peer=peer, peer_id=peer_id, arrived_on=arrived_on, target=target,
                               workload=workload, info=info, decision=decision, source=source,
-                              own_netns=self.ctx.socket_factory is None)
+                              own_netns=(scope if scope is not None else self.ctx).socket_factory is None)
         if entry is None:
             return
         flow_id = next(self._ids)

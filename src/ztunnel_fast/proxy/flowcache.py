@@ -1,7 +1,10 @@
 """The flow caches' decisions, pure: which flows the native engine may carry on its own and with
 what entry (the fast path: ZTUNNEL_FAST_PATH, native engine only).  Outbound first, then inbound.
 
-A flow class is (source IP, original destination IP:port).  Its entry is what the event loop's
+A flow class is (listener, source IP, original destination IP:port).  The listener is the outbound
+listener the workers accepted the connection on: node mode has one; in-pod mode one per pod (in the
+pod's network namespace), and the pod, not the source IP, is the source workload there (inpod/
+podproxy.PodScope), so the class must name it.  Its entry is what the event loop's
 path (proxy/outbound.py, the reference) would do for every connection of the class, minus the
 per-connection fields: the pool key of the HBONE connection, the CONNECT header block around the
 `forwarded` and `traceparent` fields (which the worker fills in), and what the access log and
@@ -46,11 +49,13 @@ from .route import Kind, Route, Via
 
 @dataclass(frozen=True, slots=True)
 class FlowClass:
-    """The key: who connects (IPv4 source) and where it meant to go (IPv4 original destination)."""
+    """The key: who connects (IPv4 source, on which listener) and where it meant to go (IPv4
+    original destination)."""
 
     src_ip: IpAddress
     dst_ip: IpAddress
     dst_port: int
+    listener: int = 1  # FastPath's listener id (node mode: 1; in-pod: the pod's)
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,7 +216,7 @@ class Inbound:
         spoof = peer_ip if ctx.orig_src and not sandwich else None
         if ctx.inbound_fast is not None:  # the native workers may answer this class next time
             ctx.inbound_fast.learn(stream, peer=client, peer_id=peer_id, arrived_on=arrived_on, target=target,
-                                   workload=workload, info=info, decision=decision, source=spoof)
+                                   workload=workload, info=info, decision=decision, source=spoof, scope=ctx)
         header = None
         if sandwich:
             try:

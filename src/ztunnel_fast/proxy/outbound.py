@@ -166,7 +166,7 @@ class Outbound:
         key = pool_key(ctx, route, source, client_ip)
         # --- fast path hook (proxy/fastpath.py): the native workers may take this flow class next time
         if ctx.fast_path is not None:
-            ctx.fast_path.learn(route, source, key, client_ip, *route.target)
+            ctx.fast_path.learn(route, source, key, client_ip, *route.target, scope=ctx)
         # ---
         stream = await ctx.pool.open_stream(key, request)
         try:
