@@ -284,7 +284,7 @@ class FastPath:
         """The tunnels opened in this poll that are still live are tracked for drain (a tunnel
         whose completion came in the same poll never needed to be: no await came in between)."""
         fresh, self._fresh = self._fresh, []
-        loop, track, tunnels = self.loop, self.ctx.track, self.tunnels
+        loop, track = self.loop, self.ctx.track
         for tunnel in fresh:
             if tunnel.done:
                 continue

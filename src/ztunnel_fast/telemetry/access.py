@@ -69,7 +69,7 @@ class ConnectionRecord:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection opened", extra={"fields": self.fields})
 
-    def again(self, src_addr: Address, start: float) -> "ConnectionRecord":
+    def again(self, src_addr: Address, start: float) -> ConnectionRecord:
         """The record of another connection of this one's class (same direction, peers, service,
         destination and labels) from `src_addr`, started at `start`: counted as opened now, as
         the constructor does (the fast paths make one per flow class and copy it per tunnel)."""
