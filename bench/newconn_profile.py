@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import subprocess
 import tempfile
 import time
@@ -40,6 +41,13 @@ def ztunnel_pid(pod: netns.Pod) -> str:
         if "ztunnel_fast run" in cmdline:
             return pid
     raise RuntimeError(f"no ztunnel-fast process in {pod.netns}")
+
+
+def loop_thread_seconds(pid: str) -> float:
+    """CPU seconds (user + system) of the process's main thread: the event loop, where the Python
+    per connection runs (the workers are other threads)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def shares(raw: Path, top: int) -> list[tuple[float, str]]:
@@ -95,12 +103,15 @@ def main(argv=None) -> int:
                                     "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         sides0 = {side: cpu_seconds(proxies.tree(side)) for side in ("client", "server")}
+        pids = {"client": ztunnel_pid(client.pod), "server": ztunnel_pid(server.pod)}
+        loops0 = {side: loop_thread_seconds(pid) for side, pid in pids.items()}
         cpu0 = proxies.cpu()
         try:
             out = lab.client(client, "echo", server.ip, "80", "--size", "64", "--count", str(a.count),
                              "--concurrency", str(a.concurrency), timeout=600)
             cpu = proxies.cpu() - cpu0
             sides = {side: cpu_seconds(proxies.tree(side)) - sides0[side] for side in sides0}
+            loops = {side: loop_thread_seconds(pid) - loops0[side] for side, pid in pids.items()}
         finally:
             if rec is not None:
                 rec.send_signal(2)  # SIGINT: py-spy writes what it has
@@ -110,6 +121,8 @@ def main(argv=None) -> int:
           f"{cpu * 1e6 / max(1, out['ok']):,.0f} µs per connection ("
           + ", ".join(f"{side} {v * 1e6 / max(1, out['ok']):,.0f}" for side, v in sides.items()) + ")"
           + (" (under py-spy)" if rec else ""))
+    print("of which the event loop thread (Python): "
+          + ", ".join(f"{side} {v * 1e6 / max(1, out['ok']):,.0f} µs" for side, v in loops.items()))
     if rec is None:
         return 0
     print(f"{a.profile_side}-side ztunnel-fast samples by function (inclusive):")

@@ -7,6 +7,7 @@ every case runs with the fast path on and off, cold and warm, on both engines.
 from __future__ import annotations
 
 import re
+import signal
 import time
 
 import pytest
@@ -355,3 +356,40 @@ def test_shared_mode_keeps_each_source_workload_on_its_own_identity(lab, engine)
         assert stats[0] >= 20 and stats[0] + stats[1] == 24, stats
     else:
         assert stats is None
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_drain_waits_for_fast_path_tunnels_then_resets_them(lab, engine, side):
+    """A tunnel still moving bytes at the drain deadline (carried by the workers once its class is
+    warm) is waited for, then closed: the access log says so as the event loop's path does."""
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    lab.write_config()
+    lab.app(b, "serve", "80", "echo", port=80)
+    deadline_env = {"CONNECTION_TERMINATION_DEADLINE": "1s"}
+    za = lab.start_ztunnel(a, **FAST, **(deadline_env if side == "client" else {}))
+    zb = lab.start_ztunnel(b, redirect=False, **FAST, **(deadline_env if side == "server" else {}))
+    assert lab.client(a, "echo", b.ip, "80", "--size", "100", "--count", "3")["ok"] == 3  # warm
+    proc, _ = lab.client_background(a, "echo", b.ip, "80", "--size", str(400 * 1000 * 1000),
+                                    "--chunk-delay", "0.004")
+    try:
+        wait_deadline = time.monotonic() + 20
+        while len(zb.lines("got CONNECT request to")) < 4 and time.monotonic() < wait_deadline:
+            time.sleep(0.05)
+        assert len(zb.lines("got CONNECT request to")) == 4
+        time.sleep(0.3)
+        zt = za if side == "client" else zb
+        zt.proc.send_signal(signal.SIGTERM)
+        assert zt.proc.wait(timeout=30) == 0
+        assert zt.lines("drain deadline reached: closing ")
+        direction = "outbound" if side == "client" else "inbound"
+        access = access_lines(zt, direction)
+        assert len(access) == 4, access
+        assert [x.get("error") for x in access] == [None] * 3 + ['"connection closed due to drain"'], access
+        if engine == "native":  # the drained tunnel rode the fast path
+            said = "connections carried by the workers" if side == "client" else "CONNECTs answered by the workers"
+            stats = [int(line.split(" " + said)[0].rsplit(" ", 1)[1]) for line in zt.lines(said)]
+            assert stats and stats[-1] >= 1, stats  # cold: the first of a class takes the event loop's path
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -102,6 +102,7 @@ class NativeEngine:
         self._pure = PureEngine()
         self.fast_sink = None  # proxy/fastpath.FastPath when ZTUNNEL_FAST_PATH is on
         self.inbound_sink = None  # proxy/fastpath_inbound.InboundFastPath, same switch
+        self._after_batch: list = []  # callables run once the events of a poll are dispatched
         self.loop.add_reader(self.core.event_fd, self._on_events)
 
     @property
@@ -115,12 +116,24 @@ class NativeEngine:
         return next(self._tokens)
 
     # -- events from the workers ----------------------------------------------------------------
+    def after_batch(self, fn) -> None:
+        """Run `fn()` once the events of the poll being dispatched are (no await in between: the
+        fast paths track a tunnel for drain there, unless its completion came in the same poll)."""
+        self._after_batch.append(fn)
+
     def _on_events(self) -> None:
         for ev in self.core.poll():
             try:
                 self._dispatch(ev)
             except Exception:
                 log.exception("native engine: failed to handle event %r", ev[:9])
+        after = self._after_batch
+        while after:
+            fn = after.pop()
+            try:
+                fn()
+            except Exception:
+                log.exception("native engine: failed to finish a batch of events")
 
     def _dispatch(self, ev) -> None:
         kind, ident, token, sid, code, flags, err, a, b, data = ev

@@ -21,8 +21,12 @@ Invariants:
   connection accepted after the change is served from an entry decided before it.
 - The fast path's HBONE connections are its own (one per pool key), never the pool's: the event
   loop opens no stream on them, so their stream ids are the worker's alone.
-- Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, and a
-  tunnel cancelled by drain is reset by its worker.
+- Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, once
+  the poll that opened it is dispatched (NativeEngine.after_batch: no await comes in between; a
+  tunnel whose completion came in that same poll is never tracked); a tunnel cancelled by drain is
+  reset by its worker.
+- Per-connection cost: the ConnectionRecord of a flow id is built once and copied per tunnel
+  (ConnectionRecord.again); logs, access log lines and metrics are the same.
 - A socket the workers hand over is owned here from its event on and closed exactly once.
 - Imported only with the native engine (engine/native.py is imported at module level).
 """
@@ -33,13 +37,14 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import time
 
 from h2.errors import ErrorCodes
 
-from ..engine import abort, close_after
-from ..engine.native import stream_completion
+from ..engine import abort
+from ..engine.native import END_CLEAN, stream_completion
 from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import ConnectionLost, _reason
@@ -57,18 +62,28 @@ RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lo
 
 
 class _Tunnel:
-    __slots__ = ("conn", "flow_id", "future", "record", "sid", "sock", "span", "start", "status")
+    """One live fast-path tunnel: `fd` is the client socket (owned here, closed once at the
+    completion); `future` is what drain waits for, made only if the tunnel outlives its poll."""
 
-    def __init__(self, flow_id, conn, sid, sock, span, record, start, future):
+    __slots__ = ("conn", "done", "fd", "flow_id", "future", "record", "scope", "sid", "span", "start", "status")
+
+    def __init__(self, flow_id, conn, sid, fd, span, record, start, future):
         self.flow_id = flow_id
         self.conn = conn
         self.sid = sid
-        self.sock = sock
+        self.fd = fd
         self.span = span
         self.record = record
         self.start = start
         self.status = 0
         self.future = future
+        self.done = False
+        self.scope = None  # the node's ProxyContext or its pod's PodScope: who tracks it for drain
+
+
+def _abort_fd(fd: int) -> None:
+    """Close the client socket `fd` with RST (engine.abort)."""
+    abort(socket.socket(fileno=fd))
 
 
 class _Listener:
@@ -107,6 +122,8 @@ class FastPath:
         self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
         self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
         self._noted: dict[int, dict] = {}  # token -> the pod's workloadState list it is noted in
+        self._fresh: list[_Tunnel] = []  # opened in the poll being dispatched (_track_fresh)
+        self._records: dict[int, object] = {}  # flow id -> its first tunnel's ConnectionRecord (copied per tunnel)
         self._orphans: dict[int, socket.socket] = {}
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
         self._reaper: asyncio.Task | None = None
@@ -236,6 +253,7 @@ class FastPath:
                 del self._retired[flow_id]
                 self.uses.pop(flow_id, None)
                 self.flow_conn.pop(flow_id, None)
+                self._records.pop(flow_id, None)
 
     async def _dial(self, ckey: tuple[int, PoolKey], lst: _Listener) -> None:
         key = ckey[1]
@@ -308,41 +326,56 @@ class FastPath:
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, client_port: int, flow_id: int,
                 accepted_ns: int, data: bytes) -> None:
         """A worker opened a fast-path tunnel: the event loop's path's opening lines and metrics."""
-        sock = socket.socket(fileno=fd)
         entry = self.entries.get(flow_id)
         conn = self.engine._conns.get(conn_id)
         if entry is None or conn is None:  # cannot happen: entries live while tunnels use them
             log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
-            self._orphans[token] = sock  # closed at its completion, once the worker let go of it
+            self._orphans[token] = socket.socket(fileno=fd)  # closed at its completion, once the worker let go of it
             if conn is not None and not self.engine._closed:
                 self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
             return
-        trace_id = data[:32].decode()
-        client_ip = ipaddress.IPv4Address(int.from_bytes(data[32:36], "little"))
+        client = (ipaddress.IPv4Address(int.from_bytes(data[32:36], "little")), client_port)
         route = entry.route
-        span = Span("outbound", {"id": trace_id})
+        span = Span("outbound", {"id": data[:32].decode()})
         start = accepted_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()
         if log.isEnabledFor(logging.INFO):
             log.info("proxy to %s using HBONE via %s type %s", route.authority,
                      hbone_headers.format_addr(*route.next_hop), route.via.value, extra={"span": span})
-        record = connection_record(self.ctx, (client_ip, client_port), route, entry.source)
-        record.start = start
-        future = self.loop.create_future()
-        self.tunnels[token] = _Tunnel(flow_id, conn, sid, sock, span, record, start, future)
-        self.uses[flow_id] = self.uses.get(flow_id, 0) + 1
+        proto = self._records.get(flow_id)
+        if proto is None:  # the class's first tunnel: its record is the one the others copy
+            record = self._records[flow_id] = connection_record(self.ctx, client, route, entry.source)
+            record.start = start
+        else:
+            record = proto.again(client, start)
+        self.tunnels[token] = tunnel = _Tunnel(flow_id, conn, sid, fd, span, record, start, None)
+        uses = self.uses
+        uses[flow_id] = uses.get(flow_id, 0) + 1
         conn.fast_streams = getattr(conn, "fast_streams", 0) + 1
-        future.add_done_callback(lambda f, token=token: self._cancelled(token) if f.cancelled() else None)
         lst = self.listeners.get(entry.flow.listener)
-        if lst is None:
-            self.ctx.track(future)
-            return
-        lst.scope.track(future)  # a pod's drain waits for its tunnels
-        if lst.open_connections is not None:  # the pod's workloadState, as PodProxy notes its own
-            lst.open_connections[token] = {"src": hbone_headers.format_addr(client_ip, client_port),
+        tunnel.scope = self.ctx if lst is None else lst.scope  # a pod's drain waits for its tunnels
+        if lst is not None and lst.open_connections is not None:  # the pod's workloadState, as PodProxy notes its own
+            lst.open_connections[token] = {"src": hbone_headers.format_addr(*client),
                                            "originalDst": hbone_headers.format_addr(entry.flow.dst_ip, entry.flow.dst_port),
                                            "actualDst": hbone_headers.format_addr(*route.next_hop),
                                            "protocol": "HBONE"}
             self._noted[token] = lst.open_connections
+        fresh = self._fresh
+        if not fresh:
+            self.engine.after_batch(self._track_fresh)
+        fresh.append(tunnel)
+
+    def _track_fresh(self) -> None:
+        """The tunnels opened in this poll that are still live are tracked for drain, each in its
+        scope (the node's context or its pod's) (a tunnel whose completion came in the same poll
+        never needed to be: no await came in between)."""
+        fresh, self._fresh = self._fresh, []
+        loop = self.loop
+        for tunnel in fresh:
+            if tunnel.done:
+                continue
+            tunnel.future = future = loop.create_future()
+            future.add_done_callback(lambda f, tunnel=tunnel: self._cancelled(tunnel) if f.cancelled() else None)
+            tunnel.scope.track(future)
 
     def on_status(self, token: int, status: int) -> None:
         tunnel = self.tunnels.get(token)
@@ -357,6 +390,7 @@ class FastPath:
             if orphan is not None:
                 abort(orphan)
             return
+        tunnel.done = True
         if self._noted:
             noted = self._noted.pop(token, None)
             if noted is not None:
@@ -364,15 +398,19 @@ class FastPath:
         conn = tunnel.conn
         conn.fast_streams -= 1
         conn.idle_since = time.monotonic()
-        self.uses[tunnel.flow_id] -= 1
-        if not self.uses[tunnel.flow_id] and tunnel.flow_id in self._retired:
+        flow_id = tunnel.flow_id
+        uses = self.uses
+        left = uses[flow_id] = uses[flow_id] - 1
+        if not left and flow_id in self._retired:
             self._drop_unused()
-        if not tunnel.future.done():
-            tunnel.future.set_result(None)
-        elif tunnel.future.cancelled():  # drained: Outbound.handle's CancelledError branch
-            abort(tunnel.sock)
-            tunnel.record.complete(0, 0, "connection closed due to drain")
-            return
+        future = tunnel.future
+        if future is not None:
+            if not future.done():
+                future.set_result(None)
+            elif future.cancelled():  # drained: Outbound.handle's CancelledError branch
+                _abort_fd(tunnel.fd)
+                tunnel.record.complete(0, 0, "connection closed due to drain")
+                return
         pending = kind & END_PENDING
         kind &= ~END_PENDING
         if pending or tunnel.status:
@@ -383,22 +421,31 @@ class FastPath:
                 exc = conn.lost if conn.lost is not None else StreamReset(code or ErrorCodes.CANCEL)
             self._failed(tunnel, str(exc))
             tunnel.record.complete(0, 0, str(exc), getattr(exc, "flag", "CONNECT"))
-            abort(tunnel.sock)
+            _abort_fd(tunnel.fd)
+            return
+        if kind == END_CLEAN:  # stream_completion's common case, without its Completion
+            os.close(tunnel.fd)
+            tunnel.record.complete(sent, received, None)
+            if log.isEnabledFor(logging.INFO):
+                log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start),
+                         extra={"span": tunnel.span})
             return
         completion = stream_completion((kind, code, err, sent, received), tunnel.start)
-        close_after(completion, tunnel.sock)
+        if completion.reset:
+            _abort_fd(tunnel.fd)
+        else:
+            os.close(tunnel.fd)
         tunnel.record.complete(completion.sent, completion.received, completion.error)
         if completion.error:
             self._failed(tunnel, completion.error)
-        else:
+        elif log.isEnabledFor(logging.INFO):
             log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start), extra={"span": tunnel.span})
 
     def _failed(self, tunnel: _Tunnel, error: str) -> None:
         log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - tunnel.start), error,
                     extra={"span": tunnel.span})
 
-    def _cancelled(self, token: int) -> None:
+    def _cancelled(self, tunnel: _Tunnel) -> None:
         """Drain gave up on the tunnel: its worker resets it (the completion follows)."""
-        tunnel = self.tunnels.get(token)
-        if tunnel is not None and not self.engine._closed:
+        if not tunnel.done and not self.engine._closed:
             self.core.reset(tunnel.conn.worker, tunnel.conn.id, tunnel.sid, ErrorCodes.CANCEL)

@@ -18,7 +18,12 @@ Invariants:
 - Entries are forgotten with the flush or their connection (`forget`, after its EV_CLOSED, when no
   EV_INBOUND_OPEN of it can still be queued); a tunnel keeps its own reference to its entry.
 - Every fast-path tunnel is tracked for drain (ctx.track) and for policy changes
-  (ctx.connections) like Inbound._stream's task; a tunnel cancelled by either is reset by its worker.
+  (ctx.connections) like Inbound._stream's task, once the poll that opened it is dispatched
+  (NativeEngine.after_batch: no await and no state change can come in between); a tunnel whose
+  completion came in that same poll is never tracked.  A tunnel cancelled by either is reset by
+  its worker.
+- Per-connection cost: the ConnectionRecord of a class (flow id, `forwarded`, state) is built once
+  and copied per tunnel (ConnectionRecord.again); logs, access log lines and metrics are the same.
 - The upstream socket the workers hand over is owned here from its event on and closed exactly once.
 - Imported only with the native engine.
 """
@@ -28,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import time
 
 from h2.errors import ErrorCodes
 
-from ..engine import abort, close_after
-from ..engine.native import NativeStream, stream_completion
+from ..engine import abort
+from ..engine.native import END_CLEAN, NativeStream, stream_completion
 from ..hbone import headers as hbone_headers
 from ..telemetry.access import ConnectionRecord
 from ..telemetry.logs import Span
@@ -45,21 +51,32 @@ from .flowcache import InboundClass, InboundEntry, inbound_entry
 from .inbound import _forwarded_host
 
 log = logging.getLogger("ztunnel_fast.proxy.inbound")  # the lines are the inbound path's
+MAX_RECORDS = 64  # cached records per flow (one per `forwarded` value); beyond this they start over
 
 
 class _Tunnel:
-    __slots__ = ("conn", "entry", "future", "record", "sid", "sock", "span", "start", "tracked")
+    """One live inbound fast-path tunnel: `fd` is the app socket (owned here, closed once at the
+    completion); `future` and `tracked` (drain, policy changes) are made only if the tunnel
+    outlives the poll it opened in."""
 
-    def __init__(self, entry, conn, sid, sock, span, record, start, future, tracked):
+    __slots__ = ("conn", "done", "entry", "fd", "future", "record", "sid", "span", "start", "tracked")
+
+    def __init__(self, entry, conn, sid, fd, span, record, start):
         self.entry = entry
         self.conn = conn
         self.sid = sid
-        self.sock = sock
+        self.fd = fd
         self.span = span
         self.record = record
         self.start = start
-        self.future = future
-        self.tracked = tracked
+        self.future = None
+        self.tracked = None
+        self.done = False
+
+
+def _abort_fd(fd: int) -> None:
+    """Close the app socket `fd` with RST (engine.abort)."""
+    abort(socket.socket(fileno=fd))
 
 
 class InboundFastPath:
@@ -74,6 +91,9 @@ class InboundFastPath:
         self.by_conn: dict[int, list[InboundClass]] = {}  # connection id -> its installed classes
         self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
         self._orphans: dict[int, socket.socket] = {}
+        self._fresh: list[_Tunnel] = []  # opened in the poll being dispatched (_track_fresh)
+        # flow id -> `forwarded` -> (the state it was made under, the class's first ConnectionRecord)
+        self._records: dict[int, dict[str, tuple]] = {}
         self.active = True
         self.engine.inbound_sink = self
 
@@ -88,6 +108,7 @@ class InboundFastPath:
             self.core.inflow_flush(0)
             self.engine._on_events()
         self.entries.clear()
+        self._records.clear()
 
     def drain(self) -> None:
         if self.active and not self.engine._closed:
@@ -143,19 +164,19 @@ class InboundFastPath:
             flow_id = self.installed.pop(flow, None)
             if flow_id is not None:
                 self.entries.pop(flow_id, None)
+                self._records.pop(flow_id, None)
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, flow_id: int, start_ns: int, fields) -> None:
         """A worker answered a CONNECT with 200 and spliced it: Inbound._stream's opening lines,
-        metrics and tracking."""
+        metrics and tracking (the tracking once the poll is dispatched: _track_fresh)."""
         ctx = self.ctx
-        sock = socket.socket(fileno=fd)
         entry = self.entries.get(flow_id)
         conn = self.engine._conns.get(conn_id)
         authority, trace, forwarded = request_telemetry(fields)
         if conn is None or entry is None or authority != entry.flow.authority:  # cannot happen: entries outlive their opens
             log.error("inbound fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
-            self._orphans[token] = sock  # closed at its completion, once the worker let go of it
+            self._orphans[token] = socket.socket(fileno=fd)  # closed at its completion, once the worker let go of it
             if conn is not None and not self.engine._closed:
                 self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
             return
@@ -167,25 +188,50 @@ class InboundFastPath:
         span = Span("inbound", {"id": trace, "peer_ip": entry.peer[0], "peer_id": entry.peer_id})
         if log.isEnabledFor(logging.INFO):
             log.info("got CONNECT request to %s", hbone_headers.format_addr(*entry.target), extra={"span": span})
-        workload = entry.workload
-        record = ConnectionRecord(
-            ctx.metrics,
-            direction="inbound",
-            src_addr=entry.peer,
-            dst_addr=entry.target,
-            hbone_addr=entry.target,
-            source=Peer(ctx.state.workload_by_ip(entry.peer[0], ctx.config.network), entry.peer_id),
-            destination=Peer(workload, workload.identity),
-            service=ctx.service_by_hostname(_forwarded_host(forwarded)),
-            mtls=True,
-        )
         start = start_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()
-        record.start = start
-        future = self.loop.create_future()
-        tracked = ctx.connections.track(workload, entry.info, span, task=future)
-        self.tunnels[token] = _Tunnel(entry, conn, sid, sock, span, record, start, future, tracked)
-        future.add_done_callback(lambda f, token=token: self._cancelled(token) if f.cancelled() else None)
-        ctx.track(future)
+        records = self._records.get(flow_id)
+        if records is None:
+            records = self._records[flow_id] = {}
+        proto = records.get(forwarded)
+        if proto is None or proto[0] is not ctx.state:  # the class's first tunnel (per `forwarded`)
+            workload = entry.workload
+            record = ConnectionRecord(
+                ctx.metrics,
+                direction="inbound",
+                src_addr=entry.peer,
+                dst_addr=entry.target,
+                hbone_addr=entry.target,
+                source=Peer(ctx.state.workload_by_ip(entry.peer[0], ctx.config.network), entry.peer_id),
+                destination=Peer(workload, workload.identity),
+                service=ctx.service_by_hostname(_forwarded_host(forwarded)),
+                mtls=True,
+            )
+            record.start = start
+            if len(records) >= MAX_RECORDS:  # `forwarded` is the peer's: bounded memory
+                records.clear()
+            records[forwarded] = (ctx.state, record)
+        else:
+            record = proto[1].again(entry.peer, start)
+        self.tunnels[token] = tunnel = _Tunnel(entry, conn, sid, fd, span, record, start)
+        fresh = self._fresh
+        if not fresh:
+            self.engine.after_batch(self._track_fresh)
+        fresh.append(tunnel)
+
+    def _track_fresh(self) -> None:
+        """The tunnels opened in this poll that are still live are tracked for drain and policy
+        changes (one whose completion came in the same poll never needed to be: no await, no
+        state change came in between)."""
+        fresh, self._fresh = self._fresh, []
+        ctx = self.ctx
+        loop, track, connections = self.loop, ctx.track, ctx.connections
+        for tunnel in fresh:
+            if tunnel.done:
+                continue
+            tunnel.future = future = loop.create_future()
+            tunnel.tracked = connections.track(tunnel.entry.workload, tunnel.entry.info, tunnel.span, task=future)
+            future.add_done_callback(lambda f, tunnel=tunnel: self._cancelled(tunnel) if f.cancelled() else None)
+            track(future)
 
     def on_end(self, token: int, kind: int, code: int, err: int, sent: int, received: int) -> None:
         """A fast-path tunnel's completion: Inbound._stream's closing lines and metrics."""
@@ -195,14 +241,28 @@ class InboundFastPath:
             if orphan is not None:
                 abort(orphan)
             return
-        self.ctx.connections.untrack(tunnel.tracked)
-        if tunnel.future.cancelled():  # drain or a policy change: Inbound._stream's CancelledError branch
-            abort(tunnel.sock)
-            tunnel.record.complete(0, 0, tunnel.tracked.closed_reason or "connection closed due to drain")
+        tunnel.done = True
+        future = tunnel.future
+        if future is not None:
+            self.ctx.connections.untrack(tunnel.tracked)
+            if future.cancelled():  # drain or a policy change: Inbound._stream's CancelledError branch
+                _abort_fd(tunnel.fd)
+                tunnel.record.complete(0, 0, tunnel.tracked.closed_reason or "connection closed due to drain")
+                return
+            future.set_result(None)
+        if kind == END_CLEAN:  # stream_completion's common case, without its Completion
+            os.close(tunnel.fd)
+            # the plain socket is the app (the server): what it sent is the response direction
+            tunnel.record.complete(received, sent, None)
+            if log.isEnabledFor(logging.INFO):
+                log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start),
+                         extra={"span": tunnel.span})
             return
-        tunnel.future.set_result(None)
         completion = stream_completion((kind, code, err, sent, received), tunnel.start)
-        close_after(completion, tunnel.sock)
+        if completion.reset:
+            _abort_fd(tunnel.fd)
+        else:
+            os.close(tunnel.fd)
         # the plain socket is the app (the server): what it sent is the response direction
         tunnel.record.complete(completion.received, completion.sent, completion.error)
         if completion.error:
@@ -211,10 +271,9 @@ class InboundFastPath:
         elif log.isEnabledFor(logging.INFO):
             log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start), extra={"span": tunnel.span})
 
-    def _cancelled(self, token: int) -> None:
+    def _cancelled(self, tunnel: _Tunnel) -> None:
         """Drain or a policy change gave up on the tunnel: its worker resets it (the completion follows)."""
-        tunnel = self.tunnels.get(token)
-        if tunnel is None:
+        if tunnel.done:
             return
         stream = tunnel.conn.streams.get(tunnel.sid)
         if stream is not None:

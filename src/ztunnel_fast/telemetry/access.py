@@ -69,6 +69,28 @@ class ConnectionRecord:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection opened", extra={"fields": self.fields})
 
+    def again(self, src_addr: Address, start: float) -> ConnectionRecord:
+        """The record of another connection of this one's class (same direction, peers, service,
+        destination and labels) from `src_addr`, started at `start`: counted as opened now, as
+        the constructor does (the fast paths make one per flow class and copy it per tunnel)."""
+        other = ConnectionRecord.__new__(ConnectionRecord)
+        other.metrics = self.metrics
+        other.direction = self.direction
+        other.start = start
+        other.done = False
+        other.mtls = self.mtls
+        other.label_set = self.label_set
+        other._src_addr = src_addr
+        other._dst_addr = self._dst_addr
+        other._source = self._source
+        other._destination = self._destination
+        other._service = self._service
+        other._hbone_addr = self._hbone_addr
+        other.label_set.opened_now()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection opened", extra={"fields": other.fields})
+        return other
+
     @property
     def labels(self) -> dict[str, str]:
         return self.label_set.labels
