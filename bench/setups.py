@@ -193,6 +193,9 @@ class RelayPair(Setup):
         if self.mode == "aead":
             import shutil
 
+            if not Path(__file__).with_name("relay_aead.c").exists():
+                return False, "bench/relay_aead.c is not in this tree (its source was not committed in round 4)"
+
             if not shutil.which("cc"):
                 return False, "no C compiler (cc) to build bench/relay_aead.c"
             if not Path("/usr/include/openssl/evp.h").exists():
