@@ -21,8 +21,8 @@
  *
  * Invariants: one thread per direction, blocking sockets; memory per connection is two fixed
  * buffers per direction; a direction's EOF is passed on as shutdown(SHUT_WR) (a truncated record
- * at EOF counts as an error); an error or a record that fails authentication shuts both sockets
- * down in both directions.  Build: cc -O2 -o relay_aead relay_aead.c -lcrypto -lpthread
+ * at EOF counts as an error); an error, a bad length or a record that fails authentication shuts
+ * both sockets down in both directions (the records opened before it are delivered, none after).  Build: cc -O2 -o relay_aead relay_aead.c -lcrypto -lpthread
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -148,9 +148,14 @@ static int pump_open(int src, int dst, int dir) {
         if (n == 0) { rc = have ? -1 : 0; break; }  /* a truncated record is an error */
         have += (size_t)n;
         unsigned char *p = in, *end = in + have, *o = out;
+        int bad = 0;
         while (end - p >= LEN_BYTES) {
             uint32_t len = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-            if (len == 0 || len > RECORD) goto done;
+            if (len == 0 || len > RECORD) {
+                fprintf(stderr, "relay_aead: record %llu has length %u\n", (unsigned long long)counter, len);
+                bad = 1;
+                break;
+            }
             if ((size_t)(end - p) < LEN_BYTES + len + TAG_BYTES) break;
             int outl = 0, fin = 0;
             nonce(iv, dir, counter++);
@@ -160,14 +165,17 @@ static int pump_open(int src, int dst, int dir) {
                 || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, p + LEN_BYTES + len) != 1
                 || EVP_DecryptFinal_ex(ctx, o + outl, &fin) != 1) {
                 fprintf(stderr, "relay_aead: record %llu failed authentication\n", (unsigned long long)(counter - 1));
-                goto done;
+                bad = 1;
+                break;
             }
             o += len;
             p += LEN_BYTES + len + TAG_BYTES;
         }
         have = (size_t)(end - p);
         if (have && p != in) memmove(in, p, have);
+        /* the records opened before a bad one are delivered (as TLS would), nothing after it */
         if (o != out && send_all(dst, out, (size_t)(o - out)) < 0) goto done;
+        if (bad) goto done;
     }
 done:
     EVP_CIPHER_CTX_free(ctx);
