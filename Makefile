@@ -6,7 +6,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps prometheus libnghttp2-dev
+APT_PKGS := iptables ipset iproute2 curl iperf3 wrk procps prometheus libnghttp2-dev libssl-dev
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench lint system-deps build clean
@@ -35,9 +35,9 @@ test: system-deps build
 
 # bench: `make bench` (~15 min), `make bench BENCH_ARGS=--quick` (~5 min), `make bench PROFILE=1`
 # (perf flame graphs of every proxy thread + py-spy of ztunnel-fast).  nginx-light serves the HTTP
-# figures; strace and linux-perf count the proxies' syscalls; libssl-dev builds the AES-GCM relay of
-# the floor figures (bench/README.md).
-BENCH_APT_PKGS := nginx-light strace linux-perf libssl-dev
+# figures; strace and linux-perf count the proxies' syscalls.  libssl-dev (in APT_PKGS: make test
+# builds it too, tests/integration/test_relay_aead.py) builds the AES-GCM relay of the floor figures.
+BENCH_APT_PKGS := nginx-light strace linux-perf
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 PROFILE ?=

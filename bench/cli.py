@@ -36,7 +36,7 @@ from .settings import DEFAULT, MIB, QUICK, TOPOLOGIES, Settings
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REBUILDS = 4  # failed attempts per setup; then its remaining figures are reported as not run
 TOOLS = ("ip", "iptables-legacy", "ss", "sysctl", "curl", "iperf3", "wrk", "nginx")
-DEFAULT_SETUPS = "direct,native,fastpath,xds,pure,envoy,envoy1,relay,relaycopy"
+DEFAULT_SETUPS = "direct,native,fastpath,xds,pure,envoy,envoy1,relay,relaycopy,relayaead"
 
 
 @dataclass(frozen=True)

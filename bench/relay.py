@@ -20,6 +20,10 @@ syscall count of the relay shows how many).  One thread per direction, blocking 
 direction's EOF is passed on as shutdown(SHUT_WR), a reset closes both sides.
 
 Run: python bench/relay.py client|server --listen IP:PORT [--peer IP:PORT] [--mode splice|copy]
+
+The `relayaead` setup's relay is C (bench/relay_aead.c: the same header, AES-128-GCM records between
+the relays); `build_aead` compiles it on demand into a build directory (cc, libcrypto; no download).
+
 Invariants: the header is exactly 6 bytes (IPv4 address, port big-endian); bounded by its sockets
 (no buffering beyond one pipe or one buffer per direction).
 """
@@ -32,8 +36,10 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 F_SETPIPE_SZ = 1031
@@ -41,6 +47,22 @@ PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default
 COPY_BYTES = 256 * 1024  # what the native engine reads per recv()
 MARK = 1337
 HEADER = struct.Struct("!4sH")
+
+
+AEAD_SOURCE = Path(__file__).with_name("relay_aead.c")
+
+
+def build_aead(build_dir: Path) -> Path:
+    """Compile bench/relay_aead.c into `build_dir` (once: an existing binary newer than the source
+    is reused); returns the binary's path.  Raises RuntimeError with the compiler's output."""
+    binary = Path(build_dir) / "relay_aead"
+    if binary.exists() and binary.stat().st_mtime >= AEAD_SOURCE.stat().st_mtime:
+        return binary
+    cp = subprocess.run(["cc", "-O2", "-Wall", "-o", str(binary), str(AEAD_SOURCE), "-lcrypto", "-lpthread"],
+                        capture_output=True, text=True, timeout=120)
+    if cp.returncode != 0:
+        raise RuntimeError(f"building {AEAD_SOURCE.name} failed: {cp.stderr.strip()[-500:]}")
+    return binary
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

@@ -193,9 +193,6 @@ class RelayPair(Setup):
         if self.mode == "aead":
             import shutil
 
-            if not Path(__file__).with_name("relay_aead.c").exists():
-                return False, "bench/relay_aead.c is not in this tree (its source was not committed in round 4)"
-
             if not shutil.which("cc"):
                 return False, "no C compiler (cc) to build bench/relay_aead.c"
             if not Path("/usr/include/openssl/evp.h").exists():
@@ -204,18 +201,15 @@ class RelayPair(Setup):
 
     def _argv(self, bl: BenchLab, role: str, listen: str, peer: str) -> list[str]:
         import os
-        import subprocess
         import sys
 
         from .relay import __file__ as relay_script
+        from .relay import build_aead
 
         if self.mode != "aead":
             return [sys.executable, relay_script, role, "--listen", listen] + (
                 ["--peer", peer] if role == "client" else []) + ["--mode", self.mode]
-        binary = bl.workdir / "relay_aead"
-        if not binary.exists():
-            subprocess.run(["cc", "-O2", "-o", str(binary), str(Path(relay_script).with_name("relay_aead.c")),
-                            "-lcrypto", "-lpthread"], check=True, capture_output=True, timeout=120)
+        binary = build_aead(bl.workdir)
         if not getattr(self, "_key", None):
             self._key = os.urandom(16).hex()  # one key for both relays of a setup
         ip, port = listen.rsplit(":", 1)

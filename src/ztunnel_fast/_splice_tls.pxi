@@ -18,6 +18,10 @@
 # cin holds at most one chunk; SSL_write only while cout holds less than TLS_SEND_BATCH (cout is
 # bounded by a batch plus one record); after tls_read and tls_flush the write BIO is empty
 # (whatever SSL produced, alerts and key updates included, is in cout or sent).
+# The worker thread's OpenSSL error queue is empty before every SSL_read/SSL_write (SSL_get_error
+# needs that), without an ERR_clear_error per call: a call that succeeds or reports WANT_READ,
+# WANT_WRITE or ZERO_RETURN leaves it empty (SSL_get_error returns those only when ERR_peek_error()
+# is 0), and every other failure ends in tls_fail, which clears it after taking the reason.
 
 DEF READ_BATCH = 256 * 1024          # parse once this much plaintext is buffered
 DEF RUN_BUDGET = 4 << 20             # bytes a connection moves per turn before others get theirs
@@ -115,6 +119,8 @@ cdef void tls_fail(Conn *c, int ssl_err, int saved_errno, const char *what) noex
     cdef const char *reason = NULL
     c.flags |= CF_TLS_FAILED
     if ssl_err == SSL_ERROR_ZERO_RETURN or (ssl_err == SSL_ERROR_SYSCALL and saved_errno == 0):
+        if g_err_clear != NULL:
+            g_err_clear()  # the queue may hold the EOF's entry: the next connection's calls need it empty
         conn_close(c, CLOSE_PEER, "peer closed the connection", False)
         return
     if ssl_err == SSL_ERROR_SYSCALL:
@@ -147,7 +153,6 @@ cdef size_t tls_read(Conn *c, size_t budget) noexcept nogil:
         space = c.rbuf.cap - c.rbuf.end
         if space > WRITE_MAX:
             space = WRITE_MAX
-        g_err_clear()
         n = g_ssl_read(c.ssl, c.rbuf.data + c.rbuf.end, <int>space)
         saved = errno
         if n > 0:
@@ -259,7 +264,6 @@ cdef size_t tls_flush_batched(Conn *c) noexcept nogil:
             avail = buf_len(&c.obuf)
             if avail > TLS_SEND_BATCH:
                 avail = TLS_SEND_BATCH
-            g_err_clear()
             n = g_ssl_write(c.ssl, c.obuf.data + c.obuf.start, <int>avail)
             saved = errno
             if n <= 0:
@@ -311,7 +315,6 @@ cdef size_t tls_flush(Conn *c) noexcept nogil:
         avail = buf_len(&c.obuf)
         if avail > WRITE_MAX:
             avail = WRITE_MAX
-        g_err_clear()
         n = g_ssl_write(c.ssl, c.obuf.data + c.obuf.start, <int>avail)
         saved = errno
         if n > 0:

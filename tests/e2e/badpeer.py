@@ -17,6 +17,8 @@ Cases (TLS is stdlib `ssl`, i.e. the system OpenSSL: not the product's, so not i
   reset-tunnel                 a working tunnel the peer then resets with RST_STREAM(CANCEL)
   too-many-streams             --count CONNECT tunnels at once (one more than the server allows)
   hpack-error                  a HEADERS frame whose block HPACK cannot decode
+  bad-record                   valid mTLS + h2, then a TLS record whose ciphertext fails authentication
+                               (written on the socket under the TLS layer)
   silent                       TCP only, never a byte: does the server close it (handshake deadline)?
   strangers                    a good mTLS connection first, then --count silent TCP connections, then
                                one more (refused at the cap?), then a tunnel on the good connection
@@ -727,6 +729,17 @@ def case_hpack_error(args) -> dict:
         sock.close()
 
 
+def case_bad_record(args) -> dict:
+    sock, _reader = _raw_session(args)
+    try:
+        # an application_data record (TLS 1.3 outer type 23, version 3.3) of random bytes: the
+        # server's record layer cannot authenticate it (bad_record_mac)
+        os.write(sock.fileno(), b"\x17\x03\x03" + struct.pack("!H", 64) + os.urandom(64))
+        return {"closed": _wait_closed(sock, args.timeout)}
+    finally:
+        sock.close()
+
+
 def case_flood_ping_unread(args) -> dict:
     """PINGs written and never read, until a write blocks for --linger s (the server stopped reading)
     or --count MiB went out; then whatever the server still sends is read up to GOAWAY/close."""
@@ -831,6 +844,7 @@ CASES = {
     "reset-tunnel": case_reset_tunnel,
     "too-many-streams": case_too_many_streams,
     "hpack-error": case_hpack_error,
+    "bad-record": case_bad_record,
     "flood-ping-unread": case_flood_ping_unread,
     "silent": case_silent,
     "strangers": case_strangers,

@@ -419,6 +419,20 @@ def test_h2_protocol_violations(target: Target, cpu_contention) -> None:
     t.assert_no_crash_reports()
 
 
+def test_forged_tls_record_ends_only_its_connection(target: Target) -> None:
+    """A record that fails authentication (bad_record_mac) closes its connection, and only it.  Twice
+    in a row, then a good tunnel: the native engine hands connections to its workers in turn, so with
+    two workers the good tunnel runs on a worker whose last connection failed in SSL_read (the
+    worker thread's OpenSSL error queue must be empty again for the next connection's reads)."""
+    t = target
+    for last in (False, True):
+        out = t.peer("bad-record", health=last)
+        assert "exception" not in out, out
+        assert out["closed"] is not None, f"server kept the connection after a forged record: {out}"
+    t.assert_serving(out)
+    t.assert_no_crash_reports()
+
+
 # ------------------------------------------------------------------------------- 13: floods
 def test_floods(target: Target) -> None:
     t = target
