@@ -34,7 +34,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import socket
@@ -303,7 +302,8 @@ class FastPath(TunnelSink):
             log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
             self._orphan(token, fd, conn, sid)
             return
-        client = (ipaddress.IPv4Address(int.from_bytes(data[32:36], "little")), client_port)
+        # the class's source is the client's address (the lookup matched all of it: data[32:36])
+        client = (entry.flow.src_ip, client_port)
         route = entry.route
         span = Span("outbound", {"id": data[:32].decode()})
         start = accepted_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()

@@ -44,8 +44,8 @@ class Tunnel:
     Outbound sets `flow_id`, `scope` (who tracks it for drain: the node's context or its pod's
     PodScope) and `status` (a CONNECT answered with other than 200); inbound sets `entry`."""
 
-    __slots__ = ("conn", "done", "entry", "fd", "flow_id", "future", "record", "scope", "sid", "span", "start",
-                 "status", "tracked")
+    __slots__ = ("conn", "done", "entry", "fd", "flow_id", "future", "record", "scope", "sid", "sink", "span",
+                 "start", "status", "tracked")
 
     def __init__(self, conn, sid, fd, span, record, start, scope, *, flow_id=0, entry=None):
         self.conn = conn
@@ -61,6 +61,12 @@ class Tunnel:
         self.future = None
         self.tracked = None
         self.done = False
+
+    def on_future_done(self, future) -> None:
+        """The done callback of `future` (set by _track_fresh, with `sink`): drain or a policy
+        change cancelled it.  Removed before the completion sets its result (_settled)."""
+        if future.cancelled():
+            self.sink._cancelled(self)
 
 
 def abort_fd(fd: int) -> None:
@@ -109,8 +115,9 @@ class TunnelSink:
             if tunnel.done:
                 continue
             tunnel.future = future = create_future()
+            tunnel.sink = self
             self._track(tunnel, future)
-            future.add_done_callback(lambda f, tunnel=tunnel: self._cancelled(tunnel) if f.cancelled() else None)
+            future.add_done_callback(tunnel.on_future_done)
             tunnel.scope.track(future)
 
     def _track(self, tunnel: Tunnel, future) -> None:
@@ -145,6 +152,7 @@ class TunnelSink:
             tunnel.record.complete(0, 0, (tracked.closed_reason if tracked is not None else None) or DRAIN_REASON)
             return True
         if not future.done():
+            future.remove_done_callback(tunnel.on_future_done)  # not cancelled: nothing for it to do
             future.set_result(None)
         return False
 
