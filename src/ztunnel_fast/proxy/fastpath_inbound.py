@@ -65,6 +65,8 @@ class InboundFastPath(TunnelSink):
         # flow id -> `forwarded` -> (the state it was made under, the class's first ConnectionRecord)
         self._records: dict[int, dict[str, tuple]] = {}
         self.active = True
+        self._answered = self.loop.create_future()  # the response of every stream the workers answered
+        self._answered.set_result(None)
         self.engine.inbound_sink = self
 
     # -- decisions ------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class InboundFastPath(TunnelSink):
             log.error("inbound fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
             self._orphan(token, fd, conn, sid)
             return
-        stream = NativeStream(conn, sid)
+        stream = NativeStream(conn, sid, response=self._answered)
         stream.responded = stream.attached = True
         conn.streams[sid] = stream
         conn.streams_opened += 1
