@@ -75,7 +75,8 @@ cdef struct EventQ:
     Event *head
     Event *tail
     int efd              # eventfd the event loop watches; -1: nobody to wake (sans-IO tests)
-    bint signalled       # efd written since the event loop last drained
+    bint signalled       # events queued since the event loop last drained (efd written, or owed)
+    bint owed            # signalled, efd not written yet: the end of a worker iteration writes it (evq_wake)
     uint64_t emitted     # events ever queued (tests assert no per-chunk events)
 
 

@@ -213,9 +213,9 @@ cdef void event_free(Event *e) noexcept nogil:
 
 
 cdef void evq_push(EventQ *q, Event *e) noexcept nogil:
-    """Queue an event and wake the event loop (one eventfd write per drain, not per event)."""
-    cdef uint64_t one = 1
-    cdef bint wake = False
+    """Queue an event; the event loop is woken at the end of the pushing worker's iteration
+    (evq_wake): one eventfd write per drain, not per event, and every event an iteration emits
+    in the same wake-up (the worker loop calls evq_wake before it waits again)."""
     if e == NULL:
         return
     pthread_mutex_lock(&q.lock)
@@ -227,7 +227,21 @@ cdef void evq_push(EventQ *q, Event *e) noexcept nogil:
     q.emitted += 1
     if not q.signalled:
         q.signalled = True
-        wake = True
+        q.owed = True
+    pthread_mutex_unlock(&q.lock)
+
+
+cdef void evq_wake(EventQ *q) noexcept nogil:
+    """Write the eventfd a push owes (the worker loop, before each wait and when it ends).  The
+    unlocked read is a hint: a worker always sees its own pushes' flag; another worker's push is
+    written by that worker at the end of its own iteration, if no one did it before."""
+    cdef uint64_t one = 1
+    cdef bint wake
+    if not q.owed:
+        return
+    pthread_mutex_lock(&q.lock)
+    wake = q.owed
+    q.owed = False
     pthread_mutex_unlock(&q.lock)
     if wake and q.efd >= 0:
         write(q.efd, &one, 8)
@@ -245,6 +259,7 @@ cdef Event *evq_take_all(EventQ *q) noexcept nogil:
     q.head = NULL
     q.tail = NULL
     q.signalled = False
+    q.owed = False  # taken before its write: nothing to wake the event loop for
     pthread_mutex_unlock(&q.lock)
     return head
 

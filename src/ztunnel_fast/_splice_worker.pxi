@@ -4,7 +4,7 @@
 # One loop iteration: wait; turn readiness edges into flags and queue the owners; run commands;
 # run the queued objects (each does a bounded amount of work and queues itself again when it has
 # more: fairness between tunnels); timers; free what died in this iteration (nothing is freed while
-# an epoll batch may still point at it).
+# an epoll batch may still point at it); wake the event loop once for the events it emitted (evq_wake).
 
 DEF OBJ_BUCKETS = 1024           # id hash table size per worker
 DEF MAX_EVENTS = 256             # epoll events per wait
@@ -186,6 +186,7 @@ cdef void *worker_main(void *arg) noexcept nogil:
             if timeout < 0:
                 timeout = 0
             timeout += 1
+        evq_wake(w.evq)  # the events of the iteration just run, in one wake-up of the event loop
         n = epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
         cmds = False
         for i in range(n if n > 0 else 0):
@@ -223,6 +224,7 @@ cdef void *worker_main(void *arg) noexcept nogil:
         worker_free_grave(w)
         if w.stopping and w.live == NULL:
             break
+    evq_wake(w.evq)
     return NULL
 
 

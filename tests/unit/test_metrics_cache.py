@@ -100,3 +100,44 @@ def test_context_lookups_cached_per_snapshot_follow_replace_state():
     assert ctx.service_by_hostname("httpbin.demo.svc.cluster.local") is None
     ctx.replace_state(ProxyState([SRC]))
     assert ctx.own_workload() is None
+
+
+def gauge(m: Metrics) -> list[tuple[dict, float]]:
+    text = m.exposition(None)[0].decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return [(s.labels, s.value) for s in fams["istio_tcp_sockets_open"].samples]
+
+
+def test_deferred_counts_read_as_counting_each_connection_at_once():
+    """Counts wait in the label sets until a read: every exposition shows what counting each
+    connection at once would (opened, closed, bytes, failed, the open-sockets gauge), across reads."""
+    m = Metrics()
+    records = [ConnectionRecord(m, direction="outbound", src_addr=("10.0.0.1", 40000 + i), dst_addr="10.0.0.2:15008",
+                                source=Peer(SRC, SRC.identity), destination=Peer(DST, DST.identity), mtls=True)
+               for i in range(3)]
+    assert gauge(m) == [({"reporter": "source"}, 3.0)]
+    records[0].complete(10, 20)
+    records[1].complete(0, 5, "io error")
+    assert [v for _, v in samples(m, "istio_tcp_connections_opened")] == [3.0]
+    assert [v for _, v in samples(m, "istio_tcp_connections_closed")] == [2.0]
+    assert [v for _, v in samples(m, "istio_tcp_received_bytes")] == [10.0]
+    assert [v for _, v in samples(m, "istio_tcp_sent_bytes")] == [25.0]
+    assert [v for _, v in samples(m, "istio_tcp_connections_failed")] == [1.0]
+    assert gauge(m) == [({"reporter": "source"}, 1.0)]
+    records[2].complete(1, 0)
+    records[2].complete(1, 0)  # completed once only
+    assert [v for _, v in samples(m, "istio_tcp_connections_closed")] == [3.0]
+    assert [v for _, v in samples(m, "istio_tcp_received_bytes")] == [11.0]
+    assert gauge(m) == [({"reporter": "source"}, 0.0)]
+
+
+def test_deferred_counts_are_bounded_without_reads(monkeypatch):
+    """With nobody reading, the label sets waiting to be flushed stay under MAX_PENDING."""
+    monkeypatch.setattr(metrics_mod, "MAX_PENDING", 4)
+    m = Metrics()
+    for i in range(10):
+        m.connection_failed_early({**traffic_labels(reporter="source", source=Peer(), destination=Peer(),
+                                                     service=None, mtls=False), "source_workload": f"w{i}"})
+        assert len(m._pending) < 4
+    failed = sorted((s["source_workload"], v) for s, v in samples(m, "istio_tcp_connections_failed"))
+    assert failed == [(f"w{i}", 1.0) for i in range(10)]

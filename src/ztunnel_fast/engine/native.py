@@ -320,11 +320,14 @@ def _text(raw) -> list[tuple[str, str]] | None:
 class NativeStream:
     """One CONNECT stream of a NativeConnection; its bytes move only through engine.tunnel()."""
 
-    def __init__(self, conn: NativeConnection, stream_id: int, request_headers=None, eof: bool = False):
+    def __init__(self, conn: NativeConnection, stream_id: int, request_headers=None, eof: bool = False,
+                 response: asyncio.Future | None = None):
         self.conn = conn
         self.id = stream_id
         self.request_headers: list[tuple[str, str]] = request_headers or []
-        self.response: asyncio.Future = conn.loop.create_future()
+        # `response`: a done future for a stream whose response is no one's to await (the inbound
+        # fast path's, answered by its worker), shared by all of them: no future per stream
+        self.response: asyncio.Future = conn.loop.create_future() if response is None else response
         self.eof = eof  # peer sent END_STREAM with its headers
         self.ended = False  # we sent END_STREAM
         self.reset_code: int | None = None
@@ -362,6 +365,8 @@ class NativeStream:
         self.closed = True
         if kind != END_CLEAN and self.reset_code is None:
             self.reset_code = code if kind != END_IO else ErrorCodes.CANCEL
+        if self.response.done():  # answered (or already failed): nothing to fail
+            return
         if self.conn.lost is not None:
             self._fail_response(self.conn.lost)
         else:

@@ -34,17 +34,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
-import os
 import socket
 import time
 
 from h2.errors import ErrorCodes
 
 from ..engine import abort
-from ..engine.native import END_CLEAN, stream_completion
 from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
 from ..hbone import headers as hbone_headers
 from ..hbone.connection import ConnectionLost, _reason
@@ -52,6 +49,7 @@ from ..hbone.pool import PoolKey
 from ..telemetry.logs import Span
 from . import sockets
 from .common import _report_crash, format_duration
+from .fastpath_common import Tunnel, TunnelSink, abort_fd
 from .flowcache import FlowClass, FlowEntry, flow_entry
 from .outbound import connection_record
 
@@ -59,31 +57,6 @@ log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outb
 
 END_PENDING = 0x100  # EV_STREAM_END flag: the stream ended before its CONNECT was answered
 RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lookup just before it)
-
-
-class _Tunnel:
-    """One live fast-path tunnel: `fd` is the client socket (owned here, closed once at the
-    completion); `future` is what drain waits for, made only if the tunnel outlives its poll."""
-
-    __slots__ = ("conn", "done", "fd", "flow_id", "future", "record", "scope", "sid", "span", "start", "status")
-
-    def __init__(self, flow_id, conn, sid, fd, span, record, start, future):
-        self.flow_id = flow_id
-        self.conn = conn
-        self.sid = sid
-        self.fd = fd
-        self.span = span
-        self.record = record
-        self.start = start
-        self.status = 0
-        self.future = future
-        self.done = False
-        self.scope = None  # the node's ProxyContext or its pod's PodScope: who tracks it for drain
-
-
-def _abort_fd(fd: int) -> None:
-    """Close the client socket `fd` with RST (engine.abort)."""
-    abort(socket.socket(fileno=fd))
 
 
 class _Listener:
@@ -100,12 +73,12 @@ class _Listener:
         self.open_connections = open_connections  # the pod's workloadState outbound list, or None
 
 
-class FastPath:
+class FastPath(TunnelSink):
+    log = log
+
     def __init__(self, ctx, outbound):
-        self.ctx = ctx
+        self._init_tunnels(ctx)
         self.outbound = outbound
-        self.engine = ctx.engine
-        self.core = ctx.engine.core
         self.loop = asyncio.get_running_loop()
         self.max_streams = ctx.config.pool_max_streams_per_connection
         self.idle_timeout = ctx.config.pool_unused_release_timeout
@@ -120,11 +93,8 @@ class FastPath:
         self._dialing: dict[tuple[int, PoolKey], asyncio.Task] = {}
         self._waiting: dict[tuple[int, PoolKey], dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
         self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
-        self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
         self._noted: dict[int, dict] = {}  # token -> the pod's workloadState list it is noted in
-        self._fresh: list[_Tunnel] = []  # opened in the poll being dispatched (_track_fresh)
         self._records: dict[int, object] = {}  # flow id -> its first tunnel's ConnectionRecord (copied per tunnel)
-        self._orphans: dict[int, socket.socket] = {}
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
         self._reaper: asyncio.Task | None = None
         self.listening = False  # some listener is registered
@@ -330,11 +300,10 @@ class FastPath:
         conn = self.engine._conns.get(conn_id)
         if entry is None or conn is None:  # cannot happen: entries live while tunnels use them
             log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
-            self._orphans[token] = socket.socket(fileno=fd)  # closed at its completion, once the worker let go of it
-            if conn is not None and not self.engine._closed:
-                self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
+            self._orphan(token, fd, conn, sid)
             return
-        client = (ipaddress.IPv4Address(int.from_bytes(data[32:36], "little")), client_port)
+        # the class's source is the client's address (the lookup matched all of it: data[32:36])
+        client = (entry.flow.src_ip, client_port)
         route = entry.route
         span = Span("outbound", {"id": data[:32].decode()})
         start = accepted_ns / 1e9  # CLOCK_MONOTONIC, as time.monotonic()
@@ -347,35 +316,19 @@ class FastPath:
             record.start = start
         else:
             record = proto.again(client, start)
-        self.tunnels[token] = tunnel = _Tunnel(flow_id, conn, sid, fd, span, record, start, None)
+        lst = self.listeners.get(entry.flow.listener)
+        scope = self.ctx if lst is None else lst.scope  # a pod's drain waits for its tunnels
+        tunnel = Tunnel(conn, sid, fd, span, record, start, scope, flow_id=flow_id)
         uses = self.uses
         uses[flow_id] = uses.get(flow_id, 0) + 1
         conn.fast_streams = getattr(conn, "fast_streams", 0) + 1
-        lst = self.listeners.get(entry.flow.listener)
-        tunnel.scope = self.ctx if lst is None else lst.scope  # a pod's drain waits for its tunnels
         if lst is not None and lst.open_connections is not None:  # the pod's workloadState, as PodProxy notes its own
             lst.open_connections[token] = {"src": hbone_headers.format_addr(*client),
                                            "originalDst": hbone_headers.format_addr(entry.flow.dst_ip, entry.flow.dst_port),
                                            "actualDst": hbone_headers.format_addr(*route.next_hop),
                                            "protocol": "HBONE"}
             self._noted[token] = lst.open_connections
-        fresh = self._fresh
-        if not fresh:
-            self.engine.after_batch(self._track_fresh)
-        fresh.append(tunnel)
-
-    def _track_fresh(self) -> None:
-        """The tunnels opened in this poll that are still live are tracked for drain, each in its
-        scope (the node's context or its pod's) (a tunnel whose completion came in the same poll
-        never needed to be: no await came in between)."""
-        fresh, self._fresh = self._fresh, []
-        loop = self.loop
-        for tunnel in fresh:
-            if tunnel.done:
-                continue
-            tunnel.future = future = loop.create_future()
-            future.add_done_callback(lambda f, tunnel=tunnel: self._cancelled(tunnel) if f.cancelled() else None)
-            tunnel.scope.track(future)
+        self._opened(token, tunnel)
 
     def on_status(self, token: int, status: int) -> None:
         tunnel = self.tunnels.get(token)
@@ -384,13 +337,9 @@ class FastPath:
 
     def on_end(self, token: int, kind: int, code: int, err: int, sent: int, received: int) -> None:
         """A fast-path tunnel's completion: the event loop's path's closing lines and metrics."""
-        tunnel = self.tunnels.pop(token, None)
+        tunnel = self._ended(token)
         if tunnel is None:
-            orphan = self._orphans.pop(token, None)
-            if orphan is not None:
-                abort(orphan)
             return
-        tunnel.done = True
         if self._noted:
             noted = self._noted.pop(token, None)
             if noted is not None:
@@ -403,17 +352,9 @@ class FastPath:
         left = uses[flow_id] = uses[flow_id] - 1
         if not left and flow_id in self._retired:
             self._drop_unused()
-        future = tunnel.future
-        if future is not None:
-            if not future.done():
-                future.set_result(None)
-            elif future.cancelled():  # drained: Outbound.handle's CancelledError branch
-                _abort_fd(tunnel.fd)
-                tunnel.record.complete(0, 0, "connection closed due to drain")
-                return
-        pending = kind & END_PENDING
-        kind &= ~END_PENDING
-        if pending or tunnel.status:
+        if self._settled(tunnel):  # drained: Outbound.handle's CancelledError branch
+            return
+        if kind & END_PENDING or tunnel.status:
             # no tunnel was attached: the CONNECT failed, as pool.open_stream raises it
             if tunnel.status:
                 exc = HttpStatus(tunnel.status, _reason(tunnel.status))
@@ -421,31 +362,16 @@ class FastPath:
                 exc = conn.lost if conn.lost is not None else StreamReset(code or ErrorCodes.CANCEL)
             self._failed(tunnel, str(exc))
             tunnel.record.complete(0, 0, str(exc), getattr(exc, "flag", "CONNECT"))
-            _abort_fd(tunnel.fd)
+            abort_fd(tunnel.fd)
             return
-        if kind == END_CLEAN:  # stream_completion's common case, without its Completion
-            os.close(tunnel.fd)
-            tunnel.record.complete(sent, received, None)
-            if log.isEnabledFor(logging.INFO):
-                log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start),
-                         extra={"span": tunnel.span})
-            return
-        completion = stream_completion((kind, code, err, sent, received), tunnel.start)
-        if completion.reset:
-            _abort_fd(tunnel.fd)
-        else:
-            os.close(tunnel.fd)
-        tunnel.record.complete(completion.sent, completion.received, completion.error)
-        if completion.error:
-            self._failed(tunnel, completion.error)
-        elif log.isEnabledFor(logging.INFO):
-            log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start), extra={"span": tunnel.span})
+        self._finish(tunnel, kind, code, err, sent, received)
 
-    def _failed(self, tunnel: _Tunnel, error: str) -> None:
+    def _failed(self, tunnel: Tunnel, error: str, duration: float | None = None) -> None:
+        """As Outbound._failed: the duration is the one at the time of the line."""
         log.warning("failed dur=%s err=%s", format_duration(time.monotonic() - tunnel.start), error,
                     extra={"span": tunnel.span})
 
-    def _cancelled(self, tunnel: _Tunnel) -> None:
+    def _cancelled(self, tunnel: Tunnel) -> None:
         """Drain gave up on the tunnel: its worker resets it (the completion follows)."""
         if not tunnel.done and not self.engine._closed:
             self.core.reset(tunnel.conn.worker, tunnel.conn.id, tunnel.sid, ErrorCodes.CANCEL)

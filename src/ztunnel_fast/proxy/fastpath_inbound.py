@@ -33,20 +33,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import socket
-import time
 
 from h2.errors import ErrorCodes
 
-from ..engine import abort
-from ..engine.native import END_CLEAN, NativeStream, stream_completion
+from ..engine.native import NativeStream
 from ..hbone import headers as hbone_headers
 from ..telemetry.access import ConnectionRecord
 from ..telemetry.logs import Span
 from ..telemetry.metrics import Peer
 from . import sockets
 from .common import format_duration
+from .fastpath_common import Tunnel, TunnelSink
 from .flowcache import InboundClass, InboundEntry, inbound_entry
 from .inbound import _forwarded_host
 
@@ -54,47 +51,22 @@ log = logging.getLogger("ztunnel_fast.proxy.inbound")  # the lines are the inbou
 MAX_RECORDS = 64  # cached records per flow (one per `forwarded` value); beyond this they start over
 
 
-class _Tunnel:
-    """One live inbound fast-path tunnel: `fd` is the app socket (owned here, closed once at the
-    completion); `future` and `tracked` (drain, policy changes) are made only if the tunnel
-    outlives the poll it opened in."""
+class InboundFastPath(TunnelSink):
+    log = log
+    swapped = True  # the plain socket is the app (the server): what it sent is the response direction
 
-    __slots__ = ("conn", "done", "entry", "fd", "future", "record", "sid", "span", "start", "tracked")
-
-    def __init__(self, entry, conn, sid, fd, span, record, start):
-        self.entry = entry
-        self.conn = conn
-        self.sid = sid
-        self.fd = fd
-        self.span = span
-        self.record = record
-        self.start = start
-        self.future = None
-        self.tracked = None
-        self.done = False
-
-
-def _abort_fd(fd: int) -> None:
-    """Close the app socket `fd` with RST (engine.abort)."""
-    abort(socket.socket(fileno=fd))
-
-
-class InboundFastPath:
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.engine = ctx.engine
-        self.core = ctx.engine.core
+        self._init_tunnels(ctx)
         self.loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self.entries: dict[int, InboundEntry] = {}  # flow id -> entry (installed now)
         self.installed: dict[InboundClass, int] = {}
         self.by_conn: dict[int, list[InboundClass]] = {}  # connection id -> its installed classes
-        self.tunnels: dict[int, _Tunnel] = {}  # token -> live fast-path tunnel
-        self._orphans: dict[int, socket.socket] = {}
-        self._fresh: list[_Tunnel] = []  # opened in the poll being dispatched (_track_fresh)
         # flow id -> `forwarded` -> (the state it was made under, the class's first ConnectionRecord)
         self._records: dict[int, dict[str, tuple]] = {}
         self.active = True
+        self._answered = self.loop.create_future()  # the response of every stream the workers answered
+        self._answered.set_result(None)
         self.engine.inbound_sink = self
 
     # -- decisions ------------------------------------------------------------------------------
@@ -176,11 +148,9 @@ class InboundFastPath:
         authority, trace, forwarded = request_telemetry(fields)
         if conn is None or entry is None or authority != entry.flow.authority:  # cannot happen: entries outlive their opens
             log.error("inbound fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
-            self._orphans[token] = socket.socket(fileno=fd)  # closed at its completion, once the worker let go of it
-            if conn is not None and not self.engine._closed:
-                self.core.reset(conn.worker, conn_id, sid, ErrorCodes.CANCEL)
+            self._orphan(token, fd, conn, sid)
             return
-        stream = NativeStream(conn, sid)
+        stream = NativeStream(conn, sid, response=self._answered)
         stream.responded = stream.attached = True
         conn.streams[sid] = stream
         conn.streams_opened += 1
@@ -212,66 +182,23 @@ class InboundFastPath:
             records[forwarded] = (ctx.state, record)
         else:
             record = proto[1].again(entry.peer, start)
-        self.tunnels[token] = tunnel = _Tunnel(entry, conn, sid, fd, span, record, start)
-        fresh = self._fresh
-        if not fresh:
-            self.engine.after_batch(self._track_fresh)
-        fresh.append(tunnel)
+        self._opened(token, Tunnel(conn, sid, fd, span, record, start, ctx, entry=entry))
 
-    def _track_fresh(self) -> None:
-        """The tunnels opened in this poll that are still live are tracked for drain and policy
-        changes (one whose completion came in the same poll never needed to be: no await, no
-        state change came in between)."""
-        fresh, self._fresh = self._fresh, []
-        ctx = self.ctx
-        loop, track, connections = self.loop, ctx.track, ctx.connections
-        for tunnel in fresh:
-            if tunnel.done:
-                continue
-            tunnel.future = future = loop.create_future()
-            tunnel.tracked = connections.track(tunnel.entry.workload, tunnel.entry.info, tunnel.span, task=future)
-            future.add_done_callback(lambda f, tunnel=tunnel: self._cancelled(tunnel) if f.cancelled() else None)
-            track(future)
+    def _track(self, tunnel: Tunnel, future) -> None:
+        """Policy changes track it too (ConnectionManager.reevaluate cancels a now-denied one)."""
+        tunnel.tracked = self.ctx.connections.track(tunnel.entry.workload, tunnel.entry.info, tunnel.span, task=future)
 
     def on_end(self, token: int, kind: int, code: int, err: int, sent: int, received: int) -> None:
         """A fast-path tunnel's completion: Inbound._stream's closing lines and metrics."""
-        tunnel = self.tunnels.pop(token, None)
-        if tunnel is None:
-            orphan = self._orphans.pop(token, None)
-            if orphan is not None:
-                abort(orphan)
-            return
-        tunnel.done = True
-        future = tunnel.future
-        if future is not None:
-            self.ctx.connections.untrack(tunnel.tracked)
-            if future.cancelled():  # drain or a policy change: Inbound._stream's CancelledError branch
-                _abort_fd(tunnel.fd)
-                tunnel.record.complete(0, 0, tunnel.tracked.closed_reason or "connection closed due to drain")
-                return
-            future.set_result(None)
-        if kind == END_CLEAN:  # stream_completion's common case, without its Completion
-            os.close(tunnel.fd)
-            # the plain socket is the app (the server): what it sent is the response direction
-            tunnel.record.complete(received, sent, None)
-            if log.isEnabledFor(logging.INFO):
-                log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start),
-                         extra={"span": tunnel.span})
-            return
-        completion = stream_completion((kind, code, err, sent, received), tunnel.start)
-        if completion.reset:
-            _abort_fd(tunnel.fd)
-        else:
-            os.close(tunnel.fd)
-        # the plain socket is the app (the server): what it sent is the response direction
-        tunnel.record.complete(completion.received, completion.sent, completion.error)
-        if completion.error:
-            log.warning("failed dur=%s err=%s", format_duration(completion.duration), completion.error,
-                        extra={"span": tunnel.span})
-        elif log.isEnabledFor(logging.INFO):
-            log.info("complete dur=%s", format_duration(time.monotonic() - tunnel.start), extra={"span": tunnel.span})
+        tunnel = self._ended(token)
+        if tunnel is not None and not self._settled(tunnel):
+            self._finish(tunnel, kind, code, err, sent, received)
 
-    def _cancelled(self, tunnel: _Tunnel) -> None:
+    def _failed(self, tunnel: Tunnel, error: str, duration: float) -> None:
+        """As Inbound._stream: the duration is the completion's."""
+        log.warning("failed dur=%s err=%s", format_duration(duration), error, extra={"span": tunnel.span})
+
+    def _cancelled(self, tunnel: Tunnel) -> None:
         """Drain or a policy change gave up on the tunnel: its worker resets it (the completion follows)."""
         if tunnel.done:
             return
