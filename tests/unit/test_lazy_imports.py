@@ -2,7 +2,8 @@
 grpcio nor protobuf nor the xDS/CA/in-pod/fake/demo modules (they cost ~20 MiB of RSS); the
 xDS client imports them when XDS_ADDRESS configures it (app.App._start_xds).  No mode loads
 aiohttp or its stack (~9 MiB): the operator endpoints are served by admin/http.py on h11.  An
-xDS-mode instance does not load PyYAML (~1 MiB): only parsing a local config file does."""
+xDS-mode instance does not load PyYAML (~1 MiB): only parsing a local config file does; nor
+xds-protos' Envoy messages (~0.9 MiB): the xDS client uses protos/discovery.proto's cut of them."""
 
 from __future__ import annotations
 
@@ -35,11 +36,15 @@ def test_the_run_command_and_the_app_import_no_grpc_protobuf_or_xds():
     assert unexpected == []
 
 
-def test_an_xds_mode_instance_does_not_load_pyyaml():
+def test_an_xds_mode_instance_does_not_load_pyyaml_or_envoys_protos():
     mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
                         "from ztunnel_fast.xds.client import XdsClient\n"
                         "from ztunnel_fast.identity.istiod_ca import IstiodCA")
     assert _under(mods, ("yaml", "ztunnel_fast.xds.strict_yaml", "ztunnel_fast.redirect")) == []
+    # the delta xDS messages are protos/discovery.proto's; xds-protos' envoy.* (with its annotation
+    # and descriptor.proto dependencies, ~0.9 MiB) is for the fake istiod only
+    assert _under(mods, ("envoy", "udpa", "validate", "xds", "google.protobuf.descriptor_pb2")) == []
+    assert "ztunnel_fast.protos.discovery_pb2" in mods
 
 
 def test_parsing_a_local_config_loads_the_strict_yaml_reader():
