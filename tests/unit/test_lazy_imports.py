@@ -97,3 +97,22 @@ def test_run_without_flags_does_not_load_click_and_fails_alike():
     assert "click" not in mods
     status2, err2, mods2 = _entry(["run", "--proxy-mode", "sideways"], {})
     assert (status2, err2) == (status, err) and "click" in mods2
+
+
+PURE_TWIN_H2 = ("h2.connection", "h2.events", "h2.frame_buffer", "hyperframe", "ztunnel_fast.hbone.connection",
+                "ztunnel_fast.engine.pure")
+
+
+def test_the_native_engine_does_not_load_the_pure_twins_h2_stack():
+    # hbone/base.py holds what both engines' connections share; hyper-h2's state machine and
+    # hyperframe (~0.8 MiB) are the pure twin's, loaded with it
+    mods = loaded_after("import ztunnel_fast.cli, ztunnel_fast.app, ztunnel_fast.engine.native\n"
+                        "from ztunnel_fast.proxy.fastpath import FastPath\n"
+                        "from ztunnel_fast.proxy.fastpath_inbound import InboundFastPath")
+    assert _under(mods, PURE_TWIN_H2) == []
+    assert "ztunnel_fast.hbone.base" in mods
+
+
+def test_the_pure_engine_loads_its_h2_stack():
+    mods = loaded_after("import ztunnel_fast.app\nfrom ztunnel_fast.engine.pure import PureEngine")
+    assert set(PURE_TWIN_H2) - {"hyperframe"} <= mods and "hyperframe.frame" in mods

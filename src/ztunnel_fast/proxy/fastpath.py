@@ -47,7 +47,7 @@ from ..engine import abort
 from ..engine.native import END_CLEAN, stream_completion
 from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
 from ..hbone import headers as hbone_headers
-from ..hbone.connection import ConnectionLost, _reason
+from ..hbone.base import ConnectionLost, _reason
 from ..hbone.pool import PoolKey
 from ..telemetry.logs import Span
 from . import sockets
