@@ -116,3 +116,16 @@ def test_the_native_engine_does_not_load_the_pure_twins_h2_stack():
 def test_the_pure_engine_loads_its_h2_stack():
     mods = loaded_after("import ztunnel_fast.app\nfrom ztunnel_fast.engine.pure import PureEngine")
     assert set(PURE_TWIN_H2) - {"hyperframe"} <= mods and "hyperframe.frame" in mods
+
+
+def test_the_admin_listener_on_localhost_does_not_load_the_idna_codec():
+    # admin/http.py hands the name to uvloop as bytes: a str host would import encodings.idna,
+    # stringprep and unicodedata (~0.4 MiB) for "localhost"
+    mods = loaded_after("import uvloop\nfrom ztunnel_fast.admin.http import App, HttpServer\n"
+                        "async def main():\n"
+                        "    server = HttpServer(App())\n"
+                        "    await server.start('localhost', 0)\n"
+                        "    assert server.port > 0\n"
+                        "    await server.close()\n"
+                        "uvloop.run(main())")
+    assert "encodings.idna" not in mods and "unicodedata" not in mods
