@@ -80,6 +80,24 @@ def test_malloc_trim_is_found_without_ctypes_util():
     assert "ctypes.util" not in mods
 
 
+def test_malloc_trim_comes_from_the_native_engine_without_ctypes():
+    from ztunnel_fast.engine import native_available
+
+    ok, why = native_available()
+    assert ok, f"native engine not built: {why}"  # make test builds it; without it this file cannot say
+    mods = loaded_after("from ztunnel_fast import limits, _splice\n"
+                        "assert limits.release_free_memory() in (True, False)\n"
+                        "assert limits._malloc_trim is _splice.malloc_trim")
+    assert "ctypes" not in mods
+
+
+def test_malloc_trim_falls_back_to_ctypes_without_the_native_engine():
+    mods = loaded_after("import sys\nsys.modules['ztunnel_fast._splice'] = None  # as if not built\n"
+                        "from ztunnel_fast import limits\n"
+                        "assert limits.release_free_memory() in (True, False) and limits._malloc_trim")
+    assert "ctypes" in mods and "ctypes.util" not in mods
+
+
 def _entry(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str]]:
     """Run ztunnel_fast.entry.main(args) in a fresh interpreter: (exit status, stderr, modules)."""
     code = ("import sys, json, atexit\n"
