@@ -8,7 +8,7 @@ state machine or hyperframe (h2.errors is its enum of error codes only): an inst
 engine never loads them (~0.8 MiB of idle RSS; tests/unit/test_lazy_imports.py keeps it so).
 
 Invariants: a connection that is lost, or has sent or received GOAWAY, opens no new stream
-(`can_open`); `streams` holds only the streams still open.
+(`can_open`), whichever engine drives it.
 """
 
 from __future__ import annotations
