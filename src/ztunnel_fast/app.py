@@ -30,7 +30,7 @@ from .admin.server import Readiness, Servers, admin_app, readiness_app, stats_ap
 from .config import ADMIN_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, Config, ProxyMode
 from .engine import create_engine
 from .errors import ConfigError, ZtunnelError
-from .hbone.connection import H2Settings
+from .hbone.base import H2Settings
 from .hbone.pool import HbonePool
 from .identity.ca import CertificateSource, LocalCA
 from .identity.manager import CertificateManager

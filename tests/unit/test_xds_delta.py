@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
 
 from ztunnel_fast.protos import authorization_pb2 as apb
+from ztunnel_fast.protos import discovery_pb2  # ztunnel's cut of Envoy's messages (test_protos.py: same wire)
 from ztunnel_fast.protos import workload_pb2 as wpb
 from ztunnel_fast.state.store import Removal, StateStore, XDS_SOURCE
 from ztunnel_fast.xds import delta

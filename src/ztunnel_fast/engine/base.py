@@ -11,9 +11,10 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..hbone.connection import HboneStream
+if TYPE_CHECKING:
+    from ..hbone.connection import HboneStream
 
 
 @dataclass(frozen=True, slots=True)

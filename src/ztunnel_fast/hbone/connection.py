@@ -1,7 +1,7 @@
 """One HBONE connection: HTTP/2 (hyper-h2) over a handshaken pyOpenSSL connection, on asyncio.
 
-This is the pure-Python HBONE leg that both engines use until the native engine takes HBONE over.
-The h2 state machine is the sans-IO core; this module is its thin driver: bytes from the TLS
+This is the pure twin's HBONE leg (the native engine drives its connections in C; what both share
+is in base.py, re-exported here).  The h2 state machine is the sans-IO core; this module is its thin driver: bytes from the TLS
 socket go into h2, events come out and are routed to streams, h2's output is written back.
 
 Invariants:
@@ -26,7 +26,6 @@ import collections
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import h2.config
@@ -42,34 +41,26 @@ from OpenSSL import SSL
 
 from ..errors import HttpStatus, StreamReset
 from ..proxy.sockets import close_later
+from .base import (
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    ConnectionLost,
+    ConnectionState,
+    H2Settings,
+    _code_name,
+    _reason,
+)
 
 log = logging.getLogger(__name__)
 
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
 READ_SIZE = 256 * 1024  # bytes per SSL_read attempt: a few TLS records, one syscall worth
 HIGH_WATER = 1024 * 1024  # outgoing bytes buffered before writers wait for the socket
-PING_INTERVAL = 10.0  # seconds between keepalive PINGs (ztunnel)
-PING_TIMEOUT = 20.0  # seconds without a PING ack before the connection is dropped (ztunnel)
 RESET_FLOOD_LIMIT = 100  # peer resets of unanswered streams tolerated per RESET_FLOOD_WINDOW
 RESET_FLOOD_WINDOW = 10.0  # seconds; beyond the limit: GOAWAY ENHANCE_YOUR_CALM ("rapid reset")
 REFUSED_STREAM_LIMIT = 1000  # streams refused beyond MAX_CONCURRENT_STREAMS per window (native engine's)
 REFUSED_STREAM_WINDOW = 10.0  # seconds; beyond the limit: GOAWAY ENHANCE_YOUR_CALM
 OUT_READ_STOP = 2 * 1024 * 1024  # bytes of our output waiting before we stop reading (native OBUF_READ_STOP)
-
-
-@dataclass(frozen=True, slots=True)
-class H2Settings:
-    """HTTP/2 parameters of HBONE (reference 3.1/3.2); sizes in bytes."""
-
-    stream_window: int = 4 * 1024 * 1024
-    connection_window: int = 16 * 1024 * 1024
-    max_frame_size: int = 1024 * 1024
-    max_concurrent_streams: int = 200  # what a server advertises
-    max_header_list_size: int = 64 * 1024
-
-
-class ConnectionLost(Exception):
-    pass
 
 
 class _EagerFrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -340,56 +331,6 @@ class HboneStream:
 
 
 RequestHandler = Callable[[HboneStream], Awaitable[None]]
-
-
-class ConnectionState:
-    """What the pool and the listeners see of an HBONE connection, whichever engine drives it
-    (this module's hyper-h2 driver, or a native worker): identity, streams, GOAWAY and loss state,
-    capacity for new streams.  Subclasses say how many streams the peer allows."""
-
-    def __init__(self, sock: socket.socket, tls, *, client: bool, settings: "H2Settings",
-                 on_request: RequestHandler | None, name: str, peer_identity):
-        self.loop = asyncio.get_running_loop()
-        self.sock = sock
-        self.tls = tls
-        self.client = client
-        self.name = name
-        self.settings = settings
-        self.peer_identity = peer_identity
-        self.on_request = on_request
-        self.streams: dict = {}
-        self.lost: Exception | None = None
-        self.goaway_sent = False
-        self.goaway_received = False
-        self.closed: asyncio.Future = self.loop.create_future()
-        self.created = time.monotonic()
-        self.idle_since = time.monotonic()
-        self.streams_opened = 0
-        self._tasks: set[asyncio.Task] = set()
-
-    def peer_max_streams(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def active_streams(self) -> int:
-        return len(self.streams)
-
-    def max_streams(self, pool_limit: int) -> int:
-        return min(pool_limit, self.peer_max_streams())
-
-    def can_open(self, pool_limit: int) -> bool:
-        return (
-            self.lost is None
-            and not self.goaway_received
-            and not self.goaway_sent
-            and self.active_streams < self.max_streams(pool_limit)
-        )
-
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
 
 class HboneConnection(ConnectionState):
@@ -774,19 +715,6 @@ def _decode_headers(raw) -> list[tuple[str, str]] | None:
                 for k, v in raw]
     except UnicodeDecodeError:
         return None
-
-
-def _reason(status: int) -> str:
-    from .headers import REASONS
-
-    return REASONS.get(status, "")
-
-
-def _code_name(code) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)
 
 
 def _ssl_reason(exc: Exception) -> str:

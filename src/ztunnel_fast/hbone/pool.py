@@ -19,11 +19,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..identity.spiffe import Identity
 from ..state.workload import IpAddress
-from .connection import HboneConnection, HboneStream
+
+if TYPE_CHECKING:  # the pure twin's classes name the interface; the native engine's mirror them
+    from .connection import HboneConnection, HboneStream
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class PoolKey:
         return cls(src, tuple(sorted(set(dst), key=str)), next_hop, src_ip)
 
 
-Connector = Callable[[PoolKey], Awaitable[HboneConnection]]
+Connector = Callable[[PoolKey], Awaitable["HboneConnection"]]
 
 
 class HbonePool:

@@ -81,6 +81,23 @@ cdef extern from "<fcntl.h>" nogil:
         F_SETFL
 
 
+# glibc's malloc_trim (limits.release_free_memory): freed heap pages back to the system.  Other C
+# libraries have none; the wrapper then reports -1 ("not available") instead of failing the build.
+cdef extern from *:
+    """
+    #include <malloc.h>
+    static int zt_malloc_trim(size_t pad) {
+    #ifdef __GLIBC__
+        return malloc_trim(pad);
+    #else
+        (void)pad;
+        return -1;
+    #endif
+    }
+    """
+    int zt_malloc_trim(size_t pad) nogil
+
+
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)

@@ -11,6 +11,8 @@ Invariants:
 - Every .proto here is self-contained apart from google/protobuf's well-known types, so the
   generated code imports nothing but `google.protobuf` (protoc's absolute imports never point at a
   top-level `istio` package that does not exist).
-- Envoy's discovery messages (DeltaDiscoveryRequest/Response, the ADS service) come from PyPI
-  `xds-protos` (`envoy.service.discovery.v3`), not from here.
+- Envoy's delta discovery messages are here cut down to ztunnel's fields (`discovery.proto`:
+  Envoy's field numbers, a package of our own; the wire format is Envoy's, checked field by field
+  against PyPI `xds-protos` in tests/unit/test_protos.py).  The fake istiod serves the ADS service
+  with xds-protos' full messages (`envoy.service.discovery.v3`).
 """

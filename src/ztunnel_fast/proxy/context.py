@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..config import Config, ProxyMode
 from ..engine import Engine
-from ..hbone.connection import H2Settings
+from ..hbone.base import H2Settings
 from ..hbone.pool import HbonePool
 from ..identity.manager import CertificateManager
 from ..state.rbac import ConnectionInfo, Decision, PolicyIndex, authorize

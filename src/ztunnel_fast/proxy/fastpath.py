@@ -44,7 +44,7 @@ from h2.errors import ErrorCodes
 from ..engine import abort
 from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
 from ..hbone import headers as hbone_headers
-from ..hbone.connection import ConnectionLost, _reason
+from ..hbone.base import ConnectionLost, _reason
 from ..hbone.pool import PoolKey
 from ..telemetry.logs import Span
 from . import sockets

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from .. import limits
 from ..config import SELF_PORTS
 from ..engine import abort, close_after
 from ..errors import TlsError
 from ..hbone import headers as hbone_headers
-from ..hbone.connection import HboneConnection, HboneStream
 from ..state.rbac import ConnectionInfo
 from ..state.workload import ApplicationTunnelProtocol
 from ..telemetry.access import ConnectionRecord, log_early_deny
@@ -39,6 +39,9 @@ from . import proxy_protocol, sockets
 from .common import format_duration
 from .context import ProxyContext
 from .route import is_waypoint_for
+
+if TYPE_CHECKING:  # annotations only: the native engine's connections never load hyper-h2
+    from ..hbone.connection import HboneConnection, HboneStream
 
 log = logging.getLogger(__name__)
 

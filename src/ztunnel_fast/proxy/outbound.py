@@ -14,10 +14,11 @@ import asyncio
 import logging
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import ConnectTimeout, ProxyError, StreamReset, TlsError, UpstreamConnectError
 from ..hbone import headers as hbone_headers
-from ..hbone.connection import ConnectionLost, HboneConnection
+from ..hbone.base import ConnectionLost
 from ..hbone.pool import PoolKey
 from ..telemetry.access import ConnectionRecord, log_early_deny
 from ..telemetry.logs import Span
@@ -29,6 +30,9 @@ from . import sockets
 from .common import format_duration
 from .context import ProxyContext
 from .route import Kind, decide
+
+if TYPE_CHECKING:  # annotations only: the native engine's connections never load hyper-h2
+    from ..hbone.connection import HboneConnection
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,12 @@ from typing import Callable, Iterable
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message as pb_message
 
 from .. import istiod
 from ..config import IstiodEndpoint
 from ..errors import ConfigError
+from ..protos import discovery_pb2
 from ..state.store import Removal, Resource
 from ..telemetry.metrics import Metrics
 from .delta import ADS_METHOD, Backoff, DeltaSession, classify

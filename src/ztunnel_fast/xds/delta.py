@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message as pb_message
 from google.protobuf import struct_pb2
-from google.rpc import status_pb2
 
-from ..protos import authorization_pb2, workload_pb2
+# Envoy's discovery messages cut down to ztunnel's fields (same wire format; protos/discovery.proto
+# says why they are not xds-protos' envoy.service.discovery.v3)
+from ..protos import authorization_pb2, discovery_pb2, workload_pb2
 from ..state.store import Removal, Resource
 from .convert import (
     ADDRESS_TYPE_URL,
@@ -65,7 +64,7 @@ def node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
 
 
 def build_node(*, instance_ip: str, pod_name: str, pod_namespace: str, node_name: str,
-               proxy_metadata: tuple[tuple[str, str], ...] = ()) -> base_pb2.Node:
+               proxy_metadata: tuple[tuple[str, str], ...] = ()) -> discovery_pb2.Node:
     """The Node ztunnel sends: id as above; metadata NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, then
     the proxy metadata (ISTIO_META_<K> as strings, ISTIO_METAJSON_<K> as JSON values; config.py
     marks the latter with a "json:" key prefix).  An entry that is not valid JSON is left out with
@@ -87,7 +86,7 @@ def build_node(*, instance_ip: str, pod_name: str, pod_namespace: str, node_name
             metadata[key] = value
     struct = struct_pb2.Struct()
     struct.update(metadata)
-    return base_pb2.Node(id=node_id(instance_ip, pod_name, pod_namespace), metadata=struct)
+    return discovery_pb2.Node(id=node_id(instance_ip, pod_name, pod_namespace), metadata=struct)
 
 
 # --- what a response turns into -----------------------------------------------------------------
@@ -132,7 +131,7 @@ class Outcome:
 class DeltaSession:
     """Delta ADS bookkeeping for one process (survives reconnects)."""
 
-    def __init__(self, node: base_pb2.Node, handlers: tuple[TypeHandler, ...] = HANDLERS):
+    def __init__(self, node: discovery_pb2.Node, handlers: tuple[TypeHandler, ...] = HANDLERS):
         self.node = node
         self.handlers = {h.type_url: h for h in handlers}
         # type URL -> names istiod sent and has not removed (announced on reconnect)
@@ -198,7 +197,7 @@ class DeltaSession:
                rejected: list[Rejected]) -> discovery_pb2.DeltaDiscoveryRequest:
         reply = discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
         if rejected:
-            reply.error_detail.CopyFrom(status_pb2.Status(message="; ".join(str(r) for r in rejected)))
+            reply.error_detail.CopyFrom(discovery_pb2.Status(message="; ".join(str(r) for r in rejected)))
         return reply
 
 
