@@ -16,6 +16,11 @@ outbound REDIRECTed to it, HBONE to the server's), and for the whole run:
 
 Samples every --interval seconds: RSS and open descriptors of both ztunnel-fast processes, held
 tunnels alive, HBONE connections of the client pod, cumulative errors, hash mismatches, crashes.
+At the end both proxies are drained (SIGTERM) with their fast-path loggers raised to info for the
+drain lines only: with --fast-path (native) the report says how many connections the client's
+workers carried (outbound fast path) and how many CONNECTs the server's workers answered (inbound
+fast path), and a run where either is zero misses its target.  The proxies' WARN/ERROR lines are
+counted by message.
 Writes bench/results/soak-<time>.md (tables: targets, faults, time series) and .png, and prints
 the markdown.
 
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import signal
 import statistics
 import subprocess
@@ -65,6 +71,12 @@ PING_TIMEOUT_S = 20.0  # ztunnel's HTTP/2 keepalive timeout: the blackhole must 
 BLACKHOLE_BOUND_S = 45.0  # give up waiting for the close after this long (reported as not closed)
 SIGSTOP_S = 12.0  # the peer stays stopped this long (under the PING timeout)
 TRUNCATE_OBSERVE_S = 4.0  # the watcher polls every second; observe a few polls
+# At the end, the drain lines of both fast paths (logged at info by the proxy loggers).
+DRAIN_LOG_LEVEL = LOG_LEVEL + ",ztunnel_fast::proxy::outbound=info,ztunnel_fast::proxy::inbound=info"
+OUTBOUND_STATS = re.compile(r"fast path: (\d+) connections carried by the workers, (\d+) by the event loop's path, "
+                            r"(\d+) flushes")
+INBOUND_STATS = re.compile(r"inbound fast path: (\d+) CONNECTs answered by the workers, (\d+) handed back, (\d+) flushes")
+LOG_PROBLEM = re.compile(r"^\S+\s+(WARN|ERROR)\s+(.*)$")
 
 
 def _now() -> float:
@@ -133,6 +145,10 @@ class Soak:
         self.holder_restarts = 0
         self.t0 = _now()
         self.bl: BenchLab | None = None
+        # filled by finish(): {"outbound": (carried, event loop, flushes), "inbound": (answered,
+        # handed back, flushes)}, a None value where the drain line is missing (fast path off)
+        self.fast: dict[str, tuple | None] = {}
+        self.log_problems: dict[str, int] = {}  # "LEVEL side: message" -> how many lines
         self.env = {"ZTUNNEL_ENGINE": args.engine, "RUST_LOG": LOG_LEVEL, "SECRET_TTL": args.secret_ttl,
                     "ZTUNNEL_FAST_PATH": "true" if args.fast_path else "false"}
 
@@ -491,6 +507,31 @@ class Soak:
         self.check_crashes()
         self.sample(label="end")
 
+    def finish(self) -> None:
+        """Close the held tunnels, raise the fast paths' loggers to info (only the drain lines come
+        after: no traffic is left), drain both proxies and read their fast-path counters (the
+        server's count from its last start: the SIGKILL fault restarts it) and WARN/ERROR lines."""
+        bl = self.bl
+        if self.holder is not None:
+            self._close_holder()
+        for pod, zt in ((bl.client, self.client), (bl.server, self.server)):
+            if zt.proc.poll() is None:
+                bl.lab.http(pod, f"http://127.0.0.1:15000/logging?level={DRAIN_LOG_LEVEL}", method="POST")
+        for zt in (self.client, self.server):
+            bl.lab.stop_ztunnel(zt)
+        self.fast = {"outbound": _last_stats(self.client.lines("fast path: "), OUTBOUND_STATS),
+                     "inbound": _last_stats(self.server.lines("inbound fast path: "), INBOUND_STATS)}
+        for side, zt in (("client", self.client), ("server", self.server)):
+            for line in zt.log().splitlines():
+                m = LOG_PROBLEM.match(line)
+                if m:
+                    text = m[2]
+                    if "connection complete" in text:  # an access log line: its error says what
+                        text = "access log: connection complete " + (text.split(" error=", 1) + ["(no error)"])[1]
+                    text = re.sub(r"[0-9a-f]{8,}|[0-9]+", "N", re.sub(r"\{[^}]*\}", "{..}", text))
+                    key = f"{m[1]} {side}: {text[:160]}"
+                    self.log_problems[key] = self.log_problems.get(key, 0) + 1
+
     def teardown(self) -> None:
         if self.stopped_pid is not None:
             try:
@@ -505,6 +546,11 @@ class Soak:
                 pass
         if self.bl is not None:
             self.bl.teardown()
+
+
+def _last_stats(lines: list[str], pattern: re.Pattern) -> tuple[int, ...] | None:
+    found = [m for m in map(pattern.search, lines) if m]
+    return tuple(int(g) for g in found[-1].groups()) if found else None
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -528,6 +574,15 @@ def targets(soak: Soak) -> list[tuple[str, str, str, bool]]:
         rows.append((f"{key.replace('_mib', '').replace('_', ' ')} flat after warm-up",
                      f"growth < {slack:g}{(' ' + unit) if unit else ''}",
                      f"{fmt.format(a)} -> {fmt.format(b)} {unit}".strip(), b - a < slack))
+    args = getattr(soak, "args", None)
+    if args is not None and args.fast_path and args.engine == "native":  # the run covered both fast paths
+        fast = getattr(soak, "fast", {})
+        for side, what, said in (("outbound", "connections carried by the client's workers (outbound fast path)",
+                                  "{0} carried, {1} by the event loop, {2} flushes"),
+                                 ("inbound", "CONNECTs answered by the server's workers (inbound fast path)",
+                                  "{0} answered, {1} handed back, {2} flushes")):
+            got = fast.get(side)
+            rows.append((what, "> 0", said.format(*got) if got else "no drain line", bool(got and got[0] > 0)))
     return rows
 
 
@@ -582,6 +637,10 @@ def markdown(soak: Soak, meta: dict) -> str:
         out.append(f"| {s['t']:.0f} | {s['rss_client_mib']:.1f} | {s['rss_server_mib']:.1f} | {s['fds_client']} | "
                    f"{s['fds_server']} | {s['held_alive']} | {s['hbone_conns']} | {s['ok']} | {s['errors']} | "
                    f"{s['mismatches']} | {s['crashes']} | {s['label']} |")
+    if soak.log_problems:
+        out += ["", "## WARN and ERROR lines of the proxies", "", "| line (digits as N) | times |", "|---|---:|"]
+        for text, n in sorted(soak.log_problems.items(), key=lambda kv: -kv[1])[:20]:
+            out.append(f"| `{text}` | {n} |")
     if soak.stats.error_kinds:
         out += ["", "## Errors by kind", "", "| failed result (first error of the batch) | times |", "|---|---:|"]
         for text, n in sorted(soak.stats.error_kinds.items(), key=lambda kv: -kv[1])[:20]:
@@ -658,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         soak.start()
         soak.run()
+        soak.finish()
     finally:
         soak.teardown()
         if not args.keep_workdir:
