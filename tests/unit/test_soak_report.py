@@ -50,10 +50,13 @@ IN = "CONNECTs answered by the server's workers (inbound fast path)"
 
 def test_a_fast_path_run_must_put_traffic_through_both_fast_paths():
     got = fast_verdicts({"outbound": (900, 100, 3), "inbound": (800, 2, 5)})
-    assert got[OUT] == ("900 carried, 100 by the event loop, 3 flushes", True)
+    assert got[OUT] == ("900 carried (90%), 100 by the event loop, 3 flushes", True)
     assert got[IN] == ("800 answered, 2 handed back, 5 flushes", True)
     got = fast_verdicts({"outbound": (900, 100, 3), "inbound": (0, 1000, 5)})
     assert got[OUT][1] and not got[IN][1]
+    # the workers handing most connections back: the fast path is on but not carrying
+    got = fast_verdicts({"outbound": (450, 27589, 174), "inbound": (17321, 0, 98)})
+    assert got[OUT] == ("450 carried (2%), 27589 by the event loop, 174 flushes", False) and got[IN][1]
     got = fast_verdicts({"outbound": None, "inbound": (5, 0, 0)})  # no drain line: the fast path was off
     assert got[OUT] == ("no drain line", False) and got[IN][1]
 
