@@ -11,16 +11,11 @@ import json
 
 import pytest
 
-from .test_fast_path import access_lines, fast_stats, metrics
+from . import fastpath_support as fp
 from .test_inpod import listening, mesh, start_both, uid  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"ZTUNNEL_FAST_PATH": "true"}
-
-
-def _wait_lines(m, zt, needle: str, n: int) -> list[str]:
-    return m.wait(lambda: (lambda found: found if len(found) >= n else None)(zt.lines(needle)), f"{n} x {needle!r}")
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["fast-off", "fast-on"])
@@ -28,7 +23,7 @@ def test_pods_connections_agree_with_the_switch_on_and_off(lab, mesh, engine, fa
     """Sequential connections from sleep to echo (other node) and to web (same node): the same
     lines, access log, metrics and workloadState whichever path carries them."""
     m = mesh
-    start_both(m, **(FAST if fast else {}))
+    start_both(m, **(fp.FAST if fast else {}))
     z1, z2 = m.zt["node1"], m.zt["node2"]
     n = 30
     for dst in (m.echo, m.web):
@@ -37,21 +32,22 @@ def test_pods_connections_agree_with_the_switch_on_and_off(lab, mesh, engine, fa
     proxied = {dst.name: z1.lines(f"proxy to {dst.ip}:80 using HBONE via {dst.ip}:15008 type Direct")
                for dst in (m.echo, m.web)}
     assert [len(v) for v in proxied.values()] == [n, n]
-    ids = {line.split("outbound{id=")[1].split("}")[0] for v in proxied.values() for line in v}
+    ids = {fp.trace_id(line, "outbound") for v in proxied.values() for line in v}
     assert len(ids) == 2 * n
     # the destinations saw each connection's trace id
     got = z2.lines(f"got CONNECT request to {m.echo.ip}:80") + z1.lines(f"got CONNECT request to {m.web.ip}:80")
-    assert {line.split("inbound{id=")[1].split(" ")[0] for line in got} == ids
+    assert {fp.trace_id(line) for line in got} == ids
     assert all(f"peer_ip={m.sleep.ip} " in line for line in got)
-    _wait_lines(m, z1, "complete dur=", 3 * n)  # sleep's 2n, and web's inbound n (node1 serves both)
-    access = [a for a in access_lines(z1) if a["src.addr"] == m.sleep.ip]
+    # sleep's 2n, and web's inbound n (node1 serves both)
+    assert len(fp.wait_lines(z1, "complete dur=", 3 * n, timeout=30)) >= 3 * n
+    access = [a for a in fp.access_lines(z1) if a["src.addr"] == m.sleep.ip]
     assert len(access) == 2 * n
     for dst in (m.echo, m.web):
         mine = [a for a in access if a["dst.addr"] == f"{dst.ip}:15008"]
         assert len(mine) == n and all(a == mine[0] for a in mine), mine[:2]
         assert mine[0]["bytes_sent"] == "3000" and mine[0]["bytes_recv"] == "3000", mine[0]
         assert "ns/demo/sa/sleep" in mine[0].get("src.identity", ""), mine[0]
-    opened = {labels: v for (name, labels), v in metrics(lab, m.nodes["node1"]).items()
+    opened = {labels: v for (name, labels), v in fp.metrics(lab, m.nodes["node1"]).items()
               if name == "istio_tcp_connections_opened_total" and ("reporter", "source") in labels}
     assert sorted(opened.values()) == [n, n], opened
     # a held connection of a warm class, as `istioctl ztunnel-config connections` sees it
@@ -63,35 +59,24 @@ def test_pods_connections_agree_with_the_switch_on_and_off(lab, mesh, engine, fa
     assert live[0]["src"].startswith(f"{m.sleep.ip}:")
     assert held.wait(60) == 0
     m.wait(lambda: not m.workload_state("node1")[uid(m.sleep)]["connections"]["outbound"], "the list to empty")
-    stats = fast_stats(lab, z1)
-    if fast and engine == "native":
+    stats = fp.expect_counters(fp.outbound_stats(lab, z1), engine, fast)
+    if stats is not None:
         carried, event_loop, _ = stats
         # cold: the first connections of each class (one HBONE connection dialled per class)
         assert carried + event_loop == 2 * n + 1 and carried >= 2 * n - 8, stats
-    else:
-        assert stats is None
 
 
 def test_many_short_connections_hash_checked(lab, mesh, engine):
     m = mesh
-    start_both(m, **FAST)
+    start_both(m, **fp.FAST)
     z1 = m.zt["node1"]
     n = 3000
-    out = lab.client(m.sleep, "echo", m.echo.ip, "80", "--size", "1024", "--count", str(n), "--concurrency", "50",
-                     timeout=600)
-    assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
-    _wait_lines(m, z1, "complete dur=", n)
-    assert len(z1.lines("complete dur=")) == n
-    assert len(m.zt["node2"].lines(f"got CONNECT request to {m.echo.ip}:80")) == n
-    mine = metrics(lab, m.nodes["node1"])
-    assert [v for (name, _), v in mine.items() if name == "istio_tcp_connections_closed_total"] == [n]
-    assert sum(v for (name, _), v in mine.items() if name == "istio_tcp_sent_bytes_total") == n * 1024
-    stats = fast_stats(lab, z1)
-    if engine == "native":
+    fp.many_short_hash_checked(lab, m.sleep, m.echo.ip, n, concurrency=50, done_on=z1, got_on=m.zt["node2"],
+                            pod=m.nodes["node1"], timeout=600)
+    stats = fp.expect_counters(fp.outbound_stats(lab, z1), engine)
+    if stats is not None:
         carried, event_loop, _ = stats
         assert carried + event_loop == n and carried >= n * 9 // 10, stats
-    else:
-        assert stats is None
 
 
 def test_a_pod_deleted_while_its_connections_race(lab, mesh, engine):
@@ -100,7 +85,7 @@ def test_a_pod_deleted_while_its_connections_race(lab, mesh, engine):
     client after it is refused and nothing more is proxied from spare); the other pods keep
     their fast path."""
     m = mesh
-    start_both(m, **FAST)
+    start_both(m, **fp.FAST)
     z1 = m.zt["node1"]
     assert m.add(m.spare) == ""
     warm = lab.client(m.spare, "echo", m.echo.ip, "80", "--size", "1024", "--count", "20", "--concurrency", "1")
@@ -120,21 +105,18 @@ def test_a_pod_deleted_while_its_connections_race(lab, mesh, engine):
     m.wait(lambda: z1.lines(f"pod demo/spare (uid {uid(m.spare)}) proxy stopped"), "spare's stop")
     proxied = len(z1.lines(f"proxy to {m.echo.ip}:80"))
     assert result["ok"] + 20 <= proxied
-    m.wait(lambda: len([a for a in access_lines(z1) if a["src.addr"] == m.spare.ip]) == proxied, "the access log")
+    m.wait(lambda: len([a for a in fp.access_lines(z1) if a["src.addr"] == m.spare.ip]) == proxied, "the access log")
     # after the ack: refused, and nothing more is proxied from spare
     after = lab.client(m.spare, "echo", m.echo.ip, "80", "--size", "1024", "--count", "20", "--concurrency", "1")
     assert after["ok"] == 0 and after["failed"] == 20, after
     assert len(z1.lines(f"proxy to {m.echo.ip}:80")) == proxied
-    assert len([a for a in access_lines(z1) if a["src.addr"] == m.spare.ip]) == proxied
+    assert len([a for a in fp.access_lines(z1) if a["src.addr"] == m.spare.ip]) == proxied
     # the other pods still ride their fast path
     again = lab.client(m.sleep, "echo", m.echo.ip, "80", "--size", "2048", "--count", "20")
     assert again["ok"] == 20 and again["mismatched"] == 0, again
-    stats = fast_stats(lab, z1)
-    if engine == "native":
-        carried, event_loop, _ = stats
-        assert carried >= result["ok"] // 2, (stats, result)
-    else:
-        assert stats is None
+    stats = fp.expect_counters(fp.outbound_stats(lab, z1), engine)
+    if stats is not None:
+        assert stats[0] >= result["ok"] // 2, (stats, result)
 
 
 def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mesh, engine):
@@ -143,7 +125,7 @@ def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mes
     (whose dial must leave from the pod; the workers dial in their own namespace) keep taking the
     event loop's path, so the app sees the pod's own address every time."""
     m = mesh
-    start_both(m, ENABLE_ORIG_SRC="false", **FAST)
+    start_both(m, ENABLE_ORIG_SRC="false", **fp.FAST)
     assert m.add(m.spare) == ""
     lab.app(m.spare, "serve", "81", "whoami", "--name", "spare", port=81)
     # inbound to spare, 8 connections of one class: the app always sees spare's own address
@@ -158,9 +140,7 @@ def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mes
     assert out["ok"] == 20 and out["mismatched"] == 0, out
     got = m.zt["node2"].lines(f"got CONNECT request to {m.echo.ip}:80")
     assert len(got) == 20 and all(f"peer_ip={m.sleep.ip} " in line for line in got)
-    stats = fast_stats(lab, m.zt["node1"])
-    if engine == "native":
+    stats = fp.expect_counters(fp.outbound_stats(lab, m.zt["node1"]), engine)
+    if stats is not None:
         carried, event_loop, _ = stats
         assert carried + event_loop == 20 and carried >= 15, stats
-    else:
-        assert stats is None
