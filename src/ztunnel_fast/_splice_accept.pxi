@@ -113,14 +113,14 @@ cdef void worker_accept(Worker *w, Listener *l, uint32_t events, Worker *all_wor
         dlen = sizeof(sockaddr_in)
         if peer.sin_family != AF_INET or (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dst, &dlen) != 0
                 and getsockname(fd, <sockaddr *>&dst, &dlen) != 0) or dst.sin_family != AF_INET:
-            flow_hand_over(w, fd, now_ns(), lid)
+            flow_hand_over(w, fd, now_ns(), lid, 0)
             continue
         owner = flow_lookup(w, lid, ntohl(peer.sin_addr.s_addr), ntohs(peer.sin_port),
                             ntohl(dst.sin_addr.s_addr), ntohs(dst.sin_port), fd, &cmd)
         if owner < 0 or owner >= nworkers or cmd == NULL:
             if cmd != NULL:
                 cmd_free(cmd)
-            flow_hand_over(w, fd, now_ns(), lid)
+            flow_hand_over(w, fd, now_ns(), lid, 0)
         elif &all_workers[owner] == w:
             flow_open(w, cmd)
             cmd_free(cmd)

@@ -13,7 +13,8 @@
 # entries are immutable and a lookup copies what it needs under the lock; a fast-path tunnel's
 # socket belongs to the event loop from EV_FAST_OPEN on (the worker never closes it); anything
 # unusual (no entry, connection gone, full or going away) hands the socket to the event loop
-# (EV_ACCEPTED), whose path stays the reference; the CONNECT's per-connection fields are literals
+# (EV_ACCEPTED), whose path stays the reference; a hand-over because the connection is at its
+# stream limit names that connection (the event's id), so the event loop dials another for the key; the CONNECT's per-connection fields are literals
 # without indexing, so no HPACK encoder state exists to go out of step.
 
 DEF FLOW_BUCKETS = 4096
@@ -227,10 +228,11 @@ cdef void flow_count(Worker *w, bint carried) noexcept nogil:
     pthread_mutex_unlock(&w.flows.lock)
 
 
-cdef void flow_hand_over(Worker *w, int fd, int64_t accepted, uint32_t lid) noexcept nogil:
+cdef void flow_hand_over(Worker *w, int fd, int64_t accepted, uint32_t lid, uint64_t full) noexcept nogil:
     """A connection the fast path does not take: the event loop runs its own path on it (the
-    event's sid names the listener it was accepted on)."""
-    cdef Event *e = event_new(EV_ACCEPTED, 0)
+    event's sid names the listener it was accepted on; its id is `full`: the fast-path connection
+    whose stream limit turned it away, 0 for any other reason)."""
+    cdef Event *e = event_new(EV_ACCEPTED, full)
     flow_count(w, False)
     if e == NULL:
         close(fd)
@@ -255,14 +257,17 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
     if c != NULL:
         limit = c.fast_max_streams if c.fast_max_streams < c.peer_max_streams else c.peer_max_streams
     if c == NULL or c.state != CST_OPEN or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) \
-            or c.fast_max_streams <= 0 or c.nstreams >= limit or c.highest_local_sid >= 0x7ffffffd \
-            or cmd.len < TRACE_HEX:
-        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid)
+            or c.fast_max_streams <= 0 or cmd.len < TRACE_HEX:
+        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid, 0)
+        return
+    if c.nstreams >= limit or c.highest_local_sid >= 0x7ffffffd:
+        # full (or out of stream ids): the event loop dials another connection for the key
+        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid, c.o.id)
         return
     sid = c.highest_local_sid + 2 if c.highest_local_sid else 1
     s = stream_new(c, sid, SF_FAST_PENDING)
     if s == NULL:
-        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid)
+        flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid, 0)
         return
     c.highest_local_sid = sid
     flow_count(w, True)

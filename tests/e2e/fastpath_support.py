@@ -7,7 +7,8 @@ What they share:
 - reading what a ztunnel left behind: `metrics`, `access_lines`, `wait_lines`, and the fast paths'
   counters from their drain lines (`outbound_stats`, `inbound_stats`, `expect_counters`);
 - the shared runs and checks: `sequential_hash_checked`, `many_short_hash_checked`, `race` (a
-  change published while connections stream in) and `assert_no_connect_after_deny`;
+  change published while connections stream in), `assert_no_connect_after_deny` and
+  `held_tunnels` (many tunnels held open, then each hash-checked);
 - the comparison of the switch on and off: `run_cases` (each case cold, then warm), `view` (the
   lines, access log and metrics a ztunnel left, one pod's name and IP made generic) and
   `assert_same`.
@@ -19,9 +20,12 @@ and ztunnel processes belong to the Lab (tests/conftest.py) and are torn down by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,6 +190,50 @@ def many_short_hash_checked(lab, client, ip: str, n: int, *, concurrency: int, d
 def report(out_path: Path) -> dict:
     """A background client's JSON report (asyncio may print a warning about a reset after it)."""
     return json.loads([line for line in out_path.read_text().splitlines() if line.startswith("{")][-1])
+
+
+class Held:
+    """The `hold-many` client of `held_tunnels`: `established` (tunnels it holds), `release()`."""
+
+    def __init__(self, proc: subprocess.Popen, out_path: Path):
+        self.proc = proc
+        self.out_path = out_path
+        self.established = 0
+
+    def output(self) -> str:
+        return self.out_path.read_text()
+
+    def release(self, timeout: float = 120) -> dict:
+        """Let the tunnels go: each echoes its payload (sha256 checked) and closes; the report."""
+        self.proc.stdin.close()
+        self.proc.wait(timeout=timeout)
+        return report(self.out_path)
+
+
+@contextlib.contextmanager
+def held_tunnels(lab, client, ip: str, count: int, *, size: int = 4096):
+    """`count` tunnels from `client` to ip:80, opened one after the other and held open (each proven
+    by an echo round trip) until `Held.release()`, which echoes `size` bytes on each.  Waits (at
+    most 120 s) until they are established; the client is killed on the way out if still running."""
+    out_path = lab.workdir / f"held-{client.name}-{len(list(lab.workdir.glob('held-*')))}.out"
+    with open(out_path, "wb") as out:
+        proc = lab.topology.popen(client.pod, [sys.executable, "-m", "ztunnel_fast.demo.apps", "hold-many", ip, "80",
+                                               "--count", str(count), "--size", str(size), "--seconds", "300"],
+                                  stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    held = Held(proc, out_path)
+    try:
+        deadline = time.monotonic() + 120
+        while '"established"' not in held.output() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = next((x for x in held.output().splitlines() if '"established"' in x), None)
+        held.established = json.loads(line)["count"] if line else 0
+        yield held
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdin is not None and not proc.stdin.closed:
+            proc.stdin.close()
 
 
 def race(lab, client, ip: str, zt, change, *, total: int, after: int = 60) -> dict:

@@ -128,6 +128,43 @@ def test_10000_short_connections_hash_checked(lab, engine):
         assert carried + event_loop == n and carried >= n * 9 // 10, stats
 
 
+def test_tunnels_beyond_a_connections_stream_limit_ride_another_connection(lab, engine):
+    """More tunnels held open to one destination than one HBONE connection may carry
+    (POOL_MAX_STREAMS_PER_CONNECTION, lowered to keep it cheap): the key gets another connection
+    whenever its current one is full (the pool's rule, and the fast path's: a worker that finds the
+    connection full hands the tunnel back and says so, the next decision dials another connection
+    and the key's entries move onto it), so new connections keep riding the workers.  Every held
+    tunnel and every short connection is intact; the lines and metrics count each once."""
+    limit, holding, n, size = 8, 20, 300, 4096
+    a, b, za, zb = fp.two_pods(lab, client_env={**fp.FAST, "POOL_MAX_STREAMS_PER_CONNECTION": str(limit)})
+    with fp.held_tunnels(lab, a, b.ip, holding, size=size) as held:
+        assert held.established == holding, held.output()
+        out = lab.client(a, "echo", b.ip, "80", "--size", "1024", "--count", str(n), "--concurrency", "4")
+        assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
+        assert len(fp.wait_lines(za, "complete dur=", n, timeout=30)) == n  # the held ones are still open
+        m = fp.metrics(lab, a)
+        assert fp.metric_values(m, "istio_tcp_connections_opened_total") == [holding + n], m
+        assert fp.metric_values(m, "istio_tcp_connections_closed_total") == [n], m
+        done = held.release()
+    assert done["ok"] == holding and done["failed"] == 0 and done["mismatched"] == 0, done
+    assert len(fp.wait_lines(za, "complete dur=", holding + n, timeout=30)) == holding + n
+    proxy = za.lines(f"proxy to {b.ip}:80 using HBONE via {b.ip}:15008 type Direct")
+    assert len(proxy) == holding + n
+    assert len(zb.lines(f"got CONNECT request to {b.ip}:80")) == holding + n
+    access = fp.access_lines(za)
+    assert len(access) == holding + n and not [x for x in access if "error" in x], access[:3]
+    assert sorted(x["bytes_sent"] for x in access) == sorted(["1024"] * n + [str(4 + size)] * holding)
+    m = fp.metrics(lab, a)
+    assert fp.metric_values(m, "istio_tcp_connections_closed_total") == [holding + n], m
+    assert sum(fp.metric_values(m, "istio_tcp_sent_bytes_total")) == n * 1024 + holding * (4 + size), m
+    assert sum(fp.metric_values(m, "istio_tcp_received_bytes_total")) == n * 1024 + holding * (4 + size), m
+    stats = fp.expect_counters(fp.outbound_stats(lab, za), engine)
+    if stats is not None:
+        carried, event_loop, _ = stats
+        # one connection per key would carry `limit` and hand every later one back
+        assert carried + event_loop == holding + n and carried >= n // 2, stats
+
+
 def test_a_lost_fast_path_connection_hands_over_and_is_replaced(lab, engine):
     """The destination's ztunnel restarts: the fast path's HBONE connection dies under it; later
     connections miss, take the event loop's path (which dials anew and installs the class on a new

@@ -14,6 +14,9 @@ Clients print one JSON object on stdout:
   halfclose HOST PORT --size N   read the server's bytes to EOF (it half-closed first), then send N
           bytes and FIN
   hold  HOST PORT --seconds S   one echo round trip, then hold the connection and report how it ended
+  hold-many HOST PORT --count C --size N --seconds S   open C connections one after the other (each
+          proven by an echo round trip), print {"event": "established", "count": ...}, hold them
+          until a line or EOF on stdin (at most S s), then echo N bytes on each (sha256 checked)
 
 Every loop is bounded by --size/--count and a timeout; nothing here talks to anything but the
 address it is given.
@@ -228,6 +231,59 @@ async def hold(host: str, port: int, seconds: float) -> dict:
     return {"echo": first.decode(), "ended": ended, "seconds": round(time.monotonic() - start, 3)}
 
 
+async def hold_many(host: str, port: int, count: int, size: int, seconds: float) -> dict:
+    """Many tunnels held open at once (e.g. more than one HBONE connection's streams), then each
+    proven intact: see the module docstring (`hold-many`)."""
+    conns, errors = [], []
+    for _ in range(count):
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), 30)
+            writer.write(b"ping")
+            await writer.drain()
+            if await asyncio.wait_for(reader.readexactly(4), 30) != b"ping":
+                raise ConnectionError("the round trip came back changed")
+            conns.append((reader, writer))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    print(json.dumps({"event": "established", "count": len(conns)}), flush=True)
+    loop = asyncio.get_running_loop()
+    told = loop.create_future()  # stdin readable: a line or EOF (a pipe; no thread left blocked)
+    loop.add_reader(sys.stdin.fileno(), lambda: told.done() or told.set_result(None))
+    try:
+        await asyncio.wait_for(told, seconds)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+
+    async def finish(seed: int, reader, writer) -> dict:
+        payload = _payload(size, seed)
+        recv = hashlib.sha256()
+        received = 0
+        try:
+            writer.write(payload)
+            writer.write_eof()
+            await writer.drain()
+            while True:
+                data = await asyncio.wait_for(reader.read(CHUNK), 30)
+                if not data:
+                    break
+                recv.update(data)
+                received += len(data)
+            error = None
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            writer.close()
+        return {"error": error, "ok": error is None and recv.digest() == hashlib.sha256(payload).digest(),
+                "mismatched": error is None and recv.digest() != hashlib.sha256(payload).digest()}
+
+    results = await asyncio.gather(*(finish(i, r, w) for i, (r, w) in enumerate(conns)))
+    errors += [r["error"] for r in results if r["error"]]
+    return {"count": count, "ok": sum(r["ok"] for r in results), "failed": count - sum(r["ok"] for r in results),
+            "mismatched": sum(r["mismatched"] for r in results), "errors": errors[:5]}
+
+
 async def halfclose(host: str, port: int, size: int) -> dict:
     """The server sends first and half-closes; we read to EOF, then send our bytes and FIN."""
     reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
@@ -295,6 +351,12 @@ def main(argv=None) -> int:
     hd.add_argument("host")
     hd.add_argument("port", type=int)
     hd.add_argument("--seconds", type=float, default=30.0)
+    hm = sub.add_parser("hold-many")
+    hm.add_argument("host")
+    hm.add_argument("port", type=int)
+    hm.add_argument("--count", type=int, default=10)
+    hm.add_argument("--size", type=int, default=1024)
+    hm.add_argument("--seconds", type=float, default=120.0)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         asyncio.run(serve(a.port, a.mode, a.name, a.size))
@@ -306,6 +368,8 @@ def main(argv=None) -> int:
         out = asyncio.run(read_all(a.host, a.port, a.send.encode()))
     elif a.cmd == "hold":
         out = asyncio.run(hold(a.host, a.port, a.seconds))
+    elif a.cmd == "hold-many":
+        out = asyncio.run(hold_many(a.host, a.port, a.count, a.size, a.seconds))
     elif a.cmd == "halfclose":
         out = asyncio.run(halfclose(a.host, a.port, a.size))
     else:

@@ -175,7 +175,7 @@ class NativeEngine:
             if sink is None:
                 os.close(a)
             else:
-                sink.on_accepted(a, sid)  # sid: the listener it was accepted on
+                sink.on_accepted(a, sid, ident)  # sid: its listener; ident: the fast-path conn found full, or 0
             return True
         if sink is None:
             if kind == EV_FAST_OPEN:

@@ -19,8 +19,17 @@ Invariants:
 - `flush` runs at the top of every state change (ProxyContext.replace_state, the path of every
   source) before the new state is in place: the engine's table is emptied under its lock, so no
   connection accepted after the change is served from an entry decided before it.
-- The fast path's HBONE connections are its own (one per pool key), never the pool's: the event
-  loop opens no stream on them, so their stream ids are the worker's alone.
+- The fast path's HBONE connections are its own, never the pool's: the event loop opens no stream
+  on them, so their stream ids are the worker's alone.  Entries ride one current connection per
+  (listener, pool key) (`conns`).  When a worker turns a connection away at its stream limit
+  (min(POOL_MAX_STREAMS_PER_CONNECTION, the peer's SETTINGS_MAX_CONCURRENT_STREAMS)) it says so
+  with the hand-over (EV_ACCEPTED names the connection: `full`); the next `learn` for the key
+  dials another connection (one dial in flight per key), and once it is up the key's installed
+  entries move onto it and the full one is sent GOAWAY: it keeps its streams until they end and
+  then closes (the worker closes a GOAWAY'd connection when its last stream is done); no stream is
+  ever opened on a GOAWAY'd connection (the worker checks, and its entries are flushed first).
+  Python's `fast_streams` lags the worker (events come in batches), so "full" is the worker's word,
+  never inferred from it.
 - Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, once
   the poll that opened it is dispatched (NativeEngine.after_batch: no await comes in between; a
   tunnel whose completion came in that same poll is never tracked); a tunnel cancelled by drain is
@@ -89,7 +98,7 @@ class FastPath(TunnelSink):
         self.entries: dict[int, FlowEntry] = {}  # flow id -> entry (kept while tunnels use it)
         self.installed: dict[FlowClass, int] = {}  # what the engine's table holds now
         self.uses: dict[int, int] = {}  # flow id -> live tunnels
-        self.conns: dict[tuple[int, PoolKey], object] = {}  # (listener, pool key) -> the fast path's NativeConnection
+        self.conns: dict[tuple[int, PoolKey], object] = {}  # (listener, pool key) -> its current fast-path NativeConnection
         self._dialing: dict[tuple[int, PoolKey], asyncio.Task] = {}
         self._waiting: dict[tuple[int, PoolKey], dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
         self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
@@ -173,7 +182,9 @@ class FastPath(TunnelSink):
 
     def learn(self, route, source, key: PoolKey, client_ip, dst_ip, dst_port: int, scope=None) -> None:
         """Outbound.handle decided `route` for this connection: cache the class when it may be.
-        `scope`: the Outbound's context (a pod's PodScope in in-pod mode), which names the listener."""
+        `scope`: the Outbound's context (a pod's PodScope in in-pod mode), which names the listener.
+        Without a usable connection for the key (none yet, or full, or going away) the entry waits
+        for the one being dialled (one dial per key at a time), which the key's entries then ride."""
         lst = self._by_scope.get(id(scope if scope is not None else self.ctx))
         if lst is None:  # not a listener of the workers (IPv6, or its pod is going)
             return
@@ -196,7 +207,8 @@ class FastPath(TunnelSink):
             self._dialing[ckey] = task
 
     def _usable(self, conn) -> bool:
-        return conn.lost is None and not conn.goaway_sent and not conn.goaway_received
+        """New tunnels may ride `conn`: not lost, no GOAWAY either way, not found full by a worker."""
+        return conn.lost is None and not conn.goaway_sent and not conn.goaway_received and not conn.fast_full
 
     def _install(self, entry: FlowEntry, conn) -> None:
         flow_id = next(self._ids)
@@ -239,14 +251,23 @@ class FastPath(TunnelSink):
             conn.close()
             return
         old = self.conns.get(ckey)
-        if old is not None and old is not conn and self._usable(old):
-            self._goaway(old)
         self.conns[ckey] = conn
         conn.fast_streams = 0
+        conn.fast_full = False
         self.core.fast_enable(conn.worker, conn.id, self.max_streams)
         conn.closed.add_done_callback(lambda _f, ckey=ckey, conn=conn: self._conn_closed(ckey, conn))
-        for entry in self._waiting.pop(ckey, {}).values():  # decided under the state in force (flush empties it)
+        # decided under the state in force (a flush empties both `_waiting` and `installed`)
+        entries = self._waiting.pop(ckey, {})
+        if old is not None:  # the classes still riding the old (full) connection move onto this one
+            for flow, flow_id in list(self.installed.items()):
+                if self.flow_conn.get(flow_id) == old.id and flow not in entries:
+                    entries[flow] = self.entries[flow_id]
+        for entry in entries.values():  # replaces each class's entry in place: no lookup misses it
             self._install(entry, conn)
+        if old is not None:
+            log.debug("fast path: HBONE connection %s replaced by %s (full: %s); %d classes moved", old.name,
+                      conn.name, old.fast_full, len(entries))
+            self._goaway(old)  # keeps its streams until they end, then closes; never a new one
         if self._reaper is None or self._reaper.done():
             self._reaper = self.loop.create_task(self._reap(), name="fast-path-reaper")
 
@@ -279,10 +300,15 @@ class FastPath(TunnelSink):
                     self._goaway(conn)
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
-    def on_accepted(self, fd: int, lid: int = 1) -> None:
+    def on_accepted(self, fd: int, lid: int = 1, full: int = 0) -> None:
         """A miss: the reference path of its listener serves the connection (and may install an
         entry).  A listener removed since (its pod deleted) resets it, as a closed listener
-        resets the connections left in its queue."""
+        resets the connections left in its queue.  `full`: the fast-path connection a worker
+        turned it away from at its stream limit (0: another reason); `learn` then dials another."""
+        if full:
+            conn = self.engine._conns.get(full)
+            if conn is not None:
+                conn.fast_full = True
         sock = socket.socket(fileno=fd)
         lst = self.listeners.get(lid)
         if lst is None:
