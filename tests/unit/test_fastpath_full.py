@@ -141,6 +141,17 @@ def hand_over(fp, full: int) -> None:
     _.close()
 
 
+async def first_connection_found_full(fp, outbound, engine):
+    """The key's first connection (id 11) is up, a worker finds it full, and the class is decided
+    again: the successor is being dialled.  Returns the full connection."""
+    learn(fp)
+    c1 = FakeConn(11)
+    await dialled(outbound, c1, engine, 0)
+    hand_over(fp, 11)
+    learn(fp)
+    return c1
+
+
 def test_a_full_connection_gets_a_successor_and_the_keys_entries_move_onto_it():
     async def scenario(fp, core, engine, outbound):
         learn(fp)
@@ -178,11 +189,7 @@ def test_a_full_connection_gets_a_successor_and_the_keys_entries_move_onto_it():
 
 def test_a_flush_during_the_dial_leaves_nothing_old_to_move():
     async def scenario(fp, core, engine, outbound):
-        learn(fp)
-        c1 = FakeConn(11)
-        await dialled(outbound, c1, engine, 0)
-        hand_over(fp, 11)
-        learn(fp)
+        await first_connection_found_full(fp, outbound, engine)
         await settle()
         assert len(outbound.dials) == 2
         fp.flush()  # a state change while the successor is dialled
@@ -199,11 +206,7 @@ def test_a_flush_during_the_dial_leaves_nothing_old_to_move():
 
 def test_drain_covers_the_full_connection_and_the_one_being_dialled():
     async def scenario(fp, core, engine, outbound):
-        learn(fp)
-        c1 = FakeConn(11)
-        await dialled(outbound, c1, engine, 0)
-        hand_over(fp, 11)
-        learn(fp)
+        await first_connection_found_full(fp, outbound, engine)
         fp.drain()
         assert core.table == {} and core.goaways == [11]
         c2 = FakeConn(12)
