@@ -259,7 +259,6 @@ async def hold_many(host: str, port: int, count: int, size: int, seconds: float)
     async def finish(seed: int, reader, writer) -> dict:
         payload = _payload(size, seed)
         recv = hashlib.sha256()
-        received = 0
         try:
             writer.write(payload)
             writer.write_eof()
@@ -269,14 +268,13 @@ async def hold_many(host: str, port: int, count: int, size: int, seconds: float)
                 if not data:
                     break
                 recv.update(data)
-                received += len(data)
             error = None
         except (OSError, asyncio.TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             writer.close()
-        return {"error": error, "ok": error is None and recv.digest() == hashlib.sha256(payload).digest(),
-                "mismatched": error is None and recv.digest() != hashlib.sha256(payload).digest()}
+        same = recv.digest() == hashlib.sha256(payload).digest()
+        return {"error": error, "ok": error is None and same, "mismatched": error is None and not same}
 
     results = await asyncio.gather(*(finish(i, r, w) for i, (r, w) in enumerate(conns)))
     errors += [r["error"] for r in results if r["error"]]
