@@ -162,10 +162,12 @@ cdef class Core:
             c.settings[i] = settings[i]
         worker_post(w, c)
 
-    def open_stream(self, int worker, uint64_t conn_id, uint32_t sid, bytes block):
+    def open_stream(self, int worker, uint64_t conn_id, uint32_t sid, bytes block, uint64_t token=0):
+        """sid 0: the worker picks the stream's id and says it in EV_STREAM_ID with `token`."""
         cdef Worker *w = self._worker(worker)
         cdef Cmd *c = self._cmd(CMD_OPEN, conn_id)
         c.sid = sid
+        c.token = token
         self._data(c, block)
         worker_post(w, c)
 
@@ -488,12 +490,13 @@ cdef class FrameParser:
             e = nxt
         return out
 
-    def _command(self, int kind, uint32_t sid=0, int code=0, int flags=0, bytes data=b""):
+    def _command(self, int kind, uint32_t sid=0, int code=0, int flags=0, bytes data=b"", uint64_t token=0):
         cdef Cmd cmd
         memset(&cmd, 0, sizeof(Cmd))
         cmd.kind = kind
         cmd.id = 1
         cmd.sid = sid
+        cmd.token = token
         cmd.code = code
         cmd.flags = flags
         cmd.fd = -1
@@ -502,8 +505,8 @@ cdef class FrameParser:
         conn_command(self.c, &cmd)
         self._reap()
 
-    def open_stream(self, uint32_t sid, bytes block):
-        self._command(CMD_OPEN, sid, data=block)
+    def open_stream(self, uint32_t sid, bytes block, uint64_t token=0):
+        self._command(CMD_OPEN, sid, data=block, token=token)
 
     def respond(self, uint32_t sid, bytes block, bint end=False):
         self._command(CMD_RESPOND, sid, flags=1 if end else 0, data=block)

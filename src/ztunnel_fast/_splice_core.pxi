@@ -17,6 +17,8 @@ cdef enum:
     EV_FAST_STATUS = 10  # id=conn, token, sid, code=status: a fast-path CONNECT answered non-200
     EV_INBOUND_OPEN = 11 # id=conn, token, sid, code=upstream fd, a=flow id, b=CONNECT time (ns),
                          # data=the request's decoded fields: the worker answered 200 and spliced
+    EV_STREAM_ID = 12    # id=conn, token=the event loop's, sid (0: refused, flags=END_REFUSED, code):
+                         # the id the worker gave a CMD_OPEN sent with sid 0
 
 # header block flags
 cdef enum:
@@ -53,7 +55,8 @@ cdef enum:
     CMD_SPLICE = 1       # token, fd, fd2
     CMD_SPLICE_CANCEL = 2
     CMD_ADOPT = 3        # id, fd, ssl, flags=client, settings
-    CMD_OPEN = 4         # id, sid, data=header block (client CONNECT, no END_STREAM)
+    CMD_OPEN = 4         # id, sid (0: the worker picks it: EV_STREAM_ID), token, data=header block
+                         # (client CONNECT, no END_STREAM)
     CMD_RESPOND = 5      # id, sid, data=header block, flags=end stream
     CMD_ATTACH = 6       # id, sid, fd, token
     CMD_RESET = 7        # id, sid, code

@@ -421,6 +421,28 @@ cdef void conn_adopt(Worker *w, Cmd *cmd) noexcept nogil:
     worker_queue(w, &c.o)
 
 
+cdef void conn_open_next(Conn *c, Cmd *cmd) noexcept nogil:
+    """CMD_OPEN with sid 0: the stream takes the connection's next id, so streams the event loop
+    opens and those the fast path opens (flow_open) share one ascending sequence (RFC 9113
+    5.1.1); EV_STREAM_ID tells the event loop the id (0: refused), before any event of the stream."""
+    cdef uint32_t sid = c.highest_local_sid + 2 if c.highest_local_sid else 1
+    cdef Event *e = event_new(EV_STREAM_ID, c.o.id)
+    cdef bint refused = c.state >= CST_LINGER or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) \
+        or c.highest_local_sid >= 0x7ffffffd or stream_new(c, sid, 0) == NULL
+    if e != NULL:
+        e.token = cmd.token
+        e.sid = 0 if refused else sid
+        if refused:
+            e.flags = END_REFUSED
+            e.code = H2_REFUSED_STREAM
+        evq_push(c.evq, e)
+    if refused:
+        return
+    c.highest_local_sid = sid
+    if out_headers(&c.obuf, sid, cmd.data, cmd.len, False, <size_t>c.peer_max_frame) != 0:
+        conn_error(c, H2_INTERNAL_ERROR, "out of memory")
+
+
 cdef void conn_command(Conn *c, Cmd *cmd) noexcept nogil:
     cdef Stream *s
     cdef Event *e
@@ -428,7 +450,9 @@ cdef void conn_command(Conn *c, Cmd *cmd) noexcept nogil:
     cdef size_t n
     if c.state == CST_CLOSED:
         return
-    if cmd.kind == CMD_OPEN:
+    if cmd.kind == CMD_OPEN and cmd.sid == 0:
+        conn_open_next(c, cmd)
+    elif cmd.kind == CMD_OPEN:
         if c.state >= CST_LINGER or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) or \
                 sid_is_peer(c, cmd.sid) or cmd.sid <= c.highest_local_sid or stream_new(c, cmd.sid, 0) == NULL:
             e = event_new(EV_STREAM_END, c.o.id)

@@ -17,6 +17,8 @@ from ztunnel_fast import _splice  # noqa: E402 - must be built on this machine k
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = 2, 3, 4, 5, 6, 7
+EV_STREAM_ID = 12
+END_REFUSED = 5
 DATA, HEADERS, PRIORITY, RST, SETTINGS, PUSH, PING, GOAWAY, WINDOW, CONT = range(10)
 NO_ERROR, PROTOCOL, INTERNAL, FLOW, _, CLOSED, FRAME_SIZE, REFUSED, CANCEL, COMPRESSION, _, CALM = range(12)
 MIB = 1 << 20
@@ -290,6 +292,30 @@ def test_client_side_response_and_goaway_refuse_later_streams():
     assert [(e[3], e[5]) for e in events if e[0] == EV_HEADERS] == [(1, 8)]  # HF_RESPONSE
     assert [(e[3], e[4]) for e in events if e[0] == EV_STREAM_END] == [(3, REFUSED)]
     assert p.state == "open"
+
+
+def test_streams_opened_without_an_id_take_the_next_one_in_order():
+    """A connection the fast path shares: the event loop sends CMD_OPEN with sid 0 and the worker
+    picks the next id, after those it opened itself, and says which (EV_STREAM_ID, the token back)."""
+    p = _splice.FrameParser(client=True)
+    p.output()
+    p.feed(settings_frame())
+    p.open_stream(1, block([(":method", "CONNECT"), (":authority", "a:1")]))  # an id chosen by the caller
+    p.open_stream(0, block([(":method", "CONNECT"), (":authority", "b:2")]), token=77)
+    p.open_stream(0, block([(":method", "CONNECT"), (":authority", "c:3")]), token=78)
+    opened = [(e[2], e[3]) for e in p.events() if e[0] == EV_STREAM_ID]
+    assert opened == [(77, 3), (78, 5)]
+    frames = [f for f in parse_frames(p.output()) if f[0] == HEADERS]
+    assert [f[2] for f in frames] == [1, 3, 5]
+    assert [dict(hpack.Decoder().decode(f[3]))[":authority"] for f in frames] == ["a:1", "b:2", "c:3"]
+    p.feed(frame(HEADERS, 0x4, 5, block([(":status", "200")])))  # the peer answers the picked id
+    assert [(e[3], e[5]) for e in p.events() if e[0] == EV_HEADERS] == [(5, 8)]
+    p.feed(frame(GOAWAY, 0, 0, struct.pack(">II", 5, NO_ERROR)))
+    p.events()
+    p.open_stream(0, block([(":method", "CONNECT"), (":authority", "d:4")]), token=79)
+    refused = [(e[2], e[3], e[5], e[4]) for e in p.events() if e[0] == EV_STREAM_ID]
+    assert refused == [(79, 0, END_REFUSED, REFUSED)]  # after GOAWAY: no id, nothing sent
+    assert not [f for f in parse_frames(p.output()) if f[0] == HEADERS]
 
 
 def test_client_ignores_frames_for_a_stream_it_already_reset():
