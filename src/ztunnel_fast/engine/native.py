@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_CLOSED = range(1, 8)
 EV_FAST_OPEN, EV_ACCEPTED, EV_FAST_STATUS = 8, 9, 10  # the outbound fast path (proxy/fastpath.py)
 EV_INBOUND_OPEN = 11  # the inbound fast path (proxy/fastpath_inbound.py)
+EV_STREAM_ID = 12  # the id a worker gave a stream opened on a connection the fast path shares
 INBOUND_TOKEN = 1 << 61  # with FAST_TOKEN: tokens of inbound fast-path tunnels
 FAST_TOKEN = 1 << 62  # tokens of fast-path tunnels (issued by the workers)
 # how a stream ended
@@ -132,6 +133,11 @@ class NativeEngine:
             fut = self._splices.pop(ident, None)
             if fut is not None and not fut.done():
                 fut.set_result((a, b, err))
+            return
+        if kind == EV_STREAM_ID:
+            conn = self._conns.get(ident)
+            if conn is not None:
+                conn._on_stream_id(token, sid, code)
             return
         if (kind >= EV_FAST_OPEN or token & FAST_TOKEN) and self._dispatch_fast(ev):
             return
@@ -349,8 +355,8 @@ class NativeStream:
             return
         self.reset_code = code
         conn = self.conn
-        if not self.closed and conn.lost is None and not conn.engine._closed:
-            conn.engine.core.reset(conn.worker, conn.id, self.id, code)
+        if self.id and not self.closed and conn.lost is None and not conn.engine._closed:
+            conn.engine.core.reset(conn.worker, conn.id, self.id, code)  # no id yet: sent with it (_on_stream_id)
         self._fail_response(StreamReset(code))
 
     def _fail_response(self, exc: Exception) -> None:
@@ -373,7 +379,16 @@ class NativeStream:
 class NativeConnection(ConnectionState):
     """The control layer's handle on an HBONE connection a worker owns (same interface as the pure
     HboneConnection: start, start_stream, response, on_request, can_open, goaway, close, closed,
-    lost, streams, idle_since, goaway_sent/received, peer_identity, name)."""
+    lost, streams, idle_since, goaway_sent/received, peer_identity, name).
+
+    A client connection the outbound fast path shares (`fast_enabled`, proxy/fastpath.py): its
+    worker opens streams on it too, so from then on the worker picks the id of every stream the
+    event loop opens (CMD_OPEN with sid 0, EV_STREAM_ID), one ascending sequence for both; the
+    stream waits in `_opening` under its token until then.  `fast_streams` counts the fast path's
+    live tunnels on it (from its events: it may lag the worker by one batch), `fast_full` says a
+    worker found it at its stream limit (cleared when any stream ends); the pool sees both.  Its
+    GOAWAY first takes it out of the workers' flow table and always lets the worker close it once
+    its last stream, ours or the fast path's, is done."""
 
     def __init__(self, engine: NativeEngine, sock: socket.socket, tls, *, client: bool, settings,
                  on_request=None, name: str = "hbone", peer_identity=None):
@@ -385,6 +400,10 @@ class NativeConnection(ConnectionState):
         self._peer_max_streams = 2**31 - 1  # until the peer's SETTINGS arrive (EV_SETTINGS)
         self._next_sid = 1
         self._started = False
+        self.fast_enabled = False
+        self.fast_streams = 0
+        self.fast_full = False
+        self._opening: dict[int, NativeStream] = {}  # token -> stream whose id the worker is picking
         # stateless HPACK encoder: a block the worker drops (stream gone) cannot desynchronise the peer
         self._encoder = StatelessEncoder()
 
@@ -401,14 +420,31 @@ class NativeConnection(ConnectionState):
     def peer_max_streams(self) -> int:
         return self._peer_max_streams
 
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams) + len(self._opening) + self.fast_streams
+
+    def can_open(self, pool_limit: int) -> bool:
+        return not self.fast_full and super().can_open(pool_limit)
+
+    def close_idle(self) -> None:
+        """A worker may open a stream on a shared connection at any moment: GOAWAY first (it is
+        closed once that stream, if any, is done), never a close under it."""
+        if self.fast_enabled:
+            self.goaway()
+        else:
+            self.close()
+
     def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful: no new streams; open streams finish; the worker closes when idle."""
         if self.goaway_sent or self.lost is not None:
             return
         self.goaway_sent = True
-        if not self.streams:
+        if not self.fast_enabled and not self.streams and not self._opening:
             self.close()
         elif not self.engine._closed:
+            if self.fast_enabled:  # no worker opens another stream on it (its entries go first)
+                self.engine.core.flow_flush(self.id)
             self.engine.core.goaway(self.worker, self.id, error_code)
 
     def close(self, error: Exception | None = None) -> None:
@@ -425,6 +461,9 @@ class NativeConnection(ConnectionState):
             self._release(error)
 
     def _lose_streams(self) -> None:
+        for stream in list(self._opening.values()):
+            stream.reset_code = ErrorCodes.CANCEL
+            stream._fail_response(self.lost)
         for stream in list(self.streams.values()):
             if stream.reset_code is None:
                 stream.reset_code = ErrorCodes.CANCEL
@@ -434,6 +473,7 @@ class NativeConnection(ConnectionState):
 
     def _release(self, error) -> None:
         self.streams.clear()
+        self._opening.clear()
         self.tls = None  # the worker is done with the SSL*: pyOpenSSL may free it
         # FIN behind the worker's last frames (a GOAWAY), a bounded drain, then close: never an RST
         # that would discard them (proxy/sockets.py says why)
@@ -445,11 +485,17 @@ class NativeConnection(ConnectionState):
     def start_stream(self, headers: list[tuple[str, str]]) -> NativeStream:
         if self.lost is not None:
             raise self.lost
+        self.streams_opened += 1
+        if self.fast_enabled:  # the worker picks the id (the fast path opens streams on it too)
+            token = self.engine.next_token()
+            stream = NativeStream(self, 0, headers)
+            self._opening[token] = stream
+            self.engine.core.open_stream(self.worker, self.id, 0, self._encode(headers), token)
+            return stream
         sid = self._next_sid
         self._next_sid += 2
         stream = NativeStream(self, sid, headers)
         self.streams[sid] = stream
-        self.streams_opened += 1
         self.engine.core.open_stream(self.worker, self.id, sid, self._encode(headers))
         return stream
 
@@ -495,11 +541,29 @@ class NativeConnection(ConnectionState):
             return
         self._spawn(self.on_request(stream), f"{self.name}-stream-{sid}")
 
+    def _on_stream_id(self, token: int, sid: int, code: int) -> None:
+        """The worker gave the stream of `token` its id (0: refused, with `code`)."""
+        stream = self._opening.pop(token, None)
+        if stream is None:
+            return
+        if not sid:
+            stream._on_end(END_REFUSED, code)
+            self._maybe_idle()
+            return
+        stream.id = sid
+        self.streams[sid] = stream
+        if stream.reset_code is not None and self.lost is None and not self.engine._closed:
+            self.engine.core.reset(self.worker, self.id, sid, stream.reset_code)  # reset before it had its id
+
     def _on_stream_end(self, sid: int, kind: int, code: int) -> None:
         stream = self.streams.pop(sid, None)
         if stream is not None:
             stream._on_end(kind, code)
-        if not self.streams:
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        self.fast_full = False  # a stream ended: a worker may open one again
+        if not self.active_streams:
             self.idle_since = time.monotonic()
 
     def _on_goaway(self, last: int, code: int, data: bytes) -> None:
@@ -528,7 +592,7 @@ class NativeConnection(ConnectionState):
                                        else "peer sent GOAWAY NO_ERROR")
             self.lost = error or ConnectionLost("connection closed")
             self._lose_streams()
-        for stream in list(self.streams.values()):
+        for stream in list(self.streams.values()) + list(self._opening.values()):
             stream._on_end(END_CONN, ErrorCodes.CANCEL)
         for task in list(self._tasks):
             task.cancel()

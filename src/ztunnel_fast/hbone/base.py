@@ -79,6 +79,10 @@ class ConnectionState:
     def max_streams(self, pool_limit: int) -> int:
         return min(pool_limit, self.peer_max_streams())
 
+    def close_idle(self) -> None:
+        """The pool's idle timeout: close a connection without streams."""
+        self.close()
+
     def can_open(self, pool_limit: int) -> bool:
         return (
             self.lost is None

@@ -10,7 +10,10 @@ Invariants (reference 3.3):
 - Only one connection per key is being dialled at a time (a per-key lock), so a burst of new
   tunnels shares the new connection instead of storming the peer with handshakes.
 - A connection that saw or sent GOAWAY, or failed, is never handed out again.
-- A connection with no streams for POOL_UNUSED_RELEASE_TIMEOUT is closed.
+- A connection with no streams for POOL_UNUSED_RELEASE_TIMEOUT is closed (GOAWAY, then close).
+- The outbound fast path (proxy/fastpath.py) rides these connections too: its workers open streams
+  on a connection it shares, counted in `active_streams` and in the stream limit (a worker that
+  finds one full says so: `fast_full`), so a destination has one set of connections, not two.
 """
 
 from __future__ import annotations
@@ -103,9 +106,9 @@ class HbonePool:
                 for conn in self._conns[key]:
                     if conn.lost is not None:
                         continue
-                    if not conn.streams and now - conn.idle_since >= self.idle_timeout:
+                    if not conn.active_streams and now - conn.idle_since >= self.idle_timeout:
                         log.debug("closing idle HBONE connection to %s", key.next_hop)
-                        conn.close()
+                        conn.close_idle()
                         continue
                     keep.append(conn)
                 if keep:

@@ -4,10 +4,11 @@ event loop has decided once; this module installs those decisions and turns the 
 events into the same logs, access log lines and metrics as the event loop's path.
 
 Flow: a worker accepts -> looks the class up in the engine's flow cache -> hit: opens the CONNECT
-stream on this module's HBONE connection for the entry's pool key, attaches the socket on 200, and
-reports EV_FAST_OPEN then the completion; miss (or anything unusual): the socket comes here
-(EV_ACCEPTED) and Outbound.handle, the reference path, serves it and calls `learn`, which installs
-an entry when proxy/flowcache.py says the class may be cached.
+stream on the pooled HBONE connection the entry names, attaches the socket on 200, and reports
+EV_FAST_OPEN then the completion; miss (or anything unusual): the socket comes here (EV_ACCEPTED)
+and Outbound.handle, the reference path, serves it on a pooled connection and, once its CONNECT is
+answered, calls `learn`, which installs an entry on that connection when proxy/flowcache.py says
+the class may be cached.
 
 Invariants:
 - Listeners: node mode registers its outbound listener (id 1); in-pod mode one per pod (inpod/
@@ -19,17 +20,21 @@ Invariants:
 - `flush` runs at the top of every state change (ProxyContext.replace_state, the path of every
   source) before the new state is in place: the engine's table is emptied under its lock, so no
   connection accepted after the change is served from an entry decided before it.
-- The fast path's HBONE connections are its own, never the pool's: the event loop opens no stream
-  on them, so their stream ids are the worker's alone.  Entries ride one current connection per
-  (listener, pool key) (`conns`).  When a worker turns a connection away at its stream limit
-  (min(POOL_MAX_STREAMS_PER_CONNECTION, the peer's SETTINGS_MAX_CONCURRENT_STREAMS)) it says so
-  with the hand-over (EV_ACCEPTED names the connection: `full`); the next `learn` for the key
-  dials another connection (one dial in flight per key), and once it is up the key's installed
-  entries move onto it and the full one is sent GOAWAY: it keeps its streams until they end and
-  then closes (the worker closes a GOAWAY'd connection when its last stream is done); no stream is
-  ever opened on a GOAWAY'd connection (the worker checks, and its entries are flushed first).
-  Python's `fast_streams` lags the worker (events come in batches), so "full" is the worker's word,
-  never inferred from it.
+- One set of HBONE connections: the fast path rides the pool's (the node's, or the pod's in in-pod
+  mode), so a destination gets the connections the event loop's path alone would open.  A
+  connection an entry names is `fast_enabled` from its first entry on: the worker picks the id of
+  every stream on it, the event loop's too (engine/native.py NativeConnection), one ascending
+  sequence.  When a worker turns a tunnel away at the connection's stream limit
+  (min(POOL_MAX_STREAMS_PER_CONNECTION, the peer's SETTINGS_MAX_CONCURRENT_STREAMS), counting
+  every stream) it says so with the hand-over (EV_ACCEPTED names the connection: `fast_full`, which
+  the pool reads until a stream on it ends); the event loop's path then gets another pooled
+  connection (the pool dials one when all are full) and its `learn` moves the class onto it.  No
+  stream is opened on a connection after its GOAWAY either way (the worker checks; our GOAWAY
+  flushes its entries first), and the pool's idle close of a shared connection is a GOAWAY (the
+  worker closes it when its last stream is done).  Python's `fast_streams` lags the worker (events
+  come in batches), so "full" is the worker's word, never inferred from it.
+- `learn` installs nothing decided before the latest flush (`generation`): the decision was made
+  before the CONNECT's await, the install comes after it.
 - Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, once
   the poll that opened it is dispatched (NativeEngine.after_batch: no await comes in between; a
   tunnel whose completion came in that same poll is never tracked); a tunnel cancelled by drain is
@@ -90,7 +95,7 @@ class FastPath(TunnelSink):
         self.outbound = outbound
         self.loop = asyncio.get_running_loop()
         self.max_streams = ctx.config.pool_max_streams_per_connection
-        self.idle_timeout = ctx.config.pool_unused_release_timeout
+        self.generation = 0  # flushes so far: `learn` installs only what was decided after the last one
         self._ids = itertools.count(1)
         self._lids = itertools.count(1)
         self.listeners: dict[int, _Listener] = {}  # listener id -> what the workers accept on
@@ -98,14 +103,11 @@ class FastPath(TunnelSink):
         self.entries: dict[int, FlowEntry] = {}  # flow id -> entry (kept while tunnels use it)
         self.installed: dict[FlowClass, int] = {}  # what the engine's table holds now
         self.uses: dict[int, int] = {}  # flow id -> live tunnels
-        self.conns: dict[tuple[int, PoolKey], object] = {}  # (listener, pool key) -> its current fast-path NativeConnection
-        self._dialing: dict[tuple[int, PoolKey], asyncio.Task] = {}
-        self._waiting: dict[tuple[int, PoolKey], dict[FlowClass, FlowEntry]] = {}  # decided while its connection is dialled
+        self.shared: dict[int, object] = {}  # connection id -> the pooled NativeConnection entries ride
         self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
         self._noted: dict[int, dict] = {}  # token -> the pod's workloadState list it is noted in
         self._records: dict[int, object] = {}  # flow id -> its first tunnel's ConnectionRecord (copied per tunnel)
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
-        self._reaper: asyncio.Task | None = None
         self.listening = False  # some listener is registered
         self._stopped = False  # drain: no listener is registered any more
         self.engine.fast_sink = self
@@ -130,9 +132,9 @@ class FastPath(TunnelSink):
 
     def unlisten(self, lid: int) -> None:
         """Listener `lid` is going (its pod removed, or drain), synchronously: the kernel stops
-        listening (shutdown: every worker's dup at once, its queue reset), its entries leave the
-        engine's table and its fast-path HBONE connections say GOAWAY, so no connection is
-        accepted or served from its entries after this returns.  The caller closes the socket."""
+        listening (shutdown: every worker's dup at once, its queue reset) and its entries leave the
+        engine's table, so no connection is accepted or served from its entries after this returns.
+        The caller closes the socket; the pod's pool says GOAWAY on its connections."""
         lst = self.listeners.pop(lid, None)
         if lst is None:
             return
@@ -148,15 +150,10 @@ class FastPath(TunnelSink):
             self.core.unlisten(lid)  # each worker closes its dup (EPOLLHUP already told it)
         for flow in [f for f in self.installed if f.listener == lid]:
             del self.installed[flow]
-        for ckey in [k for k in self._waiting if k[0] == lid]:
-            del self._waiting[ckey]
-        for ckey, conn in list(self.conns.items()):
-            if ckey[0] == lid:
-                self._goaway(conn)
         self._drop_unused()
 
     def drain(self) -> None:
-        """No new connections; the fast path's HBONE connections say GOAWAY and close when drained."""
+        """No new connections through the workers (the pool's drain says GOAWAY on the connections)."""
         if self.listeners and not self.engine._closed:
             _, hits, misses, flushes = self.core.flow_stats
             log.info("fast path: %d connections carried by the workers, %d by the event loop's path, "
@@ -166,49 +163,51 @@ class FastPath(TunnelSink):
             self.unlisten(lid)
         self.listening = False
         self.flush()
-        for conn in list(self.conns.values()):
-            self._goaway(conn)
-        if self._reaper is not None:
-            self._reaper.cancel()
 
     # -- decisions ------------------------------------------------------------------------------
     def flush(self) -> None:
         """Forget every installed decision (a state or policy change is about to apply)."""
+        self.generation += 1
         if not self.engine._closed:
             self.core.flow_flush(0)
         self.installed.clear()
-        self._waiting.clear()
         self._drop_unused()
 
-    def learn(self, route, source, key: PoolKey, client_ip, dst_ip, dst_port: int, scope=None) -> None:
-        """Outbound.handle decided `route` for this connection: cache the class when it may be.
-        `scope`: the Outbound's context (a pod's PodScope in in-pod mode), which names the listener.
-        Without a usable connection for the key (none yet, or full, or going away) the entry waits
-        for the one being dialled (one dial per key at a time), which the key's entries then ride."""
+    def learn(self, route, source, key: PoolKey, conn, client_ip, dst_ip, dst_port: int, generation: int,
+              scope=None) -> None:
+        """Outbound.handle decided `route` for this connection (before the flush count was
+        `generation`) and its CONNECT was answered on the pooled connection `conn`: cache the class
+        there when it may be.  `scope`: the Outbound's context (a pod's PodScope in in-pod mode),
+        which names the listener.  A class installed on another connection moves onto `conn` (the
+        event loop's path got `conn` because that one was full or going)."""
+        if generation != self.generation or not self._usable(conn):
+            return
         lst = self._by_scope.get(id(scope if scope is not None else self.ctx))
         if lst is None:  # not a listener of the workers (IPv6, or its pod is going)
             return
         flow = FlowClass(client_ip, dst_ip, dst_port, lst.lid)
-        ckey = (lst.lid, key)
-        if flow in self.installed:
-            conn = self.conns.get(ckey)
-            if conn is not None and self._usable(conn):
-                return
+        flow_id = self.installed.get(flow)
+        if flow_id is not None and self.flow_conn.get(flow_id) == conn.id:
+            return
         entry = flow_entry(flow, route, source, key, dedicated=lst.scope.dedicated)
         if entry is None:
             return
-        conn = self.conns.get(ckey)
-        if conn is not None and self._usable(conn):
-            self._install(entry, conn)
-            return
-        self._waiting.setdefault(ckey, {})[flow] = entry
-        if ckey not in self._dialing:
-            task = self.loop.create_task(self._dial(ckey, lst), name=f"fast-path-dial-{key.next_hop[0]}")
-            self._dialing[ckey] = task
+        if not conn.fast_enabled:
+            self._share(conn)
+        self._install(entry, conn)
 
     def _usable(self, conn) -> bool:
-        """New tunnels may ride `conn`: not lost, no GOAWAY either way, not found full by a worker."""
-        return conn.lost is None and not conn.goaway_sent and not conn.goaway_received and not conn.fast_full
+        """New tunnels may ride `conn`: a native connection, not lost, no GOAWAY either way."""
+        return (getattr(conn, "engine", None) is self.engine and conn.lost is None and not conn.goaway_sent
+                and not conn.goaway_received)
+
+    def _share(self, conn) -> None:
+        """The workers may open streams on `conn` from now on (its stream ids become theirs to pick:
+        the command goes before any entry naming it can be found)."""
+        conn.fast_enabled = True
+        self.shared[conn.id] = conn
+        self.core.fast_enable(conn.worker, conn.id, self.max_streams)
+        conn.closed.add_done_callback(lambda _f, conn=conn: self._conn_closed(conn))
 
     def _install(self, entry: FlowEntry, conn) -> None:
         flow_id = next(self._ids)
@@ -237,67 +236,14 @@ class FastPath(TunnelSink):
                 self.flow_conn.pop(flow_id, None)
                 self._records.pop(flow_id, None)
 
-    async def _dial(self, ckey: tuple[int, PoolKey], lst: _Listener) -> None:
-        key = ckey[1]
-        try:
-            conn = await lst.outbound.connect_hbone(key)
-        except (ProxyError, TlsError, ConnectionLost, OSError) as exc:  # the event loop's path keeps serving the class
-            log.debug("fast path: no HBONE connection to %s: %s", key.next_hop, exc)
-            self._waiting.pop(ckey, None)
-            return
-        finally:
-            self._dialing.pop(ckey, None)
-        if self.listeners.get(lst.lid) is not lst:  # drained, or its pod removed meanwhile
-            conn.close()
-            return
-        old = self.conns.get(ckey)
-        self.conns[ckey] = conn
-        conn.fast_streams = 0
-        conn.fast_full = False
-        self.core.fast_enable(conn.worker, conn.id, self.max_streams)
-        conn.closed.add_done_callback(lambda _f, ckey=ckey, conn=conn: self._conn_closed(ckey, conn))
-        # decided under the state in force (a flush empties both `_waiting` and `installed`)
-        entries = self._waiting.pop(ckey, {})
-        if old is not None:  # the classes still riding the old (full) connection move onto this one
-            for flow, flow_id in list(self.installed.items()):
-                if self.flow_conn.get(flow_id) == old.id and flow not in entries:
-                    entries[flow] = self.entries[flow_id]
-        for entry in entries.values():  # replaces each class's entry in place: no lookup misses it
-            self._install(entry, conn)
-        if old is not None:
-            log.debug("fast path: HBONE connection %s replaced by %s (full: %s); %d classes moved", old.name,
-                      conn.name, old.fast_full, len(entries))
-            self._goaway(old)  # keeps its streams until they end, then closes; never a new one
-        if self._reaper is None or self._reaper.done():
-            self._reaper = self.loop.create_task(self._reap(), name="fast-path-reaper")
-
-    def _conn_closed(self, ckey, conn) -> None:
-        if self.conns.get(ckey) is conn:
-            del self.conns[ckey]
+    def _conn_closed(self, conn) -> None:
+        self.shared.pop(conn.id, None)
         if not self.engine._closed:
             self.core.flow_flush(conn.id)
         for flow, flow_id in list(self.installed.items()):
             if self.flow_conn.get(flow_id) == conn.id:
                 del self.installed[flow]
         self._drop_unused()
-
-    def _goaway(self, conn) -> None:
-        if conn.lost is not None or conn.goaway_sent:
-            return
-        conn.goaway_sent = True
-        if not self.engine._closed:
-            self.core.flow_flush(conn.id)
-            self.core.goaway(conn.worker, conn.id, ErrorCodes.NO_ERROR)
-
-    async def _reap(self) -> None:
-        interval = max(0.05, min(self.idle_timeout / 2, 30.0))
-        while self.conns:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for conn in list(self.conns.values()):
-                if getattr(conn, "fast_streams", 0) == 0 and now - conn.idle_since >= self.idle_timeout:
-                    log.debug("closing idle fast-path HBONE connection %s", conn.name)
-                    self._goaway(conn)
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
     def on_accepted(self, fd: int, lid: int = 1, full: int = 0) -> None:

@@ -168,11 +168,14 @@ class Outbound:
             service_host=route.service.hostname if route.service is not None else None,
         )
         key = pool_key(ctx, route, source, client_ip)
-        # --- fast path hook (proxy/fastpath.py): the native workers may take this flow class next time
-        if ctx.fast_path is not None:
-            ctx.fast_path.learn(route, source, key, client_ip, *route.target, scope=ctx)
-        # ---
+        fast_path = ctx.fast_path
+        generation = fast_path.generation if fast_path is not None else 0  # the state `route` was decided in
         stream = await ctx.pool.open_stream(key, request)
+        # --- fast path hook (proxy/fastpath.py): the native workers may carry this flow class on
+        # this pooled connection next time (unless the state changed while the CONNECT was answered)
+        if fast_path is not None:
+            fast_path.learn(route, source, key, stream.conn, client_ip, *route.target, generation, scope=ctx)
+        # ---
         try:
             completion = await ctx.engine.tunnel(sock, stream, conn_id)
         except BaseException:
