@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import uvloop
+from h2 import errors as h2_errors
 from OpenSSL import SSL
 
 from ztunnel_fast.engine import (
@@ -498,6 +499,40 @@ def test_graceful_goaway_lets_open_streams_finish(certs, kind):
         down.close()
         await asyncio.wait_for(asyncio.shield(pair.client.closed), 2)  # closed once its last stream ended
         await asyncio.wait_for(asyncio.shield(pair.server.closed), 2)
+        close_all(ce, se)
+
+    run(main())
+
+
+def test_a_connection_the_fast_path_shares_gets_its_stream_ids_from_the_worker(certs):
+    """Once the fast path shares a pooled connection (fast_enabled), the worker picks the id of
+    every stream the event loop opens: the ids go on ascending from those opened before, tunnels
+    work on them, a stream reset before its id came is reset once it comes (the server sees the
+    RST_STREAM), and the pool's idle release of the connection is a GOAWAY the worker closes on."""
+    async def main():
+        ce, se = engines("native-native")
+        pair = await Pair(certs, ce, se).open()
+        conn = pair.client
+        got, _ = await pair.echo(b"before sharing")  # stream 1: the id chosen here
+        assert got == b"before sharing"
+        conn.fast_enabled = True  # as FastPath._share: the command goes before any worker uses it
+        ce.core.fast_enable(conn.worker, conn.id, 100)
+        early = conn.start_stream(connect_request())
+        assert early.id == 0 and conn.active_streams == 1  # waiting for its id, counted meanwhile
+        early.reset()  # before its id came: sent with it
+        datas = [payload(200_000 + i, i) for i in range(3)]
+        results = await asyncio.gather(*(pair.echo(d) for d in datas))
+        assert [r[0] for r in results] == datas and all(r[1].error is None for r in results)
+        await asyncio.sleep(0.1)
+        assert early.id == 3 and early.reset_code == h2_errors.ErrorCodes.CANCEL
+        assert conn.streams_opened == 5 and not conn._opening and not conn.streams  # 5, 7, 9 ended too
+        assert not pair.server.streams
+        assert len(pair.completions) == 5 and sum(c.reset for c in pair.completions) == 1  # stream 3's
+        conn.close_idle()  # the pool's idle timeout: GOAWAY, the worker closes it with no streams left
+        assert conn.goaway_sent
+        await asyncio.wait_for(asyncio.shield(conn.closed), 2)
+        assert pair.server.goaway_received
+        pair.close()
         close_all(ce, se)
 
     run(main())
