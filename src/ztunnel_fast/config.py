@@ -265,7 +265,7 @@ class Config:
     http2_frame_size: int = 1_048_576  # HTTP2_FRAME_SIZE, bytes (1 MiB)
     worker_threads: int = 2  # ZTUNNEL_WORKER_THREADS: engine threads moving bytes
     engine: str = "auto"  # ZTUNNEL_ENGINE: auto|native|pure (ZTUNNEL_NO_EXTENSIONS forces pure)
-    fast_path: bool = False  # ZTUNNEL_FAST_PATH: native workers accept 15001 and serve cached flows (ours)
+    fast_path: bool = True  # ZTUNNEL_FAST_PATH: native workers accept 15001 and serve cached flows (ours)
     packet_mark: int = 1337  # PACKET_MARK: SO_MARK on upstream sockets so redirection skips them
     enable_orig_src: bool | None = None  # ENABLE_ORIG_SRC: spoof source IP; None = by mode
     ipv6_enabled: bool = True  # IPV6_ENABLED: bind [::] rather than 0.0.0.0
@@ -366,7 +366,7 @@ class Config:
             http2_frame_size=parsed("HTTP2_FRAME_SIZE", bounded(_MIN_FRAME, _MAX_FRAME), 1_048_576),
             worker_threads=worker_threads_from_env(env),
             engine=engine,
-            fast_path=parsed("ZTUNNEL_FAST_PATH", parse_bool, False),
+            fast_path=parsed("ZTUNNEL_FAST_PATH", parse_bool, True),
             packet_mark=parsed("PACKET_MARK", bounded(0, 2**32 - 1), 1337),  # SO_MARK is a u32
             enable_orig_src=parsed("ENABLE_ORIG_SRC", parse_bool, None),
             ipv6_enabled=parsed("IPV6_ENABLED", parse_bool, True),

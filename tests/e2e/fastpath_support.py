@@ -33,6 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 FAST = {"ZTUNNEL_FAST_PATH": "true"}
+SLOW = {"ZTUNNEL_FAST_PATH": "false"}  # the switch is on by default: "off" is said, never assumed
 OUTBOUND_STATS = re.compile(r"fast path: (\d+) connections carried by the workers, (\d+) by the event loop's path, "
                             r"(\d+) flushes")
 INBOUND_STATS = re.compile(r"inbound fast path: (\d+) CONNECTs answered by the workers, (\d+) handed back, "

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.parametrize("fast", [False, True], ids=["fast-off", "fast-on"])
 def test_sequential_connections_hash_checked_with_the_same_logs_and_metrics(lab, engine, fast):
-    a, b, za, zb = fp.two_pods(lab, client_env=fp.FAST if fast else {})
+    a, b, za, zb = fp.two_pods(lab, client_env=fp.FAST if fast else fp.SLOW)
     n = 40
     fp.sequential_hash_checked(lab, a, b, za, zb, n, seen_by="client")
     stats = fp.expect_counters(fp.outbound_stats(lab, za), engine, fast)
@@ -50,7 +50,7 @@ def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
     for server in (b, b2, locked, legacy, stranger):
         lab.app(server, "serve", "80", "echo", port=80)
     zf = lab.start_ztunnel(fast, **fp.FAST)
-    zs = lab.start_ztunnel(slow)
+    zs = lab.start_ztunnel(slow, **fp.SLOW)
     for server in (b, b2, locked):
         lab.start_ztunnel(server, redirect=False)
     cases = [("hbone", b.ip, "80"), ("denied", locked.ip, "80"), ("plain", legacy.ip, "80"),

@@ -20,7 +20,7 @@ def test_sequential_connects_hash_checked_with_the_same_logs_and_metrics(lab, en
     loop's (it installs the class), the rest the workers'.  Each carries its own trace id from the
     client to the server's lines; the access log lines and metrics are those of the event loop's
     path."""
-    a, b, za, zb = fp.two_pods(lab, server_env=fp.FAST if fast else {})
+    a, b, za, zb = fp.two_pods(lab, server_env=fp.FAST if fast else fp.SLOW)
     n = 40
     _, got, access, m = fp.sequential_hash_checked(lab, a, b, za, zb, n, seen_by="server")
     assert all(f"peer_ip={a.ip} peer_id=spiffe://cluster.local/ns/demo/sa/sleep}}" in line for line in got)
@@ -57,7 +57,7 @@ def test_every_routing_and_policy_case_agrees_cold_and_warm(lab, engine):
         lab.app(s, "serve", "81", "echo", port=81)
     lab.start_ztunnel(a)
     zts = {"alpha": lab.start_ztunnel(servers[0], redirect=False, **fp.FAST),
-           "bravo": lab.start_ztunnel(servers[1], redirect=False)}
+           "bravo": lab.start_ztunnel(servers[1], redirect=False, **fp.SLOW)}
     results = {}
     for s in servers:
         zt = zts[s.name]

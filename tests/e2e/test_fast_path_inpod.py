@@ -23,7 +23,7 @@ def test_pods_connections_agree_with_the_switch_on_and_off(lab, mesh, engine, fa
     """Sequential connections from sleep to echo (other node) and to web (same node): the same
     lines, access log, metrics and workloadState whichever path carries them."""
     m = mesh
-    start_both(m, **(fp.FAST if fast else {}))
+    start_both(m, **(fp.FAST if fast else fp.SLOW))
     z1, z2 = m.zt["node1"], m.zt["node2"]
     n = 30
     for dst in (m.echo, m.web):

@@ -35,6 +35,7 @@ def test_defaults():
     assert cfg.enable_orig_src is None
     assert cfg.ipv6_enabled is True
     assert cfg.node_local_fast_path is False
+    assert cfg.fast_path is True  # the flow caches are on unless ZTUNNEL_FAST_PATH=false
     assert cfg.connect_timeout == 10.0
     assert cfg.tls_handshake_timeout == 10.0
     assert cfg.max_pending_tls_handshakes == 1024
@@ -80,6 +81,7 @@ def test_all_set():
         "RUST_LOG": "info,access=debug",
         "LOG_FORMAT": "json",
         "TERMINATION_GRACE_PERIOD_SECONDS": "0",
+        "ZTUNNEL_FAST_PATH": "false",
     }
     cfg = Config.from_env(env)
     assert cfg == Config(
@@ -111,6 +113,7 @@ def test_all_set():
         log_level="info,access=debug",
         log_format="json",
         termination_grace_period=0.0,
+        fast_path=False,
     )
     assert cfg.identity() == Identity("td.example", "default", "sleep")
 
