@@ -20,7 +20,7 @@ outbound REDIRECTed to it, HBONE to the server's), and for the whole run:
 Samples every --interval seconds: RSS and open descriptors of both ztunnel-fast processes, held
 tunnels alive, HBONE connections of the client pod, cumulative errors, hash mismatches, crashes.
 At the end both proxies are drained (SIGTERM) with their fast-path loggers raised to info for the
-drain lines only: with --fast-path (native) the report says how many connections the client's
+drain lines only: with the fast paths on (the default; --no-fast-path turns them off) on the native engine, the report says how many connections the client's
 workers carried (outbound fast path) and how many CONNECTs the server's workers answered (inbound
 fast path), and a run where either is zero misses its target.  The proxies' WARN/ERROR lines are
 counted by message.
@@ -646,7 +646,7 @@ def markdown(soak: Soak, meta: dict) -> str:
     client_side = ("a node's ztunnel-fast in in-pod mode (the client pod handed over by istio-cni's double)"
                    if a.inpod else "a dedicated ztunnel-fast in the client pod")
     out = [f"# Soak run {meta['stamp']}", "",
-           f"`python -m bench.soak --minutes {a.minutes:g} --engine {a.engine}{' --fast-path' if a.fast_path else ''}{' --inpod' if a.inpod else ''}` on {meta['machine']['nproc']} cores "
+           f"`python -m bench.soak --minutes {a.minutes:g} --engine {a.engine}{'' if a.fast_path else ' --no-fast-path'}{' --inpod' if a.inpod else ''}` on {meta['machine']['nproc']} cores "
            f"({meta['machine']['cpu_model']}, {meta['machine']['os']}, Linux {meta['machine']['kernel']}); "
            f"load average at start {meta['machine']['loadavg_at_start']}, at end {meta['loadavg_at_end']}. "
            "The machine is shared with other work, which the load average shows; figures are "
@@ -749,7 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--secret-ttl", default="90s", help="SECRET_TTL of both proxies (renewed at half-life)")
     p.add_argument("--held", type=int, default=1000, help="tunnels held open for the whole run")
     p.add_argument("--no-faults", action="store_true")
-    p.add_argument("--fast-path", action="store_true", help="both proxies with ZTUNNEL_FAST_PATH=true (native engine)")
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="both proxies with ZTUNNEL_FAST_PATH=true, the default (native engine); "
+                        "--no-fast-path: =false")
     p.add_argument("--inpod", action="store_true",
                    help="the client side's ztunnel-fast is a node's in in-pod mode (istio-cni's double hands it the pod)")
     p.add_argument("--out", type=Path, default=RESULTS)
