@@ -92,9 +92,9 @@ def main(argv=None) -> int:
         lab.write_config()
         lab.app(server, "serve", "80", "echo", port=80)
         env = {"ZTUNNEL_WORKER_THREADS": str(a.worker_threads)}
-        fast = {"ZTUNNEL_FAST_PATH": "true"}
-        zc = lab.start_ztunnel(client, **env, **(fast if a.fast_path else {}))
-        zs = lab.start_ztunnel(server, redirect=False, **env, **(fast if a.fast_path == "both" else {}))
+        on, off = {"ZTUNNEL_FAST_PATH": "true"}, {"ZTUNNEL_FAST_PATH": "false"}  # said, not the default
+        zc = lab.start_ztunnel(client, **env, **(on if a.fast_path else off))
+        zs = lab.start_ztunnel(server, redirect=False, **env, **(on if a.fast_path == "both" else off))
         proxies = Proxies({"client": zc.proc.pid, "server": zs.proc.pid})
         raw = work / "client-ztunnel.raw"
         rec = None
