@@ -159,7 +159,7 @@ class PodProxy:
             if fast_path is not None and name == "outbound" and lsock.family == socket.AF_INET \
                     and self.fast_lid is None:
                 # the native workers accept it themselves (proxy/fastpath.py), misses come back here
-                self.fast_lid = fast_path.listen(lsock, handle=handlers[name], outbound=outbound, scope=scope,
+                self.fast_lid = fast_path.listen(lsock, handle=handlers[name], scope=scope,
                                                  open_connections=self.outbound_open)
                 if self.fast_lid is not None:
                     continue

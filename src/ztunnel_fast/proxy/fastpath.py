@@ -76,13 +76,12 @@ RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lo
 class _Listener:
     """One outbound listener the workers accept on: node mode's, or a pod's (in-pod mode)."""
 
-    __slots__ = ("lid", "sock", "handle", "outbound", "scope", "open_connections")
+    __slots__ = ("lid", "sock", "handle", "scope", "open_connections")
 
-    def __init__(self, lid, sock, handle, outbound, scope, open_connections):
+    def __init__(self, lid, sock, handle, scope, open_connections):
         self.lid = lid
         self.sock = sock
         self.handle = handle  # the event loop's path for a miss (Outbound.handle, or the pod's wrapper)
-        self.outbound = outbound  # dials the fast path's HBONE connections (in the pod's netns)
         self.scope = scope  # ProxyContext, or the pod's PodScope: source workload, track, dedicated
         self.open_connections = open_connections  # the pod's workloadState outbound list, or None
 
@@ -113,15 +112,15 @@ class FastPath(TunnelSink):
         self.engine.fast_sink = self
 
     # -- the listeners --------------------------------------------------------------------------
-    def listen(self, lsock: socket.socket, *, handle=None, outbound=None, scope=None,
+    def listen(self, lsock: socket.socket, *, handle=None, scope=None,
                open_connections: dict | None = None) -> int | None:
         """The workers accept on `lsock` from now on (the event loop does not); returns its
         listener id, or None after drain (the caller serves it itself).  Node mode: the defaults;
-        in-pod mode: the pod's handler, Outbound (its netns) and PodScope."""
+        in-pod mode: the pod's handler and PodScope (its pool dials in its netns)."""
         if self._stopped or self.engine._closed:
             return None
         lid = next(self._lids)
-        lst = _Listener(lid, lsock, handle or self.outbound.handle, outbound or self.outbound, scope or self.ctx,
+        lst = _Listener(lid, lsock, handle or self.outbound.handle, scope or self.ctx,
                         open_connections)
         self.core.listen(lsock.fileno(), (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL,
                                           sockets.KEEPALIVE_COUNT), lid)
