@@ -16,7 +16,7 @@ no ratio and is counted in `incomplete`; medians are over the runs and rounds th
 from __future__ import annotations
 
 import statistics
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def order(rounds: int, threads: Iterable[int]) -> list[list[int]]:

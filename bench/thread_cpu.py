@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated worker thread counts")
     ap.add_argument("--seconds", type=float, default=5.0, help="wrk seconds per run (whole)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="more environment for both ztunnel-fast proxies (e.g. POOL_MAX_STREAMS_PER_CONNECTION=4)")
     ap.add_argument("--json", type=Path, help="write every run's per-thread rows here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if not setup.scales:
         print(f"{args.setup} has no worker threads to vary", file=sys.stderr)
         return 2
+    if args.env:
+        if not hasattr(setup, "extra_env"):
+            print("--env applies to ztunnel-fast setups only", file=sys.stderr)
+            return 2
+        setup.extra_env = dict(kv.split("=", 1) for kv in args.env)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     settings = replace(DEFAULT, wrk_seconds=args.seconds, settle_seconds=1.0)
     netns.cleanup_stale(PREFIX)

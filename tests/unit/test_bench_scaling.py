@@ -158,9 +158,8 @@ def test_labs_tears_down_only_its_own_setup_and_every_one_on_the_way_out(monkeyp
         assert c2.bl.torn and not c1.bl.torn and runner.live == [c1.bl]
     assert c1.bl.torn and runner.live == []
     assert [v["threads"] for v in rec["variants"].values()] == [1, 2]
-    with pytest.raises(RuntimeError):  # a failure inside tears both down too
-        with labs.open(threads=1) as c1, labs.open(threads=2) as c2:
-            raise RuntimeError("wrk failed")
+    with pytest.raises(RuntimeError), labs.open(threads=1) as c1, labs.open(threads=2) as c2:
+        raise RuntimeError("wrk failed")  # a failure inside tears both down too
     assert c1.bl.torn and c2.bl.torn and runner.live == []
 
 
