@@ -72,7 +72,11 @@ def _syscalls_summary(r: dict) -> str:
 
 
 def _scaling_summary(r: dict) -> str:
-    return ", ".join(f"{t} thread(s) {v['rps']:,.0f} req/s" for t, v in r["by_threads"].items())
+    rates = ", ".join(f"{t} thread(s) {v['rps']:,.0f} req/s" for t, v in r["by_threads"].items() if v.get("rps"))
+    if r.get("ratio_median") is None:
+        return rates
+    return (f"{rates} (medians of {r['rounds']} alternated rounds); 2 ÷ 1 median {r['ratio_median']:.2f} "
+            f"(min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})")
 
 
 def _topology_summary(r: dict) -> str:
@@ -106,7 +110,7 @@ STEPS = (
     Step("http_ka", "HTTP keep-alive", lambda c: runners.http(c, False), _wrk_summary),
     Step("http_nc", "HTTP new connection per request", lambda c: runners.http(c, True), _wrk_summary),
     Step("tunnels", "concurrent tunnels", runners.tunnels, _tunnels_summary),
-    Step("scaling", "new connection per request at 1 and 2 worker threads", runners.scaling, _scaling_summary,
+    Step("scaling", "new connection per request at 1 and 2 worker threads, alternated rounds", runners.scaling, _scaling_summary,
          proxied_only=True, own_lab=True),
     Step("topology2", "throughput and CPU per GB on the second topology", runners.other_topology,
          _topology_summary, own_lab=True, applies=lambda s: bool(s.second_topology)),
@@ -152,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iperf-seconds", type=float, help="override: seconds per throughput run")
     p.add_argument("--wrk-seconds", type=float, help="override: seconds per HTTP run")
     p.add_argument("--wrk-connections", type=int, help="override: wrk connections")
+    p.add_argument("--scaling-rounds", type=int, help="override: alternated rounds of the scaling figure")
+    p.add_argument("--scaling-seconds", type=float, help="override: seconds per wrk run of the scaling figure")
     p.add_argument("--cpu-mib", type=int, help="override: MiB of the fixed-size CPU run")
     p.add_argument("--tunnels", type=int, help="override: concurrent tunnels")
     p.add_argument("--micro-only", action="store_true", help="run only the in-process micro-benchmarks (bench.micro)")
@@ -165,6 +171,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else DEFAULT
     over = {
         "iperf_seconds": args.iperf_seconds, "wrk_seconds": args.wrk_seconds, "wrk_connections": args.wrk_connections,
+        "scaling_rounds": args.scaling_rounds, "scaling_seconds": args.scaling_seconds,
         "cpu_bytes": args.cpu_mib * MIB if args.cpu_mib else None, "tunnels": args.tunnels,
         "syscall_bytes": args.syscall_mib * MIB if args.syscall_mib else None,
         "syscall_tool": args.syscall_tool, "worker_threads": args.worker_threads,
@@ -247,16 +254,18 @@ class Runner:
         self.progress, self.task, self.console = progress, task, console
         self.profile, self.results_dir, self.stamp = profile, results_dir, stamp
         self.skip = skip
-        self.current = None  # the live BenchLab, for teardown on interruption
+        self.live: list = []  # the live BenchLabs (the scaling step keeps two), for teardown on interruption
         self.labs_built = 0  # names of the variant labs: unique within the run
 
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False)
 
-    def teardown(self) -> None:
-        if self.current is not None:
-            bl, self.current = self.current, None
-            bl.teardown()
+    def teardown(self, bl=None) -> None:
+        """Tear down `bl`, or every live lab when None."""
+        for lab in ([bl] if bl is not None else list(self.live)):
+            if lab in self.live:
+                self.live.remove(lab)
+                lab.teardown()
 
     def _build(self, setup, attempt: int | str, threads: int | None = None, topology: str | None = None):
         from .lab import BenchLab
@@ -267,7 +276,7 @@ class Runner:
             else f"{setup.name}-{attempt}"
         bl = BenchLab(workdir, name, self.run_id, self.settings.body_bytes,
                       topology=topology or self.settings.topology)
-        self.current = bl
+        self.live.append(bl)
         started = setup.start(bl, threads)
         return bl, started, runners.Ctx(bl, started.proxies, self.settings, workdir,
                                         pooled=started.info.get("pooled", True))
@@ -398,7 +407,8 @@ class Runner:
 
 class _Labs:
     """runners.Labs for the variant steps: fresh setups of one Setup with other worker threads or
-    another topology, built one at a time, each checked before it is measured, torn down after."""
+    another topology, each checked before it is measured and torn down when its `open` exits (the
+    scaling step holds two open at once, to alternate between them)."""
 
     def __init__(self, runner: Runner, setup, rec: dict):
         self.runner, self.setup, self.rec = runner, setup, rec
@@ -408,6 +418,7 @@ class _Labs:
     def open(self, threads: int | None = None, topology: str | None = None):
         self.runner.labs_built += 1
         tag = f"v{self.runner.labs_built}"
+        before = list(self.runner.live)
         try:
             _, started, ctx = self.runner._build(self.setup, tag, threads=threads, topology=topology)
             self.rec.setdefault("variants", {})[tag] = {"threads": threads, "topology": topology or
@@ -415,7 +426,8 @@ class _Labs:
             runners.path_check(ctx)
             yield ctx
         finally:
-            self.runner.teardown()
+            for bl in [bl for bl in self.runner.live if bl not in before]:  # this one's lab only (two may be open)
+                self.runner.teardown(bl)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import scaling
+
 MIB = 1 << 20
 KIB = 1 << 10
 ORDER = ("direct", "native", "fastpath", "xds", "pure", "envoy", "envoy1", "relay", "relaycopy", "relayaead", "floor",
@@ -71,6 +73,8 @@ METRICS = (
     Metric("hbone_connections", "HBONE connections", "", False, ",.0f", proxy_only=True, ratio=False),
 )
 BY_KEY = {m.key: m for m in METRICS}
+# metrics that come with a spread: metrics_from_raw adds "<key>_min" and "<key>_max" (the table's "(min–max)")
+WITH_SPREAD = ("newconn_scaling",)
 # figures taken with the tunnels open: marked "*" when fewer than requested were open and alive
 AT_TUNNELS = frozenset({"tunnels_rss", "rss_per_tunnel", "proxy_sockets", "hbone_connections"})
 
@@ -116,9 +120,9 @@ def metrics_from_raw(raw: dict, proxied: bool) -> dict[str, float | None]:
         for kind in ("read", "write", "epoll", "other"):
             m[f"syscalls_{kind}_per_gb"] = per_gb.get(kind)
         by_threads = _get(raw, "scaling", "by_threads") or {}
-        one, two = _get(by_threads, "1", "rps"), _get(by_threads, "2", "rps")
-        m["rps_newconn_1t"], m["rps_newconn_2t"] = one, two
-        m["newconn_scaling"] = two / one if one and two else None
+        m["rps_newconn_1t"], m["rps_newconn_2t"] = _get(by_threads, "1", "rps"), _get(by_threads, "2", "rps")
+        # median of the alternated rounds' ratios; its spread is shown next to it (not a METRICS key)
+        m["newconn_scaling"], m["newconn_scaling_min"], m["newconn_scaling_max"] = scaling.ratio_of(raw.get("scaling"))
     for suffix, step in (("keepalive", "http_ka"), ("newconn", "http_nc")):
         m[f"rps_{suffix}"] = _get(raw, step, "rps")
         m[f"p50_{suffix}"] = _get(raw, step, "p50_ms")
@@ -163,6 +167,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _spread(metrics: dict, m: Metric) -> str:
+    """" (min–max)" after a figure that has a spread (the scaling ratio's alternated rounds)."""
+    lo, hi = metrics.get(f"{m.key}_min"), metrics.get(f"{m.key}_max")
+    return "" if lo is None or hi is None else f" ({format(lo, m.fmt)}–{format(hi, m.fmt)})"
+
+
 def _fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}×"
 
@@ -191,7 +201,9 @@ def configuration(doc: dict) -> str:
         parts.append("Envoy --concurrency " + " and ".join(map(str, conc)))
     if any(n in setups for n in ("native", "pure", "fastpath", "xds")):
         parts.append(f"ztunnel-fast ZTUNNEL_WORKER_THREADS={s.get('worker_threads', '?')}")
-    parts.append("scaling at " + " and ".join(map(str, s.get("scaling_threads") or ())) + " worker threads")
+    parts.append("scaling at " + " and ".join(map(str, s.get("scaling_threads") or ())) + " worker threads"
+                 + (f" ({s['scaling_rounds']} alternated rounds of {s.get('scaling_seconds')} s)"
+                    if s.get("scaling_rounds") else ""))
     parts.append(f"iperf3 {s.get('iperf_seconds')} s + {s.get('iperf_omit')} s warm-up")
     parts.append(f"CPU/GB from {(s.get('cpu_bytes') or 0) / MIB:,.0f} MiB")
     tool = next((st["raw"]["syscalls"]["tool"] for st in setups.values() if (st.get("raw") or {}).get("syscalls")),
@@ -225,7 +237,7 @@ def table(doc: dict) -> tuple[list[str], list[list[str]]]:
                 row.append("failed" if doc["setups"][s].get("available", True) else "n/a")
             else:
                 star = "*" if v is not None and m.key in AT_TUNNELS and partial_tunnels(doc["setups"][s]) else ""
-                row.append(_fmt(v, m.fmt) + star)
+                row.append(_fmt(v, m.fmt) + star + _spread(metrics[s], m))
         row += [_fmt_ratio(rat[k].get(m.key)) for k in ratio_cols]
         rows.append(row)
     return header, rows
@@ -292,8 +304,10 @@ def notes(doc: dict) -> list[str]:
         f"tunnels: {s.get('tunnels'):,} concurrent connections each proven by a 1-byte round trip; RSS per tunnel = "
         "(RSS at N - RSS just before) / N",
         "proxy CPU per new connection = utime+stime of both proxies over the new-connection wrk run ÷ requests "
-        "completed; the 1/2 worker-thread rates come from fresh setups run back to back (ztunnel-fast "
-        "ZTUNNEL_WORKER_THREADS, Envoy --concurrency; the pure twin has no worker threads)",
+        "completed; the 1/2 worker-thread rates come from two fresh setups open at once, run alternately in "
+        f"{s.get('scaling_rounds') or 1} rounds of {s.get('scaling_seconds') or s.get('wrk_seconds')} s, the order "
+        "flipping every round (ztunnel-fast ZTUNNEL_WORKER_THREADS, Envoy --concurrency; the pure twin has no "
+        "worker threads): rates are the medians, 2 ÷ 1 is the median of the per-round ratios with (min–max)",
         "syscalls per GB: both proxies, every thread, counted on a transfer of their own (never a timed one), "
         "÷ GB received; read = read/readv/recv*, write = write/writev/send*, epoll = epoll_*",
     ]

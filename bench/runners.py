@@ -20,16 +20,18 @@ import select
 import subprocess
 import sys
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from . import parse, syscount
+from . import scaling as scaling_figure
 from .lab import HOLD_PORT, HTTP_PORT, IPERF_PORT, TUNNELS_SCRIPT, BenchLab
 from .procstat import Proxies
 from .settings import Settings
 
+SCALING_PAUSE_S = 0.5  # between the alternated scaling runs
 GB = 1e9  # CPU seconds per GB: decimal gigabytes of payload received by the server
 
 
@@ -221,13 +223,26 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
 
 # ------------------------------------------------------------------------------------- variants
 def scaling(labs: Labs) -> dict:
-    """New connection per request with the proxies given 1, then 2 worker threads (Envoy:
-    --concurrency), each on a fresh setup, back to back (so the two figures share conditions)."""
-    out = {}
-    for threads in labs.settings.scaling_threads:
-        with labs.open(threads=threads) as ctx:
-            out[str(threads)] = http(ctx, True)
-    return {"by_threads": out}
+    """New connection per request with the proxies given 1 and 2 worker threads (Envoy:
+    --concurrency): one fresh setup per thread count, both open at once (the idle one costs
+    nothing), each warmed by a short unrecorded run, then `scaling_rounds` rounds of one
+    `scaling_seconds` wrk run against each, the order flipping every round (bench.scaling: the
+    figure is the median of the per-round 2 ÷ 1 ratios, min and max its spread)."""
+    s = labs.settings
+    short = replace(s, wrk_seconds=s.scaling_seconds)
+    warm = replace(s, wrk_seconds=1.0)
+    with ExitStack() as stack:
+        ctxs = {str(t): stack.enter_context(labs.open(threads=t)) for t in s.scaling_threads}
+        for ctx in ctxs.values():  # pools, caches and the page cache of both setups warm before any figure
+            http(replace(ctx, settings=warm), True)
+        rounds = []
+        for threads in scaling_figure.order(s.scaling_rounds, ctxs):
+            time.sleep(SCALING_PAUSE_S)  # the previous run's TIME_WAIT and close work settle first
+            rounds.append({t: http(replace(ctxs[t], settings=short), True) for t in threads})
+    out = scaling_figure.summarize(rounds, *ctxs)
+    out["runs"] = rounds
+    out["order"] = [list(rnd) for rnd in rounds]
+    return out
 
 
 def other_topology(labs: Labs) -> dict:

@@ -27,6 +27,8 @@ class Settings:
     syscall_tool: str = "auto"  # "perf" (syscall tracepoints), "strace" (strace -c -f) or "auto" (perf if it works)
     worker_threads: int = 2  # ZTUNNEL_WORKER_THREADS of ztunnel-fast in every figure but the scaling ones
     scaling_threads: tuple[int, ...] = (1, 2)  # new-connection rate at these worker threads / Envoy concurrency
+    scaling_rounds: int = 8  # alternated rounds (one wrk run per thread count each, order flipping: bench.scaling)
+    scaling_seconds: float = 4.0  # per scaling wrk run; whole seconds
     topology: str = "bridge"  # "bridge" (pods on a bridge) or "veth" (one veth pair between the pods)
     second_topology: str | None = "veth"  # throughput and CPU/GB also measured on this one (None: not)
 
@@ -41,6 +43,8 @@ QUICK = replace(
     cpu_bytes=512 * MIB,
     syscall_bytes=256 * MIB,
     wrk_seconds=3.0,
+    scaling_rounds=2,
+    scaling_seconds=2.0,
     tunnels=2_000,
     tunnel_open_timeout=90.0,
     settle_seconds=1.0,

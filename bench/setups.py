@@ -104,6 +104,7 @@ class ZtunnelFast(Setup):
         self.log_level = log_level
         self.worker_threads = worker_threads
         self.scales = engine == "native"  # the pure twin has no worker threads (one asyncio loop)
+        self.extra_env: dict[str, str] = {}  # more env for both proxies (bench tools' experiments only)
 
     def available(self) -> tuple[bool, str]:
         if self.engine == "native":
@@ -117,7 +118,7 @@ class ZtunnelFast(Setup):
     def start(self, bl: BenchLab, threads: int | None = None) -> Started:
         threads = threads or self.worker_threads
         env = {"ZTUNNEL_ENGINE": self.engine, "RUST_LOG": self.log_level, "ZTUNNEL_WORKER_THREADS": str(threads),
-               "ZTUNNEL_FAST_PATH": "true" if self.fast_path else "false"}
+               "ZTUNNEL_FAST_PATH": "true" if self.fast_path else "false", **self.extra_env}
         if self.xds:
             istiod = bl.lab.attach(LabIstiod(bl.lab))
             istiod.start()  # serves the Lab's pods over xDS and signs their certificates

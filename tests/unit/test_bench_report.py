@@ -172,7 +172,8 @@ def test_metrics_of_direct_have_no_proxy_figures():
 
 def test_metrics_missing_steps_are_none():
     m = report.metrics_from_raw({}, proxied=True)
-    assert set(m) == set(report.BY_KEY) and all(v is None for v in m.values())
+    spreads = {f"{k}_{end}" for k in report.WITH_SPREAD for end in ("min", "max")}
+    assert set(m) == set(report.BY_KEY) | spreads and all(v is None for v in m.values())
 
 
 def test_ratio():

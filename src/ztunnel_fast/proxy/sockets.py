@@ -179,11 +179,34 @@ async def connect(
         # asyncio.timeout, not wait_for: no extra future and callbacks per connection; a timeout
         # still raises TimeoutError (asyncio.TimeoutError) with the connect cancelled
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (_ip_text(ip), port))
+            await connect_numeric(loop, sock, (_ip_text(ip), port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect_numeric(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple) -> None:
+    """Connect the non-blocking `sock` to `address`, a numeric IP and port: connect(2), then wait
+    for writability and read SO_ERROR, as loop.sock_connect does once the address is resolved.
+    Not loop.sock_connect itself: uvloop's resolves every address, numeric ones too, with
+    getaddrinfo on libuv's thread pool (a hand-off to a pool thread and back per connection).
+    Raises OSError (ConnectionRefusedError, ...) with the errno the kernel gave."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    writable = loop.create_future()
+    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"Connect call failed {address}")
 
 
 _draining: set[asyncio.Task] = set()  # close_gracefully tasks started by close_later (kept from GC)
