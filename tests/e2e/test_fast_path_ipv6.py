@@ -14,7 +14,11 @@ that the worker's `forwarded` must match.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,6 +30,7 @@ from . import fastpath_support as fp
 pytestmark = pytest.mark.e2e
 
 V6 = {"sleep": "fd00::1:0:0:a", "httpbin": "fd00::1:0:0:b"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dual_stack_pods(lab, env: dict):
@@ -48,6 +53,10 @@ def dual_stack_pods(lab, env: dict):
                              "lo", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports",
                              "15001"])
     return a, b, za, zb
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
 
 
 def _host(ip: str) -> str:
@@ -92,3 +101,59 @@ def test_ipv6_and_ipv4_flows_hash_checked_on_both_fast_paths(lab, engine):
         assert carried + event_loop == 2 * n and carried >= 2 * n - 10, out_stats
         answered, handed, _ = in_stats
         assert answered >= 2 * n - 10 and handed == 0, in_stats
+
+
+def test_the_workers_connect_is_the_event_loops_for_both_families(lab, engine):
+    """The CONNECTs as the peer decodes them (tests/e2e/hbone_recorder.py, an independent HBONE
+    server with httpbin's identity in place of its ztunnel): per family, the first connection is
+    the event loop's (it installs the class), the rest the workers' on the native engine, all of
+    them the event loop's on the pure one; every request has the same fields in the same order,
+    `forwarded` is for="<the client's address and port>" (IPv6 in brackets, RFC 5952 text),
+    `traceparent` carries the trace id of the client's `proxy to` line, the rest is equal."""
+    a = lab.pod("sleep", namespace="demo")
+    b = lab.pod("httpbin", namespace="demo")
+    for p in (a, b):
+        lab.topology.run(p.pod, ["ip", "-6", "addr", "add", f"{V6[p.name]}/64", "dev", netns.Topology.POD_IF,
+                                 "nodad"])
+    cfg = lab.config()
+    for w in cfg["workloads"]:
+        w["workloadIps"].append(V6[w["name"]])
+    lab.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    chain, key, _ = lab.identity_files(b.identity, "httpbin")
+    n = 8
+    records = lab.workdir / "connects.jsonl"
+    log = open(lab.workdir / "recorder.out", "wb")
+    recorder = lab.topology.popen(b.pod, [sys.executable, "-m", "tests.e2e.hbone_recorder", "--chain", str(chain),
+                                          "--key", str(key), "--out", str(records), "--count", str(2 * n),
+                                          "--timeout", "120"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        netns.wait_listening(b.pod, 15008)
+        za = lab.start_ztunnel(a, **fp.FAST)
+        lab.topology.run(a.pod, ["ip6tables-legacy", "-w", "10", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-o",
+                                 "lo", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports",
+                                 "15001"])
+        for family, (src, dst) in enumerate(((V6["sleep"], V6["httpbin"]), (a.ip, b.ip)), start=1):
+            out = lab.client(a, "echo", dst, "80", "--size", "1000", "--count", str(n), "--concurrency", "1")
+            assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
+            lines = fp.wait_lines(za, "connection complete", family * n)
+            assert len(lines) == family * n
+            ports = sorted(int(m) for m in re.findall(rf'src\.addr={re.escape(_host(src))}:(\d+)', "\n".join(lines)))
+            trace_ids = sorted(fp.trace_id(line, "outbound")
+                               for line in za.lines(f"proxy to {_host(dst)}:80 using HBONE"))
+            assert len(ports) == n and len(trace_ids) == n
+            got = [r["headers"] for r in _json_lines(records) if dict(r["headers"])[":authority"] == f"{_host(dst)}:80"]
+            assert len(got) == n, got
+            assert all([f[0] for f in h] == [":method", ":authority", "forwarded", "traceparent", "baggage"]
+                       for h in got), got
+            assert all([f for f in h if f[0] not in ("forwarded", "traceparent")]
+                       == [f for f in got[0] if f[0] not in ("forwarded", "traceparent")] for h in got), got
+            forwarded = sorted(dict(h)["forwarded"] for h in got)
+            assert forwarded == sorted(f'for="{_host(src)}:{port}"' for port in ports), (forwarded, ports)
+            assert sorted(dict(h)["traceparent"].split("-")[1] for h in got) == trace_ids
+        stats = fp.expect_counters(fp.outbound_stats(lab, za), engine)
+        if stats is not None:
+            carried, event_loop, _ = stats
+            assert carried + event_loop == 2 * n and carried >= 2 * n - 6, stats
+    finally:
+        lab.topology.stop(recorder)
