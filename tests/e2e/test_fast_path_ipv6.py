@@ -31,6 +31,9 @@ pytestmark = pytest.mark.e2e
 
 V6 = {"sleep": "fd00::1:0:0:a", "httpbin": "fd00::1:0:0:b"}
 REPO = Path(__file__).resolve().parents[2]
+# client addresses whose RFC 5952 text exercises its rules: the first of two equal zero runs
+# compressed, the longer of two, a trailing run, a lone zero group never compressed (last, first)
+EXTRA_SOURCES = ["2001:db8::1:0:0:1", "2001:db8:0:1::1", "1:0:0:1::", "2001:db8:1:1:1:1:1:0", "0:1:2:3:4:5:6:7"]
 
 
 def dual_stack_pods(lab, env: dict):
@@ -105,26 +108,32 @@ def test_ipv6_and_ipv4_flows_hash_checked_on_both_fast_paths(lab, engine):
 
 def test_the_workers_connect_is_the_event_loops_for_both_families(lab, engine):
     """The CONNECTs as the peer decodes them (tests/e2e/hbone_recorder.py, an independent HBONE
-    server with httpbin's identity in place of its ztunnel): per family, the first connection is
-    the event loop's (it installs the class), the rest the workers' on the native engine, all of
-    them the event loop's on the pure one; every request has the same fields in the same order,
-    `forwarded` is for="<the client's address and port>" (IPv6 in brackets, RFC 5952 text),
-    `traceparent` carries the trace id of the client's `proxy to` line, the rest is equal."""
+    server with httpbin's identity in place of its ztunnel): per class (source address), the first
+    connection is the event loop's (it installs the class), the rest the workers' on the native
+    engine, all of them the event loop's on the pure one; every request of a family has the same
+    fields in the same order, `forwarded` is for="<the client's address and port>" (IPv6 in
+    brackets, the RFC 5952 text of Python's ipaddress: the client binds sources whose text tests
+    its rules), `traceparent` carries the trace id of a `proxy to` line, the rest is equal."""
     a = lab.pod("sleep", namespace="demo")
     b = lab.pod("httpbin", namespace="demo")
     for p in (a, b):
         lab.topology.run(p.pod, ["ip", "-6", "addr", "add", f"{V6[p.name]}/64", "dev", netns.Topology.POD_IF,
                                  "nodad"])
+    for src in EXTRA_SOURCES:  # more client addresses, off the /64: the server answers them on-link
+        lab.topology.run(a.pod, ["ip", "-6", "addr", "add", f"{src}/128", "dev", netns.Topology.POD_IF, "nodad"])
+    lab.topology.run(b.pod, ["ip", "-6", "route", "add", "default", "dev", netns.Topology.POD_IF])
     cfg = lab.config()
     for w in cfg["workloads"]:
         w["workloadIps"].append(V6[w["name"]])
     lab.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     chain, key, _ = lab.identity_files(b.identity, "httpbin")
-    n = 8
+    n, m = 8, 3  # connections of the main classes, of each extra source's
+    cases = [(V6["sleep"], V6["httpbin"], n)] + [(s, V6["httpbin"], m) for s in EXTRA_SOURCES] + [(a.ip, b.ip, n)]
+    total = sum(c for _, _, c in cases)
     records = lab.workdir / "connects.jsonl"
     log = open(lab.workdir / "recorder.out", "wb")
     recorder = lab.topology.popen(b.pod, [sys.executable, "-m", "tests.e2e.hbone_recorder", "--chain", str(chain),
-                                          "--key", str(key), "--out", str(records), "--count", str(2 * n),
+                                          "--key", str(key), "--out", str(records), "--count", str(total),
                                           "--timeout", "120"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
@@ -133,27 +142,33 @@ def test_the_workers_connect_is_the_event_loops_for_both_families(lab, engine):
         lab.topology.run(a.pod, ["ip6tables-legacy", "-w", "10", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-o",
                                  "lo", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports",
                                  "15001"])
-        for family, (src, dst) in enumerate(((V6["sleep"], V6["httpbin"]), (a.ip, b.ip)), start=1):
-            out = lab.client(a, "echo", dst, "80", "--size", "1000", "--count", str(n), "--concurrency", "1")
-            assert out["ok"] == n and out["failed"] == 0 and out["mismatched"] == 0, out
-            lines = fp.wait_lines(za, "connection complete", family * n)
-            assert len(lines) == family * n
-            ports = sorted(int(m) for m in re.findall(rf'src\.addr={re.escape(_host(src))}:(\d+)', "\n".join(lines)))
-            trace_ids = sorted(fp.trace_id(line, "outbound")
-                               for line in za.lines(f"proxy to {_host(dst)}:80 using HBONE"))
-            assert len(ports) == n and len(trace_ids) == n
-            got = [r["headers"] for r in _json_lines(records) if dict(r["headers"])[":authority"] == f"{_host(dst)}:80"]
-            assert len(got) == n, got
-            assert all([f[0] for f in h] == [":method", ":authority", "forwarded", "traceparent", "baggage"]
-                       for h in got), got
-            assert all([f for f in h if f[0] not in ("forwarded", "traceparent")]
-                       == [f for f in got[0] if f[0] not in ("forwarded", "traceparent")] for h in got), got
-            forwarded = sorted(dict(h)["forwarded"] for h in got)
+        done = 0
+        for src, dst, count in cases:
+            out = lab.client(a, "echo", dst, "80", "--size", "1000", "--count", str(count), "--concurrency", "1",
+                             "--source", src)
+            assert out["ok"] == count and out["failed"] == 0 and out["mismatched"] == 0, (src, out)
+            done += count
+            lines = fp.wait_lines(za, "connection complete", done)
+            assert len(lines) == done
+            ports = sorted(int(p) for p in re.findall(rf"src\.addr={re.escape(_host(src))}:(\d+)", "\n".join(lines)))
+            assert len(ports) == count, (src, lines)
+            forwarded = sorted(dict(r["headers"])["forwarded"] for r in _json_lines(records)
+                               if dict(r["headers"])["forwarded"].startswith(f'for="{_host(src)}:'))
             assert forwarded == sorted(f'for="{_host(src)}:{port}"' for port in ports), (forwarded, ports)
-            assert sorted(dict(h)["traceparent"].split("-")[1] for h in got) == trace_ids
+        got = [r["headers"] for r in _json_lines(records)]
+        assert len(got) == total
+        for dst in (V6["httpbin"], b.ip):
+            family = [h for h in got if dict(h)[":authority"] == f"{_host(dst)}:80"]
+            assert len(family) == total - n if ":" in dst else n
+            assert all([f[0] for f in h] == [":method", ":authority", "forwarded", "traceparent", "baggage"]
+                       for h in family), family
+            assert all([f for f in h if f[0] not in ("forwarded", "traceparent")]
+                       == [f for f in family[0] if f[0] not in ("forwarded", "traceparent")] for h in family), family
+        trace_ids = sorted(fp.trace_id(line, "outbound") for line in za.lines("using HBONE via"))
+        assert sorted(dict(h)["traceparent"].split("-")[1] for h in got) == trace_ids
         stats = fp.expect_counters(fp.outbound_stats(lab, za), engine)
         if stats is not None:
             carried, event_loop, _ = stats
-            assert carried + event_loop == 2 * n and carried >= 2 * n - 6, stats
+            assert carried + event_loop == total and carried >= total - 2 * len(cases), stats
     finally:
         lab.topology.stop(recorder)
