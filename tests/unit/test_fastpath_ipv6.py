@@ -228,3 +228,63 @@ def test_a_worker_sends_the_event_loops_connect_for_ipv4_and_ipv6_clients_of_one
             client_engine.close()
 
     run(main())
+
+
+# -- the control side: a scope's two listeners (proxy/fastpath.py) --------------------------------
+class ListenCore:
+    """Stands in for the engine's core: records which socket is listened on under which id."""
+
+    flow_stats = (0, 0, 0, 0)
+
+    def __init__(self):
+        self.listened: list[tuple[int, int]] = []
+        self.unlistened: list[int] = []
+
+    def listen(self, fd, keepalive, lid):
+        self.listened.append((fd, lid))
+
+    def unlisten(self, lid):
+        self.unlistened.append(lid)
+
+    def flow_flush(self, conn_id=0):
+        pass
+
+    def flow_flush_listener(self, lid):
+        pass
+
+
+def test_a_scopes_ipv4_and_ipv6_listeners_share_its_listener_id():
+    """Node mode's two outbound sockets are listener 1, a pod's two its own id: the flow class's
+    addresses carry the family.  Unlistening the pod shuts both of its sockets down (the kernel
+    refuses connections at once) and leaves node mode's listening."""
+    from types import SimpleNamespace
+
+    from ztunnel_fast.proxy import fastpath
+
+    async def main():
+        core = ListenCore()
+        engine = SimpleNamespace(core=core, _closed=False, _conns={}, fast_sink=None)
+        config = SimpleNamespace(pool_max_streams_per_connection=100, pool_unused_release_timeout=300.0)
+        ctx = SimpleNamespace(engine=engine, dedicated=True, track=lambda task: None, config=config)
+        fp = fastpath.FastPath(ctx, SimpleNamespace(handle=None))
+        pod = SimpleNamespace(dedicated=True, track=lambda task: None)
+        socks = [socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6),
+                 socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6)]
+        try:
+            assert [fp.listen(socks[0]), fp.listen(socks[1])] == [1, 1]
+            assert [fp.listen(s, handle=None, outbound=None, scope=pod) for s in socks[2:]] == [2, 2]
+            assert core.listened == [(s.fileno(), lid) for s, lid in zip(socks, (1, 1, 2, 2))]
+            fp.unlisten(2)
+            assert core.unlistened == [2] and list(fp.listeners) == [1]
+            for s in socks[2:]:
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(s.getsockname()[:2], timeout=5).close()
+            for s in socks[:2]:
+                socket.create_connection(s.getsockname()[:2], timeout=5).close()
+            fp.drain()
+            assert core.unlistened == [2, 1]
+        finally:
+            for s in socks:
+                s.close()
+
+    asyncio.run(main())
