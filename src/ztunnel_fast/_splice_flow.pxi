@@ -16,7 +16,8 @@
 # unusual (no entry, connection gone, full or going away) hands the socket to the event loop
 # (EV_ACCEPTED), whose path stays the reference; a hand-over because the connection is at its
 # stream limit names that connection (the event's id), so the event loop dials another for the key; the CONNECT's per-connection fields are literals
-# without indexing, so no HPACK encoder state exists to go out of step.
+# without indexing, so no HPACK encoder state exists to go out of step; `forwarded` is the text
+# hbone.headers.forwarded writes for either family (format_addr_port: IPv6 "[addr]:port", RFC 5952).
 
 DEF FLOW_BUCKETS = 4096
 DEF TRACE_HEX = 32                       # a trace id: 16 random bytes in hex
