@@ -291,8 +291,8 @@ cdef struct Listener:
 cdef struct FlowEntry:
     FlowEntry *next
     uint32_t lid         # the listener the flow was accepted on (in-pod: the pod)
-    uint32_t src         # IPv4, host byte order
-    uint32_t dst
+    uint8_t src[16]      # IPv6, or IPv4 as IPv4-mapped (::ffff:a.b.c.d); network byte order
+    uint8_t dst[16]      # the original destination, the same form
     uint32_t port
     uint64_t conn_id     # the fast-path HBONE connection that carries the flow
     int worker           # the worker that owns it
@@ -324,9 +324,11 @@ cdef struct InFlowEntry:
     char authority[64]   # INFLOW_AUTHORITY_MAX
     size_t authority_len
     uint64_t flow_id     # the event loop's id of the decision (workload, labels, log fields)
-    uint32_t app_ip      # the upstream (IPv4, host byte order)
+    int app_family       # AF_INET or AF_INET6: the upstream's (and the spoofed source's) family
+    uint8_t app_ip[16]   # the upstream: 4 bytes (AF_INET) or 16, network byte order
     uint32_t app_port
-    uint32_t source_ip   # bind to it with IP_TRANSPARENT (the peer's address), 0: no spoofing
+    uint8_t source_ip[16]  # bind to it with IP_TRANSPARENT (the peer's address), same family
+    bint has_source      # False: no spoofing (our own address)
     int mark             # SO_MARK of the upstream socket, 0: none
     int64_t timeout_ns   # connect timeout
     int keepalive[3]     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT

@@ -1,10 +1,12 @@
-# _splice piece: the outbound listeners accepted by the workers themselves (fast path): one in node
-# mode, one per pod (in its network namespace) in in-pod mode, each with the event loop's listener id.
+# _splice piece: the outbound listeners accepted by the workers themselves (fast path): node mode's,
+# or one per pod (in its network namespace) in in-pod mode, each with the event loop's listener id;
+# a listener id may name several sockets (the IPv4 and the IPv6 one: dual stack).
 #
 # Each worker watches its own dup of the listening socket (EPOLLEXCLUSIVE: one worker woken per
 # connection), accepts, tunes the socket as proxy/sockets.tune does, reads the original destination
-# (SO_ORIGINAL_DST, else the local address as under TPROXY) and looks the flow up: a hit goes to the
-# worker owning the connection (CMD_FAST_OPEN), a miss to the event loop (EV_ACCEPTED).
+# (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST for IPv6, else the local address as under TPROXY) and
+# looks the flow up: a hit goes to the worker owning the connection (CMD_FAST_OPEN), a miss to the
+# event loop (EV_ACCEPTED).
 #
 # Invariants: a worker closes only its own dup of a listener (CMD_UNLISTEN, stop, or the EPOLLHUP of
 # a listener the event loop shut down), so the event loop may close its socket at any time; every accepted socket ends in exactly one of EV_ACCEPTED
@@ -97,26 +99,38 @@ cdef void worker_accept(Worker *w, Listener *l, uint32_t events, Worker *all_wor
     """Accept a batch on listener `l`.  A listener the event loop shut down (shutdown(SHUT_RD): the
     kernel stops listening at once, for every dup) reports EPOLLHUP or fails accept with EINVAL:
     this worker drops its dup."""
-    cdef sockaddr_in peer, dst
+    cdef sockaddr_in6 peer, dst         # large enough for either family (AF_INET: sockaddr_in)
     cdef unsigned int plen, dlen
-    cdef int fd, i, owner
+    cdef int fd, i, owner, level
+    cdef uint8_t src16[16]
+    cdef uint8_t dst16[16]
+    cdef uint32_t sport, dport
     cdef Cmd *cmd
     cdef uint32_t lid = l.lid
     for i in range(ACCEPT_BATCH):
-        plen = sizeof(sockaddr_in)
+        plen = sizeof(sockaddr_in6)
         fd = accept4(l.fd, <sockaddr *>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
             if errno == EINVAL or (events & (EPOLLHUP | EPOLLERR) and errno == EAGAIN):
                 worker_drop_listener(w, l)  # shut down by the event loop (pod removed, drain)
             return  # EAGAIN, or an error the event loop's path would also only log and retry
         tune_accepted(w, fd)
-        dlen = sizeof(sockaddr_in)
-        if peer.sin_family != AF_INET or (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dst, &dlen) != 0
-                and getsockname(fd, <sockaddr *>&dst, &dlen) != 0) or dst.sin_family != AF_INET:
+        # the original destination as proxy/sockets.destination reads it, per the socket's family
+        level = SOL_IP if peer.sin6_family == AF_INET else SOL_IPV6
+        dlen = sizeof(sockaddr_in6)
+        if peer.sin6_family != AF_INET and peer.sin6_family != AF_INET6:
             flow_hand_over(w, fd, now_ns(), lid, 0)
             continue
-        owner = flow_lookup(w, lid, ntohl(peer.sin_addr.s_addr), ntohs(peer.sin_port),
-                            ntohl(dst.sin_addr.s_addr), ntohs(dst.sin_port), fd, &cmd)
+        if getsockopt(fd, level, SO_ORIGINAL_DST, &dst, &dlen) != 0:  # IP6T_SO_ORIGINAL_DST at SOL_IPV6
+            dlen = sizeof(sockaddr_in6)
+            if getsockname(fd, <sockaddr *>&dst, &dlen) != 0:
+                dst.sin6_family = 0
+        if dst.sin6_family != peer.sin6_family:
+            flow_hand_over(w, fd, now_ns(), lid, 0)
+            continue
+        sport = flow_addr16(&peer, src16)
+        dport = flow_addr16(&dst, dst16)
+        owner = flow_lookup(w, lid, src16, sport, dst16, dport, fd, &cmd)
         if owner < 0 or owner >= nworkers or cmd == NULL:
             if cmd != NULL:
                 cmd_free(cmd)

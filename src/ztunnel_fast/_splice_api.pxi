@@ -250,18 +250,21 @@ cdef class Core:
         c.code = max_streams
         worker_post(self._worker(worker), c)
 
-    def flow_install(self, uint32_t src, uint32_t dst, uint32_t port, uint64_t conn_id, int worker,
+    def flow_install(self, bytes src, bytes dst, uint32_t port, uint64_t conn_id, int worker,
                      uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix, uint32_t lid=1):
-        """Install (or replace) the decision for flows src -> dst:port (IPv4, host byte order)
-        accepted on listener `lid`."""
-        cdef FlowEntry *e = <FlowEntry *>calloc(1, sizeof(FlowEntry))
+        """Install (or replace) the decision for flows src -> dst:port accepted on listener `lid`;
+        src, dst: 16 bytes, IPv6 or IPv4-mapped IPv4 (proxy/flowcache.addr16)."""
+        cdef FlowEntry *e
         cdef FlowEntry **pp
         cdef size_t b
+        if len(src) != 16 or len(dst) != 16:
+            raise ValueError("flow addresses are 16 bytes (IPv6, or IPv4-mapped IPv4)")
+        e = <FlowEntry *>calloc(1, sizeof(FlowEntry))
         if e == NULL:
             raise MemoryError()
         e.lid = lid
-        e.src = src
-        e.dst = dst
+        memcpy(e.src, <const char *>src, 16)
+        memcpy(e.dst, <const char *>dst, 16)
         e.port = port
         e.conn_id = conn_id
         e.worker = worker % self.nworkers
@@ -269,11 +272,12 @@ cdef class Core:
         e.prefix = _dup_bytes(prefix, &e.prefix_len)
         e.fwd_host = _dup_bytes(fwd_host, &e.fwd_host_len)
         e.suffix = _dup_bytes(suffix, &e.suffix_len)
-        b = flow_bucket(lid, src, dst, port)
+        b = flow_bucket(lid, e.src, e.dst, port)
         pthread_mutex_lock(&self.flows.lock)
         pp = &self.flows.buckets[b]
         while pp[0] != NULL:
-            if pp[0].lid == lid and pp[0].src == src and pp[0].dst == dst and pp[0].port == port:
+            if pp[0].lid == lid and pp[0].port == port and memcmp(pp[0].src, e.src, 16) == 0 \
+                    and memcmp(pp[0].dst, e.dst, 16) == 0:
                 e.next = pp[0].next
                 flow_entry_free(pp[0])
                 pp[0] = e
@@ -309,16 +313,19 @@ cdef class Core:
         return (self.flows.count, self.flows.hits, self.flows.misses, self.flows.gen)
 
     # -- the inbound fast path (_splice_inflow.pxi) ---------------------------------------------
-    def inflow_install(self, uint64_t conn_id, bytes authority, uint64_t flow_id, uint32_t app_ip,
-                       uint32_t app_port, uint32_t source_ip, int mark, double timeout, tuple keepalive):
+    def inflow_install(self, uint64_t conn_id, bytes authority, uint64_t flow_id, bytes app_ip,
+                       uint32_t app_port, bytes source_ip, int mark, double timeout, tuple keepalive):
         """Install (or replace) the allow verdict for CONNECTs to `authority` (the exact :authority
-        text) on inbound connection `conn_id`: dial app_ip:app_port (IPv4, host byte order) from
-        source_ip (0: our own address) with SO_MARK `mark`, within `timeout` seconds."""
+        text) on inbound connection `conn_id`: dial app_ip:app_port (packed: 4 bytes IPv4, 16
+        IPv6) from source_ip (packed, the same family; b"": our own address) with SO_MARK `mark`,
+        within `timeout` seconds."""
         cdef InFlowEntry *e
         cdef InFlowEntry **pp
         cdef size_t b
         if len(authority) == 0 or len(authority) > INFLOW_AUTHORITY_MAX:
             raise ValueError("authority too long for the inbound flow cache")
+        if len(app_ip) not in (4, 16) or len(source_ip) not in (0, len(app_ip)):
+            raise ValueError("the upstream is 4 or 16 bytes, the source none or of its family")
         e = <InFlowEntry *>calloc(1, sizeof(InFlowEntry))
         if e == NULL:
             raise MemoryError()
@@ -326,9 +333,12 @@ cdef class Core:
         memcpy(e.authority, <const char *>authority, len(authority))
         e.authority_len = len(authority)
         e.flow_id = flow_id
-        e.app_ip = app_ip
+        e.app_family = AF_INET if len(app_ip) == 4 else AF_INET6
+        memcpy(e.app_ip, <const char *>app_ip, len(app_ip))
         e.app_port = app_port
-        e.source_ip = source_ip
+        e.has_source = len(source_ip) != 0
+        if e.has_source:
+            memcpy(e.source_ip, <const char *>source_ip, len(source_ip))
         e.mark = mark
         e.timeout_ns = <int64_t>(timeout * NS)
         e.keepalive[0] = keepalive[0]

@@ -11,7 +11,7 @@ cdef enum:
     EV_ERROR = 6         # id=conn, code=GOAWAY code we sent, data=reason (the connection is ending)
     EV_CLOSED = 7        # id=conn, flags=CLOSE_*, data=reason; the worker let go of fd and SSL*
     EV_FAST_OPEN = 8     # id=conn, token, sid, code=fd, flags=client port, a=flow id, b=accept time (ns),
-                         # data=trace id (32 hex) + client IPv4 (host order): a fast-path tunnel began
+                         # data=trace id (32 hex): a fast-path tunnel began
     EV_ACCEPTED = 9      # a=fd, b=accept time (ns), sid=listener, id=the fast-path conn found full (or 0):
                          # an accepted socket for the event loop's path
     EV_FAST_STATUS = 10  # id=conn, token, sid, code=status: a fast-path CONNECT answered non-200

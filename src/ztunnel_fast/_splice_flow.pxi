@@ -1,6 +1,7 @@
 # _splice piece: the flow cache of the outbound fast path.
 #
-# The event loop decides once per flow class (listener, source IP, original destination IP:port) and
+# The event loop decides once per flow class (listener, source IP, original destination IP:port;
+# IPv4 and IPv6 in one keyspace: 16-byte addresses, IPv4 as IPv4-mapped) and
 # installs the decision: the fast-path HBONE connection that carries it (and the worker that owns
 # it), the CONNECT header block around its per-connection fields, and the id of the decision's
 # metric labels and log fields.  A worker that accepts a connection of a known class opens the
@@ -15,7 +16,8 @@
 # unusual (no entry, connection gone, full or going away) hands the socket to the event loop
 # (EV_ACCEPTED), whose path stays the reference; a hand-over because the connection is at its
 # stream limit names that connection (the event's id), so the event loop dials another for the key; the CONNECT's per-connection fields are literals
-# without indexing, so no HPACK encoder state exists to go out of step.
+# without indexing, so no HPACK encoder state exists to go out of step; `forwarded` is the text
+# hbone.headers.forwarded writes for either family (format_addr_port: IPv6 "[addr]:port", RFC 5952).
 
 DEF FLOW_BUCKETS = 4096
 DEF TRACE_HEX = 32                       # a trace id: 16 random bytes in hex
@@ -23,11 +25,40 @@ DEF TRACE_HEX = 32                       # a trace id: 16 random bytes in hex
 cdef const char *HEXDIGITS = "0123456789abcdef"
 
 
-cdef inline size_t flow_bucket(uint32_t lid, uint32_t src, uint32_t dst, uint32_t port) noexcept nogil:
-    cdef uint64_t h = <uint64_t>src * <uint64_t>2654435761u
-    h ^= (<uint64_t>dst * <uint64_t>2246822519u) ^ port ^ (<uint64_t>lid << 16)
+cdef inline size_t flow_bucket(uint32_t lid, const uint8_t *src, const uint8_t *dst, uint32_t port) noexcept nogil:
+    """src, dst: 16-byte addresses (flow_addr16)."""
+    cdef uint64_t w[4]
+    cdef uint64_t h
+    memcpy(w, src, 16)
+    memcpy(&w[2], dst, 16)
+    h = (w[0] ^ w[1]) * <uint64_t>2654435761u
+    h ^= ((w[2] ^ w[3]) * <uint64_t>2246822519u) ^ port ^ (<uint64_t>lid << 16)
     h ^= h >> 29
     return <size_t>(h % FLOW_BUCKETS)
+
+
+cdef inline bint addr16_is_v4(const uint8_t *a) noexcept nogil:
+    """An IPv4-mapped address (::ffff:a.b.c.d): the flow table's form of an IPv4 address."""
+    cdef int i
+    for i in range(10):
+        if a[i] != 0:
+            return False
+    return a[10] == 0xff and a[11] == 0xff
+
+
+cdef uint32_t flow_addr16(const sockaddr_in6 *sa, uint8_t *out) noexcept nogil:
+    """The flow table's address (16 bytes: IPv6 as it is, IPv4 mapped to ::ffff:a.b.c.d, so one
+    keyspace holds both families) of an AF_INET or AF_INET6 socket address; returns its port."""
+    cdef const sockaddr_in *sin
+    if sa.sin6_family == AF_INET:
+        sin = <const sockaddr_in *>sa
+        memset(out, 0, 10)
+        out[10] = 0xff
+        out[11] = 0xff
+        memcpy(out + 12, &sin.sin_addr.s_addr, 4)
+        return ntohs(sin.sin_port)
+    memcpy(out, &sa.sin6_addr, 16)
+    return ntohs(sa.sin6_port)
 
 
 cdef int flow_table_init(FlowTable *t) noexcept nogil:
@@ -141,21 +172,56 @@ cdef int hpack_put_literal(Buf *b, const char *name, size_t nlen, const char *va
     return buf_append(b, value, vlen)
 
 
-cdef size_t format_ipv4_port(char *out, uint32_t ip, uint32_t port) noexcept nogil:
-    return <size_t>snprintf(out, 32, "%u.%u.%u.%u:%u", (ip >> 24) & 0xff, (ip >> 16) & 0xff,
-                            (ip >> 8) & 0xff, ip & 0xff, port)
+cdef size_t format_addr_port(char *out, const uint8_t *a, uint32_t port) noexcept nogil:
+    """`ip:port` as hbone.headers.format_addr writes it (out: 64 bytes): IPv4 (an IPv4-mapped
+    address, as proxy/sockets.normalize unmaps it) dotted; IPv6 in brackets, RFC 5952 text as
+    Python's ipaddress writes it (lowercase hex, no leading zeros, the first longest run of two or
+    more zero groups as "::", never an embedded dotted IPv4)."""
+    cdef uint32_t words[8]
+    cdef int i, best = -1, best_len = 0, run = 0
+    cdef size_t n
+    if addr16_is_v4(a):
+        return <size_t>snprintf(out, 32, "%u.%u.%u.%u:%u", a[12], a[13], a[14], a[15], port)
+    for i in range(8):
+        words[i] = (<uint32_t>a[2 * i] << 8) | a[2 * i + 1]
+        if words[i] == 0:
+            run += 1
+            if run > best_len:
+                best_len = run
+                best = i - run + 1
+        else:
+            run = 0
+    if best_len < 2:
+        best = -1
+    out[0] = b'['
+    n = 1
+    i = 0
+    while i < 8:
+        if i == best:
+            out[n] = b':'
+            out[n + 1] = b':'
+            n += 2
+            i += best_len
+            continue
+        if i > 0 and not (best >= 0 and i == best + best_len):
+            out[n] = b':'
+            n += 1
+        n += <size_t>snprintf(out + n, 5, "%x", words[i])
+        i += 1
+    n += <size_t>snprintf(out + n, 9, "]:%u", port)
+    return n
 
 
-cdef int flow_lookup(Worker *w, uint32_t lid, uint32_t src, uint32_t sport, uint32_t dst, uint32_t dport, int fd,
-                     Cmd **out) noexcept nogil:
+cdef int flow_lookup(Worker *w, uint32_t lid, const uint8_t *src, uint32_t sport, const uint8_t *dst, uint32_t dport,
+                     int fd, Cmd **out) noexcept nogil:
     """A hit builds the CMD_FAST_OPEN for the owning worker: data = trace id (32 hex) + the CONNECT
-    header block.  Returns the owner's index, or -1 (miss)."""
+    header block.  src, dst: 16-byte addresses (flow_addr16).  Returns the owner's index, or -1 (miss)."""
     cdef FlowTable *t = w.flows
     cdef FlowEntry *e
     cdef Buf b
     cdef char trace[TRACE_HEX]
     cdef char tp[64]
-    cdef char fwd[64]
+    cdef char fwd[72]                    # 'for="' + "[<39>]:65535" + '"'
     cdef size_t n
     cdef int owner = -1
     cdef Cmd *cmd
@@ -172,12 +238,13 @@ cdef int flow_lookup(Worker *w, uint32_t lid, uint32_t src, uint32_t sport, uint
         return -1
     pthread_mutex_lock(&t.lock)
     e = t.buckets[flow_bucket(lid, src, dst, dport)]
-    while e != NULL and not (e.lid == lid and e.src == src and e.dst == dst and e.port == dport):
+    while e != NULL and not (e.lid == lid and e.port == dport and memcmp(e.src, src, 16) == 0
+                             and memcmp(e.dst, dst, 16) == 0):
         e = e.next
     if e != NULL:
         # forwarded: for="<client ip:port>"[;host=<service>]   traceparent: 00-<trace>-<span>-00
         memcpy(fwd, b'for="', 5)
-        n = 5 + format_ipv4_port(fwd + 5, src, sport)
+        n = 5 + format_addr_port(fwd + 5, src, sport)
         fwd[n] = b'"'
         n += 1
         memcpy(tp, b"00-", 3)
@@ -204,7 +271,6 @@ cdef int flow_lookup(Worker *w, uint32_t lid, uint32_t src, uint32_t sport, uint
                 cmd.len = b.end
                 b.data = NULL
                 cmd.settings[0] = <int64_t>e.flow_id
-                cmd.settings[1] = src
                 cmd.settings[2] = sport
                 cmd.settings[3] = now_ns()
                 w.fast_seq += 1
@@ -252,8 +318,7 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
     cdef uint32_t sid
     cdef Stream *s
     cdef Event *e
-    cdef char data[TRACE_HEX + 4]
-    cdef uint32_t ip
+    cdef char data[TRACE_HEX]
     if c != NULL:
         limit = c.fast_max_streams if c.fast_max_streams < c.peer_max_streams else c.peer_max_streams
     if c == NULL or c.state != CST_OPEN or c.flags & (CF_GOAWAY_RECV | CF_GOAWAY_SENT) \
@@ -282,9 +347,7 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
         e.a = cmd.settings[0]
         e.b = cmd.settings[3]
         memcpy(data, cmd.data, TRACE_HEX)
-        ip = <uint32_t>cmd.settings[1]
-        memcpy(data + TRACE_HEX, &ip, 4)
-        event_set_data(e, data, TRACE_HEX + 4)
+        event_set_data(e, data, TRACE_HEX)
         evq_push(w.evq, e)
     if out_headers(&c.obuf, sid, cmd.data + TRACE_HEX, cmd.len - TRACE_HEX, False, <size_t>c.peer_max_frame) != 0:
         conn_error(c, H2_INTERNAL_ERROR, "out of memory")

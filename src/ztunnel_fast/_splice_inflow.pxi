@@ -5,7 +5,7 @@
 # (inbound HBONE connection, :authority text): the connection fixes the peer's address and
 # identity and the address it arrived on, the :authority the destination.  When the next CONNECT
 # of the class arrives (its block already decoded in C), the worker dials the app itself
-# (non-blocking, the same SO_MARK / IP_TRANSPARENT source as sockets.connect), answers 200 when the
+# (non-blocking, IPv4 or IPv6, the same SO_MARK / IP(V6)_TRANSPARENT source as sockets.connect), answers 200 when the
 # dial succeeds, attaches the upstream socket and reports EV_INBOUND_OPEN (token bits 62 and 61)
 # then the completion (EV_STREAM_END with the token), batched with every other event.
 #
@@ -24,7 +24,7 @@
 # - The upstream socket belongs to the event loop from EV_INBOUND_OPEN on; before, to the stream.
 
 DEF INFLOW_BUCKETS = 4096
-DEF INFLOW_AUTHORITY_MAX = 64        # InFlowEntry.authority's size: "255.255.255.255:65535" fits
+DEF INFLOW_AUTHORITY_MAX = 64        # InFlowEntry.authority's size: "255.255.255.255:65535" and "[<39>]:65535" fit
 DEF INBOUND_TOKEN = 0x6000000000000000  # bits 62 (a worker's token) and 61 (inbound)
 
 # the 200 answer as hbone.hpack_cache.StatelessEncoder encodes it: table size 0, then :status 200
@@ -132,10 +132,14 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     cdef size_t alen = 0
     cdef Stream *s
     cdef sockaddr_in addr
+    cdef sockaddr_in6 addr6
     cdef epoll_event ev
-    cdef int fd, one = 1, mark = 0, rc
+    cdef int fd, one = 1, mark = 0, rc, family = AF_INET
     cdef int keepalive[3]
-    cdef uint32_t app_ip = 0, app_port = 0, source_ip = 0
+    cdef uint8_t app_ip[16]
+    cdef uint8_t source_ip[16]
+    cdef uint32_t app_port = 0
+    cdef bint has_source = False
     cdef uint64_t flow_id = 0, gen = 0
     cdef int64_t timeout_ns = 0, now
     cdef bint hit = False
@@ -154,9 +158,11 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     if e != NULL:
         hit = True
         flow_id = e.flow_id
-        app_ip = e.app_ip
+        family = e.app_family
+        memcpy(app_ip, e.app_ip, 16)
         app_port = e.app_port
-        source_ip = e.source_ip
+        has_source = e.has_source
+        memcpy(source_ip, e.source_ip, 16)
         mark = e.mark
         timeout_ns = e.timeout_ns
         memcpy(keepalive, e.keepalive, sizeof(keepalive))
@@ -165,18 +171,28 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     if not hit:
         return 0
     now = now_ns()
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return 0
     if mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(int)) != 0:
         close(fd)
         return 0
-    if source_ip:
-        memset(&addr, 0, sizeof(addr))
-        addr.sin_family = AF_INET
-        addr.sin_addr.s_addr = htonl(source_ip)
-        if setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(int)) != 0 \
-                or bind(fd, <sockaddr *>&addr, sizeof(addr)) != 0:
+    if has_source:  # as sockets.connect: IP_TRANSPARENT / IPV6_TRANSPARENT, bound to the peer's address
+        if family == AF_INET:
+            memset(&addr, 0, sizeof(addr))
+            addr.sin_family = AF_INET
+            memcpy(&addr.sin_addr.s_addr, source_ip, 4)
+            rc = setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(int))
+            if rc == 0:
+                rc = bind(fd, <sockaddr *>&addr, sizeof(addr))
+        else:
+            memset(&addr6, 0, sizeof(addr6))
+            addr6.sin6_family = AF_INET6
+            memcpy(&addr6.sin6_addr, source_ip, 16)
+            rc = setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof(int))
+            if rc == 0:
+                rc = bind(fd, <sockaddr *>&addr6, sizeof(addr6))
+        if rc != 0:
             close(fd)
             return 0
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
@@ -184,11 +200,18 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &keepalive[0], sizeof(int))
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &keepalive[1], sizeof(int))
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &keepalive[2], sizeof(int))
-    memset(&addr, 0, sizeof(addr))
-    addr.sin_family = AF_INET
-    addr.sin_port = htons(<uint16_t>app_port)
-    addr.sin_addr.s_addr = htonl(app_ip)
-    rc = connect(fd, <sockaddr *>&addr, sizeof(addr))
+    if family == AF_INET:
+        memset(&addr, 0, sizeof(addr))
+        addr.sin_family = AF_INET
+        addr.sin_port = htons(<uint16_t>app_port)
+        memcpy(&addr.sin_addr.s_addr, app_ip, 4)
+        rc = connect(fd, <sockaddr *>&addr, sizeof(addr))
+    else:
+        memset(&addr6, 0, sizeof(addr6))
+        addr6.sin6_family = AF_INET6
+        addr6.sin6_port = htons(<uint16_t>app_port)
+        memcpy(&addr6.sin6_addr, app_ip, 16)
+        rc = connect(fd, <sockaddr *>&addr6, sizeof(addr6))
     if rc != 0 and errno != EINPROGRESS:
         close(fd)  # the event loop's path dials again and answers with its own wording
         return 0

@@ -280,8 +280,8 @@ class App:
                     continue
                 raise ConfigError(name, "", f"cannot listen on {host}:{port}: {exc.strerror}") from None
             self.listeners.append(lsock)
-            if name == "outbound" and host == "0.0.0.0" and self.ctx.fast_path is not None:
-                self.ctx.fast_path.listen(lsock)  # the native workers accept it themselves
+            if name == "outbound" and self.ctx.fast_path is not None \
+                    and self.ctx.fast_path.listen(lsock) is not None:  # the native workers accept it (IPv4 and IPv6)
                 continue
             task = asyncio.get_running_loop().create_task(
                 accept_loop(lsock, handler, self.ctx.track, name), name=f"accept-{name}-{host}"

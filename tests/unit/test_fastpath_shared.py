@@ -19,7 +19,7 @@ import pytest
 
 from ztunnel_fast.hbone.pool import PoolKey
 from ztunnel_fast.proxy import fastpath
-from ztunnel_fast.proxy.flowcache import FlowEntry
+from ztunnel_fast.proxy.flowcache import FlowEntry, addr16
 
 CLIENT = ipaddress.ip_address("10.0.0.1")
 SERVER = ipaddress.ip_address("10.0.0.2")
@@ -112,7 +112,7 @@ def learn(fp, conn, dst=SERVER, generation=None):
 
 
 def cls(dst=SERVER) -> tuple:
-    return (1, int(CLIENT), int(dst), 80)
+    return (1, addr16(CLIENT), addr16(dst), 80)
 
 
 def hand_over(fp, full: int) -> None:

@@ -7,8 +7,14 @@ from __future__ import annotations
 import select
 import socket
 import time
+from ipaddress import ip_address
+
+import pytest
 
 from ztunnel_fast import _splice
+from ztunnel_fast.proxy.flowcache import addr16
+
+A1, A2, A3, A4 = (addr16(ip_address(f"10.0.0.{i}")) for i in range(1, 5))
 
 EV_ACCEPTED = 9
 
@@ -16,12 +22,17 @@ EV_ACCEPTED = 9
 def test_install_replace_and_flush():
     core = _splice.Core(2)
     try:
-        core.flow_install(0x0A000001, 0x0A000002, 80, 7, 0, 1, b"p", b"", b"s")
-        core.flow_install(0x0A000001, 0x0A000003, 80, 7, 1, 2, b"p", b"", b"")
-        core.flow_install(0x0A000004, 0x0A000002, 80, 8, 1, 3, b"p", b";host=x", b"")
-        core.flow_install(0x0A000001, 0x0A000002, 80, 8, 1, 4, b"q", b"", b"")  # replaces flow 1
-        assert core.flow_stats == (3, 0, 0, 0)
+        core.flow_install(A1, A2, 80, 7, 0, 1, b"p", b"", b"s")
+        core.flow_install(A1, A3, 80, 7, 1, 2, b"p", b"", b"")
+        core.flow_install(A4, A2, 80, 8, 1, 3, b"p", b";host=x", b"")
+        core.flow_install(A1, A2, 80, 8, 1, 4, b"q", b"", b"")  # replaces flow 1
+        v6 = addr16(ip_address("fd00::1"))
+        core.flow_install(v6, A2, 80, 7, 1, 5, b"p", b"", b"")  # IPv6: the same keyspace, another class
+        assert core.flow_stats == (4, 0, 0, 0)
         core.flow_flush(7)  # the entries riding connection 7
+        assert core.flow_stats == (2, 0, 0, 0)
+        with pytest.raises(ValueError):  # addresses are 16 bytes
+            core.flow_install(ip_address("10.0.0.1").packed, A2, 80, 7, 1, 6, b"p", b"", b"")
         assert core.flow_stats == (2, 0, 0, 0)
         core.flow_flush()  # a state change: everything, and one more flush counted
         assert core.flow_stats == (0, 0, 0, 1)
@@ -65,9 +76,9 @@ def test_entries_are_per_listener_and_flushed_per_listener():
     """In-pod mode: the same addresses on two pods' listeners are two classes."""
     core = _splice.Core(2)
     try:
-        core.flow_install(0x0A000001, 0x0A000002, 80, 7, 0, 1, b"p", b"", b"", 2)
-        core.flow_install(0x0A000001, 0x0A000002, 80, 8, 1, 2, b"p", b"", b"", 3)  # another pod: no replace
-        core.flow_install(0x0A000001, 0x0A000003, 80, 8, 1, 3, b"p", b"", b"", 3)
+        core.flow_install(A1, A2, 80, 7, 0, 1, b"p", b"", b"", 2)
+        core.flow_install(A1, A2, 80, 8, 1, 2, b"p", b"", b"", 3)  # another pod: no replace
+        core.flow_install(A1, A3, 80, 8, 1, 3, b"p", b"", b"", 3)
         assert core.flow_stats == (3, 0, 0, 0)
         core.flow_flush_listener(3)  # pod 3 removed
         assert core.flow_stats == (1, 0, 0, 0)

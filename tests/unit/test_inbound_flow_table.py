@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from ipaddress import ip_address
 
 import pytest
 
@@ -31,6 +32,13 @@ from .test_native_engine import (
 KEEPALIVE = (180, 180, 9)
 
 
+def packed(ip: str) -> bytes:
+    return ip_address(ip).packed
+
+
+V4, V6 = packed("10.0.0.2"), packed("fd00::2")
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ca")
@@ -42,17 +50,22 @@ def certs(tmp_path_factory):
 def test_install_replace_and_flush():
     core = _splice.Core(2)
     try:
-        core.inflow_install(7, b"10.0.0.2:80", 1, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)
-        core.inflow_install(7, b"10.0.0.2:81", 2, 0x0A000002, 81, 0, 0, 10.0, KEEPALIVE)
-        core.inflow_install(8, b"10.0.0.2:80", 3, 0x0A000002, 80, 0x0A000001, 1337, 10.0, KEEPALIVE)
-        core.inflow_install(7, b"10.0.0.2:80", 4, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)  # replaces flow 1
-        assert core.inflow_stats == (3, 0, 0, 0)
+        core.inflow_install(7, b"10.0.0.2:80", 1, V4, 80, b"", 0, 10.0, KEEPALIVE)
+        core.inflow_install(7, b"10.0.0.2:81", 2, V4, 81, b"", 0, 10.0, KEEPALIVE)
+        core.inflow_install(8, b"10.0.0.2:80", 3, V4, 80, packed("10.0.0.1"), 1337, 10.0, KEEPALIVE)
+        core.inflow_install(7, b"10.0.0.2:80", 4, V4, 80, b"", 0, 10.0, KEEPALIVE)  # replaces flow 1
+        core.inflow_install(7, b"[fd00::2]:80", 5, V6, 80, packed("fd00::1"), 0, 10.0, KEEPALIVE)  # IPv6
+        assert core.inflow_stats == (4, 0, 0, 0)
         core.inflow_flush(7)  # the entries of connection 7
         assert core.inflow_stats == (1, 0, 0, 0)
         core.inflow_flush()  # a state change: everything, and the generation moves
         assert core.inflow_stats == (0, 0, 0, 1)
         with pytest.raises(ValueError):
-            core.inflow_install(7, b"1" * 65, 5, 0x0A000002, 80, 0, 0, 10.0, KEEPALIVE)
+            core.inflow_install(7, b"1" * 65, 5, V4, 80, b"", 0, 10.0, KEEPALIVE)
+        with pytest.raises(ValueError):  # the source of another family than the upstream's
+            core.inflow_install(7, b"10.0.0.2:80", 6, V4, 80, packed("fd00::1"), 0, 10.0, KEEPALIVE)
+        with pytest.raises(ValueError):  # an address is 4 or 16 bytes
+            core.inflow_install(7, b"10.0.0.2:80", 6, b"\x0a\0\0", 80, b"", 0, 10.0, KEEPALIVE)
         assert core.inflow_stats[0] == 0
     finally:
         core.stop()
@@ -109,23 +122,28 @@ async def _tunnel(pair, loop, headers, data):
     return 200, got
 
 
-def test_a_worker_answers_cached_connects_and_hands_the_rest_over(certs):
+@pytest.mark.parametrize("loopback", ["127.0.0.1", "::1"])
+def test_a_worker_answers_cached_connects_and_hands_the_rest_over(certs, loopback):
+    """Either family: the worker dials the app over IPv4 or IPv6 (the :authority "[::1]:port")."""
+    family = socket.AF_INET6 if ":" in loopback else socket.AF_INET
+    host = f"[{loopback}]" if family == socket.AF_INET6 else loopback
+
     async def main():
         loop = asyncio.get_running_loop()
         server_engine = NativeEngine(workers=2)
         sink = server_engine.inbound_sink = Sink()
-        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock = socket.create_server((loopback, 0), family=family)
         lsock.setblocking(False)
         port = lsock.getsockname()[1]
-        with socket.create_server(("127.0.0.1", 0)) as closed:
+        with socket.create_server((loopback, 0), family=family) as closed:
             dead_port = closed.getsockname()[1]  # nothing listens there once closed
         app = asyncio.ensure_future(_echo_server(loop, lsock))
         pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
         core = server_engine.core
         cid = pair.server.id
-        authority, dead = f"127.0.0.1:{port}", f"127.0.0.1:{dead_port}"
-        core.inflow_install(cid, authority.encode(), 11, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE)
-        core.inflow_install(cid, dead.encode(), 12, 0x7F000001, dead_port, 0, 0, 5.0, KEEPALIVE)
+        authority, dead = f"{host}:{port}", f"{host}:{dead_port}"
+        core.inflow_install(cid, authority.encode(), 11, packed(loopback), port, b"", 0, 5.0, KEEPALIVE)
+        core.inflow_install(cid, dead.encode(), 12, packed(loopback), dead_port, b"", 0, 5.0, KEEPALIVE)
         served = []
         serve = pair.serve
 
@@ -184,7 +202,8 @@ def test_a_dial_past_its_timeout_is_handed_over(certs):
         await asyncio.sleep(0.2)
         pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
         authority = f"127.0.0.1:{port}"
-        server_engine.core.inflow_install(pair.server.id, authority.encode(), 21, 0x7F000001, port, 0, 0, 0.3, KEEPALIVE)
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 21, packed("127.0.0.1"), port, b"", 0, 0.3,
+                                          KEEPALIVE)
         served = []
         serve = pair.serve
 
@@ -206,15 +225,19 @@ def test_a_dial_past_its_timeout_is_handed_over(certs):
     run(main())
 
 
-def test_the_dial_spoofs_the_installed_source(certs):
-    """ORIG_SRC: the worker binds the dial to the entry's source (IP_TRANSPARENT) and sets the
-    entry's SO_MARK, as sockets.connect does (a failure of either would hand the CONNECT to the
-    event loop: 503 here): the app sees the peer's address (here 127.0.0.2 on loopback)."""
+@pytest.mark.parametrize("app_ip,source", [("127.0.0.1", "127.0.0.2"), ("::1", "::1")])
+def test_the_dial_spoofs_the_installed_source(certs, app_ip, source):
+    """ORIG_SRC: the worker binds the dial to the entry's source (IP_TRANSPARENT, IPV6_TRANSPARENT
+    for IPv6) and sets the entry's SO_MARK, as sockets.connect does (a failure of either would hand
+    the CONNECT to the event loop: 503 here): the app sees the peer's address (here 127.0.0.2 on
+    loopback; IPv6 loopback has one address, ::1, so there the bind is what is checked)."""
+    family = socket.AF_INET6 if ":" in app_ip else socket.AF_INET
+
     async def main():
         loop = asyncio.get_running_loop()
         server_engine = NativeEngine(workers=1)
         sink = server_engine.inbound_sink = Sink()
-        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock = socket.create_server((app_ip, 0), family=family)
         lsock.setblocking(False)
         port = lsock.getsockname()[1]
         peers = []
@@ -229,11 +252,11 @@ def test_the_dial_spoofs_the_installed_source(certs):
 
         task = asyncio.ensure_future(app())
         pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
-        authority = f"127.0.0.1:{port}"
-        server_engine.core.inflow_install(pair.server.id, authority.encode(), 31, 0x7F000001, port, 0x7F000002,
+        authority = f"[{app_ip}]:{port}" if family == socket.AF_INET6 else f"{app_ip}:{port}"
+        server_engine.core.inflow_install(pair.server.id, authority.encode(), 31, packed(app_ip), port, packed(source),
                                           0x539, 5.0, KEEPALIVE)
         status, got = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"hello")
-        assert (status, got, peers) == (200, b"hello", ["127.0.0.2"])
+        assert (status, got, peers) == (200, b"hello", [source])
         for _ in range(100):
             if sink.ended:
                 break

@@ -16,6 +16,16 @@ cdef extern from "<netinet/in.h>" nogil:
         in_port_t sin_port
         in_addr sin_addr
 
+    struct in6_addr:
+        uint8_t s6_addr[16]
+
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        in_port_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
     uint16_t ntohs(uint16_t)
     uint32_t ntohl(uint32_t)
     uint16_t htons(uint16_t)
@@ -24,7 +34,10 @@ cdef extern from "<netinet/in.h>" nogil:
         IPPROTO_TCP
         SOL_IP
         AF_INET
+        AF_INET6
         IP_TRANSPARENT
+        IPPROTO_IPV6
+        IPV6_TRANSPARENT
 
 
 cdef extern from "<netinet/tcp.h>" nogil:
@@ -37,7 +50,7 @@ cdef extern from "<netinet/tcp.h>" nogil:
 
 cdef extern from "<linux/netfilter_ipv4.h>" nogil:
     enum:
-        SO_ORIGINAL_DST
+        SO_ORIGINAL_DST  # at SOL_IP; IPv6's IP6T_SO_ORIGINAL_DST (at SOL_IPV6) is the same number, 80
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -50,6 +63,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int connect(int sockfd, const sockaddr *addr, unsigned int addrlen)
     int bind(int sockfd, const sockaddr *addr, unsigned int addrlen)
     enum:
+        SOL_IPV6
         SOCK_STREAM
         SOCK_NONBLOCK
         SOCK_CLOEXEC

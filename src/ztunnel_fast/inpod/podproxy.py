@@ -156,12 +156,13 @@ class PodProxy:
         loop = asyncio.get_running_loop()
         fast_path = scope.fast_path
         for lsock, name in self.listeners_named:
-            if fast_path is not None and name == "outbound" and lsock.family == socket.AF_INET \
-                    and self.fast_lid is None:
-                # the native workers accept it themselves (proxy/fastpath.py), misses come back here
-                self.fast_lid = fast_path.listen(lsock, handle=handlers[name], scope=scope,
-                                                 open_connections=self.outbound_open)
-                if self.fast_lid is not None:
+            if fast_path is not None and name == "outbound":
+                # the native workers accept it themselves (proxy/fastpath.py), misses come back here;
+                # the pod's IPv4 and IPv6 listeners share one listener id
+                lid = fast_path.listen(lsock, handle=handlers[name], scope=scope,
+                                       open_connections=self.outbound_open)
+                if lid is not None:
+                    self.fast_lid = lid
                     continue
             self.accept_tasks.append(loop.create_task(
                 accept_loop(lsock, handlers[name], scope.track, name), name=f"accept-{name}-{self.uid}"))

@@ -14,7 +14,8 @@ Invariants:
 - Listeners: node mode registers its outbound listener (id 1); in-pod mode one per pod (inpod/
   podproxy.py), each with its own miss handler, Outbound (upstream sockets in the pod's netns)
   and scope; the listener id is part of every flow class, and HBONE connections are per
-  (listener, pool key).  `unlisten` (a pod's DelPod or removal from a snapshot, before its ack)
+  (listener, pool key).  A listener id names its scope's IPv4 and IPv6 sockets alike (dual
+  stack); the flow class's addresses carry the family.  `unlisten` (a pod's DelPod or removal from a snapshot, before its ack)
   shuts the socket down, so the kernel stops listening for every worker's dup at once, and
   drops the listener's entries before it returns.
 - `flush` runs at the top of every state change (ProxyContext.replace_state, the path of every
@@ -64,7 +65,7 @@ from ..telemetry.logs import Span
 from . import sockets
 from .common import _report_crash, format_duration
 from .fastpath_common import Tunnel, TunnelSink, abort_fd
-from .flowcache import FlowClass, FlowEntry, flow_entry
+from .flowcache import FlowClass, FlowEntry, addr16, flow_entry
 from .outbound import connection_record
 
 log = logging.getLogger("ztunnel_fast.proxy.outbound")  # the lines are the outbound path's
@@ -74,13 +75,14 @@ RETIRED_KEEP = 10.0  # seconds an entry outlives its flush (EV_FAST_OPEN of a lo
 
 
 class _Listener:
-    """One outbound listener the workers accept on: node mode's, or a pod's (in-pod mode)."""
+    """One outbound listener the workers accept on: node mode's, or a pod's (in-pod mode), with
+    its sockets (dual stack: the IPv4 and the IPv6 one share the id, the scope and the handler)."""
 
-    __slots__ = ("lid", "sock", "handle", "scope", "open_connections")
+    __slots__ = ("lid", "socks", "handle", "scope", "open_connections")
 
     def __init__(self, lid, sock, handle, scope, open_connections):
         self.lid = lid
-        self.sock = sock
+        self.socks = [sock]
         self.handle = handle  # the event loop's path for a miss (Outbound.handle, or the pod's wrapper)
         self.scope = scope  # ProxyContext, or the pod's PodScope: source workload, track, dedicated
         self.open_connections = open_connections  # the pod's workloadState outbound list, or None
@@ -116,12 +118,18 @@ class FastPath(TunnelSink):
                open_connections: dict | None = None) -> int | None:
         """The workers accept on `lsock` from now on (the event loop does not); returns its
         listener id, or None after drain (the caller serves it itself).  Node mode: the defaults;
-        in-pod mode: the pod's handler and PodScope (its pool dials in its netns)."""
+        in-pod mode: the pod's handler and PodScope (its pool dials in its netns).  A scope's second
+        socket (its IPv6 listener beside the IPv4 one) joins the scope's listener id: the flow
+        classes' addresses tell the families apart."""
         if self._stopped or self.engine._closed:
             return None
-        lid = next(self._lids)
-        lst = _Listener(lid, lsock, handle or self.outbound.handle, scope or self.ctx,
-                        open_connections)
+        lst = self._by_scope.get(id(scope or self.ctx))
+        if lst is None:
+            lst = _Listener(next(self._lids), lsock, handle or self.outbound.handle, scope or self.ctx,
+                            open_connections)
+        else:
+            lst.socks.append(lsock)
+        lid = lst.lid
         self.core.listen(lsock.fileno(), (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL,
                                           sockets.KEEPALIVE_COUNT), lid)
         self.listeners[lid] = lst
@@ -140,10 +148,11 @@ class FastPath(TunnelSink):
         if self._by_scope.get(id(lst.scope)) is lst:
             del self._by_scope[id(lst.scope)]
         self.listening = bool(self.listeners)
-        try:
-            lst.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        for lsock in lst.socks:
+            try:
+                lsock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         if not self.engine._closed:
             self.core.flow_flush_listener(lid)
             self.core.unlisten(lid)  # each worker closes its dup (EPOLLHUP already told it)
@@ -182,7 +191,7 @@ class FastPath(TunnelSink):
         if generation != self.generation or not self._usable(conn):
             return
         lst = self._by_scope.get(id(scope if scope is not None else self.ctx))
-        if lst is None:  # not a listener of the workers (IPv6, or its pod is going)
+        if lst is None:  # not a listener of the workers (its pod is going, or drained)
             return
         flow = FlowClass(client_ip, dst_ip, dst_port, lst.lid)
         flow_id = self.installed.get(flow)
@@ -215,7 +224,7 @@ class FastPath(TunnelSink):
         self.installed[entry.flow] = flow_id
         self.flow_conn[flow_id] = conn.id
         f = entry.flow
-        self.core.flow_install(int(f.src_ip), int(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
+        self.core.flow_install(addr16(f.src_ip), addr16(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
                                entry.prefix, entry.fwd_host, entry.suffix, f.listener)
         if old is not None:
             self._drop_unused()
@@ -273,7 +282,7 @@ class FastPath(TunnelSink):
             log.error("fast path: tunnel of unknown flow %d on connection %d", flow_id, conn_id)
             self._orphan(token, fd, conn, sid)
             return
-        # the class's source is the client's address (the lookup matched all of it: data[32:36])
+        # the class's source is the client's address (the lookup matched all 16 bytes of it)
         client = (entry.flow.src_ip, client_port)
         route = entry.route
         span = Span("outbound", {"id": data[:32].decode()})

@@ -119,8 +119,8 @@ class InboundFastPath(TunnelSink):
         self.by_conn.setdefault(conn_id, []).append(flow)
         config = self.ctx.config
         ip, port = target
-        self.core.inflow_install(conn_id, authority.encode(), flow_id, int(ip), port,
-                                 int(source) if source is not None else 0, config.packet_mark or 0,
+        self.core.inflow_install(conn_id, authority.encode(), flow_id, ip.packed, port,
+                                 source.packed if source is not None else b"", config.packet_mark or 0,
                                  config.connect_timeout,
                                  (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL, sockets.KEEPALIVE_COUNT))
 

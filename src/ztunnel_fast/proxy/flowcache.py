@@ -14,8 +14,12 @@ Invariants:
 - Only a decision that is a function of the flow class and the state alone is cached: HBONE
   straight to a workload (no service VIP: its endpoint is picked round robin per connection; no
   waypoint: weighted waypoints are sampled per connection), with a known source workload (or
-  dedicated mode), IPv4 both ends.  Everything else (plain TCP, passthrough, refusals) takes the
-  event loop's path every time.
+  dedicated mode), both ends of one family (IPv4 or IPv6: dual-stack pods have both; the class's
+  addresses are as proxy/sockets normalizes them, IPv4-mapped IPv6 unmapped).  Everything else
+  (plain TCP, passthrough, refusals) takes the event loop's path every time.
+- The engine keys IPv4 and IPv6 in one table: `addr16` (IPv6 as it is, IPv4 as ::ffff:a.b.c.d,
+  which proxy/sockets.normalize never yields as an IPv6 address), and the worker writes
+  `forwarded` as hbone.headers.forwarded does for either family (IPv6 "[addr]:port").
 - The header block is stateless HPACK (literals without indexing, no Huffman), so a worker can
   prepend and append fields without an encoder whose table could go out of step with the peer.
 - The header fields are those of hbone.headers.connect_request, in its order.
@@ -27,8 +31,8 @@ the address it arrived on; the :authority the destination; so the authorization'
 - Only an allow verdict without dry-run policies (whose lines are per connection) is cached, for a
   CONNECT to the address the connection arrived on (no waypoint or application-tunnel delivery),
   to a workload without an application tunnel (no PROXY header), upstream sockets in our own
-  network namespace, IPv4 everywhere.  Denials, refusals and everything else take the event
-  loop's path every time.
+  network namespace, IPv4 or IPv6 with the peer, the upstream and the dial's spoofed source (if
+  any) of one family.  Denials, refusals and everything else take the event loop's path every time.
 - What differs per CONNECT within a class (trace id, `forwarded`'s service host) is telemetry
   only; the event loop reads it from each request's own fields.
 """
@@ -49,8 +53,8 @@ from .route import Kind, Route, Via
 
 @dataclass(frozen=True, slots=True)
 class FlowClass:
-    """The key: who connects (IPv4 source, on which listener) and where it meant to go (IPv4
-    original destination)."""
+    """The key: who connects (source IP, on which listener) and where it meant to go (original
+    destination IP:port); IPv4 or IPv6."""
 
     src_ip: IpAddress
     dst_ip: IpAddress
@@ -85,9 +89,13 @@ def cacheable(route: Route, source: Workload | None, *, dedicated: bool, flow: F
         and route.waypoint is None
         and route.authority is not None
         and (source is not None or dedicated)
-        and flow.src_ip.version == 4
-        and flow.dst_ip.version == 4
+        and flow.src_ip.version == flow.dst_ip.version
     )
+
+
+def addr16(ip: IpAddress) -> bytes:
+    """The engine's flow-table form of an address: 16 bytes, IPv6 as it is, IPv4 IPv4-mapped."""
+    return ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
 
 
 def flow_entry(flow: FlowClass, route: Route, source: Workload | None, key: PoolKey, *,
@@ -106,7 +114,7 @@ def flow_entry(flow: FlowClass, route: Route, source: Workload | None, key: Pool
 
 
 # -- inbound -----------------------------------------------------------------------------------------
-AUTHORITY_MAX = 64  # bytes of :authority the native table keys on ("255.255.255.255:65535" fits)
+AUTHORITY_MAX = 64  # bytes of :authority the native table keys on ("255.255.255.255:65535", "[<IPv6>]:65535" fit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +150,8 @@ def inbound_cacheable(flow: InboundClass, *, peer_ip: IpAddress, arrived_on: IpA
         and ip == arrived_on
         and workload.application_tunnel is None
         and own_netns
-        and ip.version == 4
-        and peer_ip.version == 4
-        and (source is None or source.version == 4)
+        and peer_ip.version == ip.version
+        and (source is None or source.version == ip.version)
         and flow.authority.isascii()
         and 0 < len(flow.authority) <= AUTHORITY_MAX
     )
