@@ -246,3 +246,133 @@ def test_the_dial_spoofs_the_installed_source(certs):
         server_engine.close()
 
     run(main())
+
+
+@pytest.fixture
+def pod_netns():
+    """A fresh network namespace (loopback up) as an fd, like istio-cni hands over; removed after."""
+    import os
+    import subprocess
+    import uuid
+
+    name = f"podin-ut-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _listener_in(netns_fd: int, port: int) -> socket.socket:
+    """A listener on 127.0.0.1:`port` created inside `netns_fd` (on a thread of its own)."""
+    import concurrent.futures
+    import os
+
+    from ztunnel_fast.inpod.netns import _setns
+
+    def make():
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(netns_fd)
+            try:
+                return socket.create_server(("127.0.0.1", port))
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(make).result()
+
+
+def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
+    """In-pod: the worker creates the upstream socket inside the entry's namespace fd (the app there
+    answers, not the one on the same address in ours), a namespace it cannot enter hands the CONNECT
+    back (the event loop's path answers), and once the pod's entries are flushed nothing uses its fd."""
+    import gc
+    import os
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=2)
+        sink = server_engine.inbound_sink = Sink()
+        home = socket.create_server(("127.0.0.1", 0))
+        port = home.getsockname()[1]
+        pod = _listener_in(pod_netns, port)  # the same address, in the pod
+        apps = []
+
+        async def app(lsock, name):
+            lsock.setblocking(False)
+            while True:
+                sock, _ = await loop.sock_accept(lsock)
+                sock.setblocking(False)
+                await loop.sock_sendall(sock, name)
+                while await loop.sock_recv(sock, 1 << 16):
+                    pass
+                sock.close()
+
+        apps = [asyncio.ensure_future(app(home, b"home")), asyncio.ensure_future(app(pod, b"pod"))]
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        core = server_engine.core
+        authority = f"127.0.0.1:{port}"
+        request = [(":method", "CONNECT"), (":authority", authority)]
+        with pytest.raises(ValueError):  # a pod's verdict is always flushable by its pod
+            core.inflow_install(pair.server.id, authority.encode(), 40, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
+                                pod_netns, 0)
+        core.inflow_install(pair.server.id, authority.encode(), 41, 0x7F000001, port, 0, 0x539, 5.0, KEEPALIVE,
+                            pod_netns, 3)
+        for _ in range(3):  # each CONNECT's socket is made in the pod, from either worker
+            assert await _tunnel(pair, loop, request, b"x") == (200, b"pod")
+        assert served == [] and [o[2] for o in sink.opened] == [41] * 3
+        assert core.inflow_netns_errors == 0
+        # a namespace fd the worker cannot enter: handed back, the event loop's path answers
+        with open("/dev/null", "rb") as not_a_netns:
+            core.inflow_install(pair.server.id, authority.encode(), 42, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
+                                not_a_netns.fileno(), 4)
+            assert (await _tunnel(pair, loop, request, b"x"))[0] == 503
+            assert len(served) == 1 and len(sink.opened) == 3 and core.inflow_netns_errors == 1
+            core.inflow_flush_scope(4)
+        assert core.inflow_stats[0] == 0
+        # the pod's entries go with its flush (a node verdict of another connection would stay)
+        core.inflow_install(pair.server.id, authority.encode(), 43, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
+                            pod_netns, 3)
+        gen = core.inflow_stats[3]
+        core.inflow_flush_scope(3)
+        assert core.inflow_stats[0] == 0 and core.inflow_stats[3] == gen + 1
+        assert (await _tunnel(pair, loop, request, b"x"))[0] == 503 and len(served) == 2
+        # the workers are home: a node verdict dials in our namespace
+        core.inflow_install(pair.server.id, authority.encode(), 44, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE)
+        assert await _tunnel(pair, loop, request, b"x") == (200, b"home")
+        for _ in range(100):
+            if len(sink.ended) == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert len(sink.ended) == 4
+        pair.close()
+        for task in apps:
+            task.cancel()
+        home.close()
+        pod.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    def fds():
+        gc.collect()  # the engine's Core closes its own namespace fd when it goes
+        return sorted(os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
+
+    before = fds()
+    run(main())
+    assert fds() == before  # the engine keeps no fd of the pod (nor its own home's)
