@@ -126,8 +126,8 @@ class InboundFastPath(TunnelSink):
     def drain(self) -> None:
         if self.active and not self.engine._closed:
             _, hits, handed, flushes = self.core.inflow_stats
-            log.info("inbound fast path: %d CONNECTs answered by the workers, %d handed back, %d flushes",
-                     hits, handed, flushes)
+            log.info("inbound fast path: %d CONNECTs answered by the workers, %d handed back, %d flushes, "
+                     "%d pod namespace errors", hits, handed, flushes, self.core.inflow_netns_errors)
         self.active = False
         self.flush()
 
