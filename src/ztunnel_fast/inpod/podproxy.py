@@ -219,8 +219,9 @@ class PodProxy:
             self.scope.fast_path.unlisten(self.fast_lid)
             self.fast_lid = None
         self.scope.stopped = True
-        if self.scope.inbound_fast is not None:  # no worker dials into the pod (or uses its netns fd) after this
-            self.scope.inbound_fast.forget_scope(self.scope)
+        inbound_fast = getattr(self.scope, "inbound_fast", None)
+        if inbound_fast is not None:  # no worker dials into the pod (or uses its netns fd) after this
+            inbound_fast.forget_scope(self.scope)
         for lsock in self.listeners:
             lsock.close()
         self.listeners = []
