@@ -2,7 +2,9 @@
 replace / flush, and a worker answering a peer's CONNECT from an installed verdict over a real TLS
 socket pair (the client is the pure twin): it dials the app itself, answers 200, splices, and
 reports EV_INBOUND_OPEN then the completion; a request with a field the verdict did not cover, a
-refused dial and a flushed table all hand the CONNECT to the event loop's path (on_request)."""
+refused dial and a flushed table all hand the CONNECT to the event loop's path (on_request).
+In-pod: a pod's verdict has the socket made inside the pod's namespace fd (a namespace the worker
+cannot enter hands the CONNECT back), and a dial in flight when its pod is flushed opens nothing."""
 
 from __future__ import annotations
 
@@ -268,26 +270,95 @@ def pod_netns():
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _listener_in(netns_fd: int, port: int) -> socket.socket:
-    """A listener on 127.0.0.1:`port` created inside `netns_fd` (on a thread of its own)."""
+def _in(netns_fd: int, fn):
+    """fn() run on a thread of its own inside `netns_fd` (the sockets it makes belong there)."""
     import concurrent.futures
     import os
 
     from ztunnel_fast.inpod.netns import _setns
 
-    def make():
+    def call():
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             _setns(netns_fd)
             try:
-                return socket.create_server(("127.0.0.1", port))
+                return fn()
             finally:
                 _setns(home)
         finally:
             os.close(home)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(make).result()
+        return pool.submit(call).result()
+
+
+def _listener_in(netns_fd: int, port: int) -> socket.socket:
+    """A listener on 127.0.0.1:`port` created inside `netns_fd`."""
+    return _in(netns_fd, lambda: socket.create_server(("127.0.0.1", port)))
+
+
+def test_a_dial_in_flight_when_its_pod_is_flushed_opens_no_tunnel(certs, pod_netns):
+    """The pod's removal flushes its verdicts while a worker's dial into the pod hangs (the app's
+    accept queue is full): when the dial then succeeds, the worker hands the CONNECT back instead
+    of answering from the forgotten verdict (the event loop's path answers: 503 here)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+
+        def full_listener():
+            full = socket.socket()
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            port = full.getsockname()[1]
+            queued = []
+            for _ in range(4):  # fill the accept queue (nobody accepts yet); later SYNs are dropped
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                queued.append(s)
+            return full, port, queued
+
+        full, port, queued = _in(pod_netns, full_listener)
+        await asyncio.sleep(0.2)
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        core = server_engine.core
+        authority = f"127.0.0.1:{port}"
+        core.inflow_install(pair.server.id, authority.encode(), 51, 0x7F000001, port, 0, 0, 10.0, KEEPALIVE,
+                            pod_netns, 5)
+        tunnel = asyncio.ensure_future(_tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"x"))
+        await asyncio.sleep(0.3)  # the worker is dialling (its SYN dropped)
+        assert not tunnel.done() and not served
+        core.inflow_flush_scope(5)  # the pod goes
+        full.setblocking(False)
+        for s in queued:  # room in the queue: the retransmitted SYN (within ~1 s) connects
+            s.close()
+        while True:
+            try:
+                full.accept()[0].close()
+            except BlockingIOError:
+                break
+        status, _ = await asyncio.wait_for(tunnel, 10)
+        assert status == 503 and len(served) == 1 and not sink.opened
+        assert core.inflow_stats[1:3] == (0, 1) and core.inflow_netns_errors == 0
+        # the worker's dial did connect (then let go): it was the flush, not a failed dial, that
+        # handed it back (this test's event loop path never dials)
+        dialled = await asyncio.wait_for(loop.sock_accept(full), 5)
+        dialled[0].close()
+        pair.close()
+        full.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
 
 
 def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
