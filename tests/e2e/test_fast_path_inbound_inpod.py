@@ -120,8 +120,11 @@ def test_a_pod_removed_while_connects_race(lab, mesh, engine):
     m.wait(lambda: z1.lines(f"pod demo/spare (uid {uid(m.spare)}) proxy stopped"), "spare's stop")
     # its namespace handle is closed and nothing of it is left behind (its sockets and connections
     # end with it; the bound: ztunnel-fast's own descriptors come and go, never more than before)
-    m.wait(lambda: (lambda now: not of_spare(now) and len(now) <= len(before))(fp.fds(z1.proc)),
-           "spare's descriptors to go")
+    def spare_gone() -> bool:
+        now = fp.fds(z1.proc)
+        return not of_spare(now) and len(now) <= len(before)
+
+    m.wait(spare_gone, "spare's descriptors to go")
     assert not z1.lines("tunnel of unknown flow") and not z1.lines("Bad file descriptor")
     after = lab.client(m.echo, "echo", m.spare.ip, "80", "--size", "1024", "--count", "5", "--concurrency", "1")
     assert after["ok"] == 0 and after["failed"] == 5, after

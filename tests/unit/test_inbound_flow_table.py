@@ -410,12 +410,11 @@ def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
         assert served == [] and [o[2] for o in sink.opened] == [41] * 3
         assert core.inflow_netns_errors == 0
         # a namespace fd the worker cannot enter: handed back, the event loop's path answers
-        with open("/dev/null", "rb") as not_a_netns:
-            core.inflow_install(pair.server.id, authority.encode(), 42, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
-                                not_a_netns.fileno(), 4)
-            assert (await _tunnel(pair, loop, request, b"x"))[0] == 503
-            assert len(served) == 1 and len(sink.opened) == 3 and core.inflow_netns_errors == 1
-            core.inflow_flush_scope(4)
+        core.inflow_install(pair.server.id, authority.encode(), 42, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
+                            not_a_netns, 4)
+        assert (await _tunnel(pair, loop, request, b"x"))[0] == 503
+        assert len(served) == 1 and len(sink.opened) == 3 and core.inflow_netns_errors == 1
+        core.inflow_flush_scope(4)
         assert core.inflow_stats[0] == 0
         # the pod's entries go with its flush (a node verdict of another connection would stay)
         core.inflow_install(pair.server.id, authority.encode(), 43, 0x7F000001, port, 0, 0, 5.0, KEEPALIVE,
@@ -445,5 +444,9 @@ def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
         return sorted(os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
 
     before = fds()
-    run(main())
+    not_a_netns = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        run(main())
+    finally:
+        os.close(not_a_netns)
     assert fds() == before  # the engine keeps no fd of the pod (nor its own home's)
