@@ -275,6 +275,7 @@ cdef struct Worker:
     uint64_t rng[2]      # xorshift128+ state (trace ids), seeded from getrandom
     Worker *all_workers  # every worker of the Core (a hit goes to the owner of its connection)
     int nworkers
+    bint netns_lost      # could not return to its own network namespace: never dials again (_splice_inflow.pxi)
 
 
 # One outbound listener a worker accepts on (_splice_accept.pxi): its own dup of the socket and the
@@ -332,6 +333,8 @@ cdef struct InFlowEntry:
     int mark             # SO_MARK of the upstream socket, 0: none
     int64_t timeout_ns   # connect timeout
     int keepalive[3]     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
+    int netns_fd         # in-pod: the pod's network namespace (the event loop's fd), -1: ours
+    uint64_t scope_id    # the event loop's id of the pod (flushed together), 0: the node
 
 
 cdef struct InFlowTable:
@@ -341,3 +344,5 @@ cdef struct InFlowTable:
     int64_t count
     int64_t hits         # CONNECTs the workers answered and spliced (EV_INBOUND_OPEN)
     int64_t handed       # hits whose dial the workers handed back to the event loop
+    int64_t netns_errors # hits handed back because a worker could not enter the pod's namespace
+    int home_fd          # the workers' own network namespace (opened at Core init), -1: none

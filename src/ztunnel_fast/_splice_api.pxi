@@ -314,11 +314,14 @@ cdef class Core:
 
     # -- the inbound fast path (_splice_inflow.pxi) ---------------------------------------------
     def inflow_install(self, uint64_t conn_id, bytes authority, uint64_t flow_id, bytes app_ip,
-                       uint32_t app_port, bytes source_ip, int mark, double timeout, tuple keepalive):
+                       uint32_t app_port, bytes source_ip, int mark, double timeout, tuple keepalive,
+                       int netns_fd=-1, uint64_t scope_id=0):
         """Install (or replace) the allow verdict for CONNECTs to `authority` (the exact :authority
         text) on inbound connection `conn_id`: dial app_ip:app_port (packed: 4 bytes IPv4, 16
         IPv6) from source_ip (packed, the same family; b"": our own address) with SO_MARK `mark`,
-        within `timeout` seconds."""
+        within `timeout` seconds.  In-pod: the upstream socket is created inside the network
+        namespace `netns_fd` (the caller keeps it open until `inflow_flush_scope(scope_id)`
+        returned; -1: the workers' own)."""
         cdef InFlowEntry *e
         cdef InFlowEntry **pp
         cdef size_t b
@@ -326,6 +329,8 @@ cdef class Core:
             raise ValueError("authority too long for the inbound flow cache")
         if len(app_ip) not in (4, 16) or len(source_ip) not in (0, len(app_ip)):
             raise ValueError("the upstream is 4 or 16 bytes, the source none or of its family")
+        if netns_fd >= 0 and (self.inflows.home_fd < 0 or scope_id == 0):
+            raise ValueError("a pod's verdict needs the workers' own namespace and the pod's scope id")
         e = <InFlowEntry *>calloc(1, sizeof(InFlowEntry))
         if e == NULL:
             raise MemoryError()
@@ -344,6 +349,8 @@ cdef class Core:
         e.keepalive[0] = keepalive[0]
         e.keepalive[1] = keepalive[1]
         e.keepalive[2] = keepalive[2]
+        e.netns_fd = netns_fd
+        e.scope_id = scope_id
         b = inflow_bucket(conn_id, e.authority, e.authority_len)
         pthread_mutex_lock(&self.inflows.lock)
         pp = &self.inflows.buckets[b]
@@ -370,6 +377,23 @@ cdef class Core:
             if conn_id == 0:
                 self.inflows.gen += 1
             pthread_mutex_unlock(&self.inflows.lock)
+
+    def inflow_flush_scope(self, uint64_t scope_id):
+        """Forget the verdicts of one pod (its removal), and move the generation: once this
+        returns, no worker uses the pod's namespace fd (sockets are created under the lock) and no
+        dial looked up before opens a tunnel (it is handed back to the event loop)."""
+        if scope_id == 0:
+            raise ValueError("scope 0 is the node's")
+        with nogil:
+            pthread_mutex_lock(&self.inflows.lock)
+            inflow_table_clear(&self.inflows, 0, scope_id)
+            self.inflows.gen += 1
+            pthread_mutex_unlock(&self.inflows.lock)
+
+    @property
+    def inflow_netns_errors(self):
+        """Hits handed back because the pod's upstream socket could not be created in its namespace."""
+        return self.inflows.netns_errors
 
     @property
     def inflow_stats(self):

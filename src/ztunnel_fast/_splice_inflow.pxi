@@ -22,6 +22,13 @@
 #   event queue (the event loop drains it before the new state applies, so the policy change
 #   re-checks them like every live connection).
 # - The upstream socket belongs to the event loop from EV_INBOUND_OPEN on; before, to the stream.
+# - In-pod: an entry with a namespace fd (the pod's) has its upstream socket created inside that
+#   namespace: the worker thread setns()es there, calls socket(), and setns()es back to its own
+#   (home_fd) while holding the table's lock, so a flush of the pod (inflow_flush_scope, before
+#   the event loop closes the fd) waits for it and no fd is used after it was closed.  Binding,
+#   SO_MARK and connect then work from the worker's own namespace.  A failure to enter hands the
+#   CONNECT back; a failure to return marks the worker netns_lost: it never dials again (its
+#   next socket would be in the pod's namespace).
 
 DEF INFLOW_BUCKETS = 4096
 DEF INFLOW_AUTHORITY_MAX = 64        # InFlowEntry.authority's size: "255.255.255.255:65535" and "[<39>]:65535" fit
@@ -43,12 +50,16 @@ cdef inline size_t inflow_bucket(uint64_t conn_id, const char *a, size_t n) noex
 cdef int inflow_table_init(InFlowTable *t) noexcept nogil:
     memset(t, 0, sizeof(InFlowTable))
     pthread_mutex_init(&t.lock, NULL)
+    # the namespace the workers are created in (called on the thread that starts them); without it
+    # no pod's verdict is installed (inflow_install)
+    t.home_fd = c_open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
     t.buckets = <InFlowEntry **>calloc(INFLOW_BUCKETS, sizeof(InFlowEntry *))
     return 0 if t.buckets != NULL else -1
 
 
-cdef void inflow_table_clear(InFlowTable *t, uint64_t conn_id) noexcept nogil:
-    """Drop every entry (conn_id 0), or those of one connection.  Caller holds the lock."""
+cdef void inflow_table_clear(InFlowTable *t, uint64_t conn_id, uint64_t scope_id=0) noexcept nogil:
+    """Drop every entry (conn_id and scope_id 0), those of one connection, or those of one pod
+    (scope_id).  Caller holds the lock."""
     cdef size_t b
     cdef InFlowEntry **pp
     cdef InFlowEntry *e
@@ -56,7 +67,8 @@ cdef void inflow_table_clear(InFlowTable *t, uint64_t conn_id) noexcept nogil:
         pp = &t.buckets[b]
         while pp[0] != NULL:
             e = pp[0]
-            if conn_id == 0 or e.conn_id == conn_id:
+            if (conn_id == 0 and scope_id == 0) or (conn_id != 0 and e.conn_id == conn_id) \
+                    or (scope_id != 0 and e.scope_id == scope_id):
                 pp[0] = e.next
                 free(e)
                 t.count -= 1
@@ -70,6 +82,9 @@ cdef void inflow_table_destroy(InFlowTable *t) noexcept nogil:
     inflow_table_clear(t, 0)
     free(t.buckets)
     t.buckets = NULL
+    if t.home_fd >= 0:
+        close(t.home_fd)
+        t.home_fd = -1
     pthread_mutex_destroy(&t.lock)
 
 
@@ -122,6 +137,26 @@ cdef bint inflow_fields_ok(const char *p, size_t n, const char **authority, size
     return off == n and method and authority[0] != NULL
 
 
+cdef int inflow_socket_in(InFlowTable *t, Worker *w, int netns_fd, int family) noexcept nogil:
+    """A TCP socket of `family` created inside the network namespace `netns_fd` (a pod's), the calling worker
+    thread back in its own one before this returns; -1 when it cannot be (nothing created).
+    Caller holds the table's lock: the pod's removal flushes its entries (under the same lock)
+    before its fd is closed, so the fd is the pod's for as long as this runs.  A worker that
+    cannot return home never dials again (netns_lost: its next socket would be in the pod)."""
+    cdef int fd
+    if w.netns_lost or t.home_fd < 0 or netns_fd < 0:
+        return -1
+    if setns(netns_fd, CLONE_NEWNET) != 0:
+        return -1
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if setns(t.home_fd, CLONE_NEWNET) != 0:
+        w.netns_lost = True
+        if fd >= 0:
+            close(fd)
+        return -1
+    return fd
+
+
 cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     """A peer's new CONNECT (no END_STREAM): on a hit, start dialling the app and keep the fields
     (taken from `fields`).  Returns 1 when the worker took the stream, 0 for the event loop."""
@@ -134,7 +169,7 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     cdef sockaddr_in addr
     cdef sockaddr_in6 addr6
     cdef epoll_event ev
-    cdef int fd, one = 1, mark = 0, rc, family = AF_INET
+    cdef int fd = -1, one = 1, mark = 0, rc, family = AF_INET
     cdef int keepalive[3]
     cdef uint8_t app_ip[16]
     cdef uint8_t source_ip[16]
@@ -144,7 +179,8 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
     cdef int64_t timeout_ns = 0, now
     cdef bint hit = False
     # t.count is read without the lock: a stale value only means a miss (or a lookup that misses)
-    if t == NULL or c.client or t.count == 0 or c.state != CST_OPEN or c.flags & (CF_GOAWAY_SENT | CF_GOAWAY_RECV):
+    if t == NULL or c.client or t.count == 0 or w.netns_lost or c.state != CST_OPEN \
+            or c.flags & (CF_GOAWAY_SENT | CF_GOAWAY_RECV):
         return 0
     if not inflow_fields_ok(fields.data, fields.end, &auth, &alen):
         return 0
@@ -167,11 +203,18 @@ cdef int inflow_start(Conn *c, uint32_t sid, Buf *fields) noexcept nogil:
         timeout_ns = e.timeout_ns
         memcpy(keepalive, e.keepalive, sizeof(keepalive))
         gen = t.gen
+        if e.netns_fd >= 0:  # a pod's: its socket is made in its namespace, still under the lock
+            fd = inflow_socket_in(t, w, e.netns_fd, family)
+            if fd < 0:
+                hit = False
+                t.netns_errors += 1
+                t.handed += 1
     pthread_mutex_unlock(&t.lock)
     if not hit:
         return 0
     now = now_ns()
-    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if fd < 0:
         return 0
     if mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(int)) != 0:

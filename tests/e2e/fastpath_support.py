@@ -1,11 +1,13 @@
 """Shared helpers of the fast-path end-to-end tests: test_fast_path.py (outbound),
-test_fast_path_inbound.py (inbound) and test_fast_path_inpod.py (outbound in in-pod mode).
+test_fast_path_inbound.py (inbound), test_fast_path_inpod.py (outbound in in-pod mode) and
+test_fast_path_inbound_inpod.py (inbound in in-pod mode).
 
 What they share:
 - set-up: FAST (the switch), `two_pods` (a client and an echo server, each with its own
   ztunnel-fast), `publish` (an atomic config change), DENY_CLIENT (a policy that denies the client);
 - reading what a ztunnel left behind: `metrics`, `access_lines`, `wait_lines`, and the fast paths'
-  counters from their drain lines (`outbound_stats`, `inbound_stats`, `expect_counters`);
+  counters from their drain lines (`outbound_stats`, `inbound_stats`, `inbound_netns_errors`,
+  `expect_counters`) and a process's descriptors (`fds`);
 - the shared runs and checks: `sequential_hash_checked`, `many_short_hash_checked`, `race` (a
   change published while connections stream in), `assert_no_connect_after_deny` and
   `held_tunnels` (many tunnels held open, then each hash-checked);
@@ -38,6 +40,7 @@ OUTBOUND_STATS = re.compile(r"fast path: (\d+) connections carried by the worker
                             r"(\d+) flushes")
 INBOUND_STATS = re.compile(r"inbound fast path: (\d+) CONNECTs answered by the workers, (\d+) handed back, "
                            r"(\d+) flushes")
+INBOUND_NETNS_ERRORS = re.compile(r"inbound fast path: .*, (\d+) pod namespace errors")
 DENY_CLIENT = {"name": "deny-sleep", "namespace": "demo", "scope": "Namespace", "action": "Deny",
                "rules": [[[{"principals": [{"Exact": "cluster.local/ns/demo/sa/sleep"}]}]]]}
 
@@ -133,6 +136,22 @@ def outbound_stats(lab, zt) -> tuple[int, int, int] | None:
 def inbound_stats(lab, zt) -> tuple[int, int, int] | None:
     """Stops `zt`; (answered by the workers, handed back, flushes) from its drain line; None: no fast path."""
     return _drain_counters(lab, zt, INBOUND_STATS)
+
+
+def inbound_netns_errors(lab, zt) -> int | None:
+    """Stops `zt`; the CONNECTs its workers handed back because they could not create the upstream
+    socket in the pod's namespace (its drain line); None: no fast path."""
+    found = _drain_counters(lab, zt, INBOUND_NETNS_ERRORS)
+    return found[0] if found else None
+
+
+def fds(proc) -> list[str]:
+    """What the process's descriptors point at (readlink of /proc/<pid>/fd/*), sorted."""
+    out = []
+    for name in os.listdir(f"/proc/{proc.pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            out.append(os.readlink(f"/proc/{proc.pid}/fd/{name}"))
+    return sorted(out)
 
 
 def expect_counters(stats, engine: str, fast: bool = True):

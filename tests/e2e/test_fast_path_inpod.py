@@ -1,4 +1,4 @@
-"""The outbound fast path (ZTUNNEL_FAST_PATH) in in-pod mode: every pod istio-cni hands over gets
+"""The outbound fast path (ZTUNNEL_FAST_PATH) in in-pod mode (inbound: test_fast_path_inbound_inpod.py): every pod istio-cni hands over gets
 its own outbound listener served by the native workers (flow classes keyed by the pod's
 listener), and a pod's DelWorkload takes its listener away from the workers before the ack.  The
 pure twin ignores the switch.  Outcomes, logs, access log, metrics and workloadState must be the
@@ -121,9 +121,9 @@ def test_a_pod_deleted_while_its_connections_race(lab, mesh, engine):
 
 def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mesh, engine):
     """Warm classes too: without source spoofing a socket's address tells where it was created.
-    The outbound fast path's HBONE connections leave from the pod, and a pod's inbound CONNECTs
-    (whose dial must leave from the pod; the workers dial in their own namespace) keep taking the
-    event loop's path, so the app sees the pod's own address every time."""
+    The outbound fast path's HBONE connections leave from the pod, and a pod's inbound CONNECTs,
+    which the workers answer once warm, are dialled from inside the pod (the workers create the
+    socket in the pod's namespace), so the app sees the pod's own address every time."""
     m = mesh
     start_both(m, ENABLE_ORIG_SRC="false", **fp.FAST)
     assert m.add(m.spare) == ""
@@ -144,3 +144,6 @@ def test_a_pods_upstream_sockets_stay_inside_the_pod_with_the_switch_on(lab, mes
     if stats is not None:
         carried, event_loop, _ = stats
         assert carried + event_loop == 20 and carried >= 15, stats
+    inbound = fp.expect_counters(fp.inbound_stats(lab, m.zt["node1"]), engine)
+    if inbound is not None:  # the 7 warm CONNECTs to spare by the workers, none handed back
+        assert inbound[:2] == (7, 0), inbound

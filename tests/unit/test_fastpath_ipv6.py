@@ -101,7 +101,7 @@ def _inbound(target, peer, source):
     info = ConnectionInfo(src_ip=peer, dst_ip=target[0], dst_port=target[1], src_identity=SLEEP)
     return inbound_entry(flow, peer=(peer, 40000), peer_id=SLEEP, arrived_on=target[0], target=target,
                          workload=workload, info=info, decision=Decision(True, "allowed", None), source=source,
-                         own_netns=True)
+                         netns=None)
 
 
 def test_inbound_ipv6_verdicts_are_cached_with_a_source_of_their_family():

@@ -40,7 +40,7 @@ def _args(**over):
     target = over.pop("target", (HERE, 80))
     args = {"peer": PEER, "peer_id": PEER_ID, "arrived_on": HERE, "target": target, "workload": workload,
             "info": ConnectionInfo(PEER[0], target[0], target[1], PEER_ID),
-            "decision": Decision(True, ALLOWED, None), "source": None, "own_netns": True}
+            "decision": Decision(True, ALLOWED, None), "source": None, "netns": None}
     args.update(over)
     return args
 
@@ -58,7 +58,10 @@ def _args(**over):
      "198.18.0.2:80", False, "the sandwich: a PROXY header per connection"),
     ({"workload": replace(_workload(), application_tunnel=ApplicationTunnel(ApplicationTunnelProtocol.NONE, 0))},
      "198.18.0.2:80", False, "an application tunnel"),
-    ({"own_netns": False}, "198.18.0.2:80", False, "in-pod: upstream sockets made in the pod's namespace"),
+    ({"netns": 7}, "198.18.0.2:80", True, "in-pod: upstream sockets made in the pod's open namespace fd"),
+    ({"netns": 0}, "198.18.0.2:80", True, "in-pod: fd 0 is an fd like any other"),
+    ({"netns": -1}, "198.18.0.2:80", False, "in-pod: the pod's namespace fd is closed (or the pod stopped)"),
+    ({"netns": 7, "source": PEER[0]}, "198.18.0.2:80", True, "in-pod, dialled from the peer's address"),
     ({"peer": (ip_address("fd00::1"), 40000)}, "198.18.0.2:80", False, "an IPv6 peer"),
     ({"arrived_on": ip_address("fd00::2"), "target": (ip_address("fd00::2"), 80)}, "[fd00::2]:80", False,
      "an IPv6 destination"),
@@ -72,7 +75,7 @@ def test_which_connects_are_cached(over, authority, cached, why):
     assert (entry is not None) is cached, why
     assert inbound_cacheable(flow, peer_ip=args["peer"][0], arrived_on=args["arrived_on"], target=args["target"],
                              workload=args["workload"], decision=args["decision"], source=args["source"],
-                             own_netns=args["own_netns"]) is cached
+                             netns=args["netns"]) is cached
 
 
 def test_the_entry_holds_what_each_connect_of_the_class_gets():
@@ -82,6 +85,64 @@ def test_the_entry_holds_what_each_connect_of_the_class_gets():
     assert entry.flow == flow and entry.peer == PEER and entry.peer_id == PEER_ID
     assert entry.target == (HERE, 80) and entry.arrived_on == HERE and entry.source == PEER[0]
     assert entry.workload is args["workload"] and entry.info == args["info"]
+    assert entry.netns is None  # our own namespace
+    assert inbound_entry(flow, **_args(netns=9)).netns == 9  # the pod's: the workers create the socket there
+
+
+class _Netns:
+    def __init__(self, fd):
+        self.fd = fd
+
+
+class _PodScope:
+    """The attributes scope_netns reads of inpod.podproxy.PodScope."""
+
+    stopped = False
+
+    def __init__(self, fd):
+        self.netns = _Netns(fd)
+        self.socket_factory = object()
+
+
+class _NodeContext:
+    socket_factory = None
+
+
+class _FactoryOnly:
+    """A context with a socket factory but no pod namespace: nowhere the workers could dial."""
+
+    socket_factory = object()
+
+
+def test_where_a_scopes_upstream_sockets_are_made():
+    from ztunnel_fast.proxy.fastpath_inbound import scope_netns
+
+    assert scope_netns(_NodeContext()) is None
+    pod = _PodScope(11)
+    assert scope_netns(pod) == 11
+    pod.stopped = True  # its removal began: nothing is installed any more
+    assert scope_netns(pod) == -1
+    assert scope_netns(_PodScope(-1)) == -1  # its fd is closed
+    assert scope_netns(_FactoryOnly()) == -1
+
+
+def test_a_pod_scope_is_read_as_the_pod():
+    import asyncio
+
+    from ztunnel_fast.inpod.podproxy import PodScope
+    from ztunnel_fast.proxy.fastpath_inbound import scope_netns
+
+    class Parent:
+        socket_factory = None
+
+    class Thread:
+        pass
+
+    scope = PodScope(Parent(), None, _Netns(13), Thread())
+    assert scope_netns(scope) == 13
+    scope.stopped = True
+    assert scope_netns(scope) == -1
+    assert asyncio.iscoroutinefunction(scope.socket_factory)
 
 
 @pytest.mark.parametrize("extra", [

@@ -2,7 +2,9 @@
 replace / flush, and a worker answering a peer's CONNECT from an installed verdict over a real TLS
 socket pair (the client is the pure twin): it dials the app itself, answers 200, splices, and
 reports EV_INBOUND_OPEN then the completion; a request with a field the verdict did not cover, a
-refused dial and a flushed table all hand the CONNECT to the event loop's path (on_request)."""
+refused dial and a flushed table all hand the CONNECT to the event loop's path (on_request).
+In-pod: a pod's verdict has the socket made inside the pod's namespace fd (a namespace the worker
+cannot enter hands the CONNECT back), and a dial in flight when its pod is flushed opens nothing."""
 
 from __future__ import annotations
 
@@ -269,3 +271,205 @@ def test_the_dial_spoofs_the_installed_source(certs, app_ip, source):
         server_engine.close()
 
     run(main())
+
+
+@pytest.fixture
+def pod_netns():
+    """A fresh network namespace (loopback up) as an fd, like istio-cni hands over; removed after."""
+    import os
+    import subprocess
+    import uuid
+
+    name = f"podin-ut-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _in(netns_fd: int, fn):
+    """fn() run on a thread of its own inside `netns_fd` (the sockets it makes belong there)."""
+    import concurrent.futures
+    import os
+
+    from ztunnel_fast.inpod.netns import _setns
+
+    def call():
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(netns_fd)
+            try:
+                return fn()
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result()
+
+
+def _listener_in(netns_fd: int, port: int) -> socket.socket:
+    """A listener on 127.0.0.1:`port` created inside `netns_fd`."""
+    return _in(netns_fd, lambda: socket.create_server(("127.0.0.1", port)))
+
+
+def test_a_dial_in_flight_when_its_pod_is_flushed_opens_no_tunnel(certs, pod_netns):
+    """The pod's removal flushes its verdicts while a worker's dial into the pod hangs (the app's
+    accept queue is full): when the dial then succeeds, the worker hands the CONNECT back instead
+    of answering from the forgotten verdict (the event loop's path answers: 503 here)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=1)
+        sink = server_engine.inbound_sink = Sink()
+
+        def full_listener():
+            full = socket.socket()
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            port = full.getsockname()[1]
+            queued = []
+            for _ in range(4):  # fill the accept queue (nobody accepts yet); later SYNs are dropped
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                queued.append(s)
+            return full, port, queued
+
+        full, port, queued = _in(pod_netns, full_listener)
+        await asyncio.sleep(0.2)
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        core = server_engine.core
+        authority = f"127.0.0.1:{port}"
+        core.inflow_install(pair.server.id, authority.encode(), 51, packed("127.0.0.1"), port, b"", 0, 10.0, KEEPALIVE,
+                            pod_netns, 5)
+        tunnel = asyncio.ensure_future(_tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"x"))
+        await asyncio.sleep(0.3)  # the worker is dialling (its SYN dropped)
+        assert not tunnel.done() and not served
+        core.inflow_flush_scope(5)  # the pod goes
+        full.setblocking(False)
+        for s in queued:  # room in the queue: the retransmitted SYN (within ~1 s) connects
+            s.close()
+        while True:
+            try:
+                full.accept()[0].close()
+            except BlockingIOError:
+                break
+        status, _ = await asyncio.wait_for(tunnel, 10)
+        assert status == 503 and len(served) == 1 and not sink.opened
+        assert core.inflow_stats[1:3] == (0, 1) and core.inflow_netns_errors == 0
+        # the worker's dial did connect (then let go): it was the flush, not a failed dial, that
+        # handed it back (this test's event loop path never dials)
+        dialled = await asyncio.wait_for(loop.sock_accept(full), 5)
+        dialled[0].close()
+        pair.close()
+        full.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    run(main())
+
+
+def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
+    """In-pod: the worker creates the upstream socket inside the entry's namespace fd (the app there
+    answers, not the one on the same address in ours), a namespace it cannot enter hands the CONNECT
+    back (the event loop's path answers), and once the pod's entries are flushed nothing uses its fd."""
+    import gc
+    import os
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_engine = NativeEngine(workers=2)
+        sink = server_engine.inbound_sink = Sink()
+        home = socket.create_server(("127.0.0.1", 0))
+        port = home.getsockname()[1]
+        pod = _listener_in(pod_netns, port)  # the same address, in the pod
+        apps = []
+
+        async def app(lsock, name):
+            lsock.setblocking(False)
+            while True:
+                sock, _ = await loop.sock_accept(lsock)
+                sock.setblocking(False)
+                await loop.sock_sendall(sock, name)
+                while await loop.sock_recv(sock, 1 << 16):
+                    pass
+                sock.close()
+
+        apps = [asyncio.ensure_future(app(home, b"home")), asyncio.ensure_future(app(pod, b"pod"))]
+        pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
+        served = []
+        serve = pair.serve
+
+        async def counting(stream):
+            served.append(stream.id)
+            await serve(stream)
+
+        pair.server.on_request = counting
+        core = server_engine.core
+        authority = f"127.0.0.1:{port}"
+        request = [(":method", "CONNECT"), (":authority", authority)]
+        with pytest.raises(ValueError):  # a pod's verdict is always flushable by its pod
+            core.inflow_install(pair.server.id, authority.encode(), 40, packed("127.0.0.1"), port, b"", 0, 5.0, KEEPALIVE,
+                                pod_netns, 0)
+        core.inflow_install(pair.server.id, authority.encode(), 41, packed("127.0.0.1"), port, b"", 0x539, 5.0, KEEPALIVE,
+                            pod_netns, 3)
+        for _ in range(3):  # each CONNECT's socket is made in the pod, from either worker
+            assert await _tunnel(pair, loop, request, b"x") == (200, b"pod")
+        assert served == [] and [o[2] for o in sink.opened] == [41] * 3
+        assert core.inflow_netns_errors == 0
+        # a namespace fd the worker cannot enter: handed back, the event loop's path answers
+        core.inflow_install(pair.server.id, authority.encode(), 42, packed("127.0.0.1"), port, b"", 0, 5.0, KEEPALIVE,
+                            not_a_netns, 4)
+        assert (await _tunnel(pair, loop, request, b"x"))[0] == 503
+        assert len(served) == 1 and len(sink.opened) == 3 and core.inflow_netns_errors == 1
+        core.inflow_flush_scope(4)
+        assert core.inflow_stats[0] == 0
+        # the pod's entries go with its flush (a node verdict of another connection would stay)
+        core.inflow_install(pair.server.id, authority.encode(), 43, packed("127.0.0.1"), port, b"", 0, 5.0, KEEPALIVE,
+                            pod_netns, 3)
+        gen = core.inflow_stats[3]
+        core.inflow_flush_scope(3)
+        assert core.inflow_stats[0] == 0 and core.inflow_stats[3] == gen + 1
+        assert (await _tunnel(pair, loop, request, b"x"))[0] == 503 and len(served) == 2
+        # the workers are home: a node verdict dials in our namespace
+        core.inflow_install(pair.server.id, authority.encode(), 44, packed("127.0.0.1"), port, b"", 0, 5.0, KEEPALIVE)
+        assert await _tunnel(pair, loop, request, b"x") == (200, b"home")
+        for _ in range(100):
+            if len(sink.ended) == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert len(sink.ended) == 4
+        pair.close()
+        for task in apps:
+            task.cancel()
+        home.close()
+        pod.close()
+        await asyncio.sleep(0.05)
+        server_engine.close()
+
+    def fds():
+        gc.collect()  # the engine's Core closes its own namespace fd when it goes
+        return sorted(os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
+
+    before = fds()
+    not_a_netns = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        run(main())
+    finally:
+        os.close(not_a_netns)
+    assert fds() == before  # the engine keeps no fd of the pod (nor its own home's)

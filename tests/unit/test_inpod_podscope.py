@@ -55,3 +55,28 @@ def test_scope_serves_only_its_pod_and_follows_state_replacement():
     assert scope.workload() is None
     assert PodScope(Parent(state(), Config(enable_orig_src=False)), WorkloadInfo("a", "b", "c"), None, None).orig_src \
         is False
+
+
+def test_stop_accepting_takes_the_pods_inbound_verdicts_away_first():
+    """Before the removal's ack (and so before its netns fd is closed): the scope stops installing
+    and the inbound fast path forgets the pod's verdicts, once; no fast path: nothing to forget."""
+    from ztunnel_fast.inpod.podproxy import PodProxy
+
+    class InboundFast:
+        def __init__(self):
+            self.forgotten = []
+
+        def forget_scope(self, scope):
+            assert scope.stopped  # nothing can be installed again meanwhile
+            self.forgotten.append(scope)
+
+    parent = Parent(state(), Config())
+    parent.fast_path = None
+    parent.inbound_fast = InboundFast()
+    proxy = PodProxy(parent, "uid-1", WorkloadInfo("web", "demo", "web"), None, None)
+    assert proxy.scope.stopped is False
+    proxy.stop_accepting()
+    assert proxy.scope.stopped is True and parent.inbound_fast.forgotten == [proxy.scope]
+    bare = PodProxy(Parent(state(), Config()), "uid-2", WorkloadInfo("web", "demo", "web"), None, None)
+    bare.stop_accepting()  # a context without the inbound fast path (the pure engine)
+    assert bare.scope.stopped is True

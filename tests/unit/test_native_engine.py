@@ -526,11 +526,13 @@ def test_a_connection_the_fast_path_shares_gets_its_stream_ids_from_the_worker(c
         await asyncio.sleep(0.1)
         assert early.id == 3 and early.reset_code == h2_errors.ErrorCodes.CANCEL
         assert conn.streams_opened == 5 and not conn._opening and not conn.streams  # 5, 7, 9 ended too
-        assert not pair.server.streams
-        assert len(pair.completions) == 5 and sum(c.reset for c in pair.completions) == 1  # stream 3's
+        assert not pair.server.streams  # stream 3 too: the reset reached the server
+        # the four echoes ended cleanly; stream 3's tunnel, if it started before its reset came, was reset
+        assert len([c for c in pair.completions if not c.reset]) == 4 and len(pair.completions) <= 5
         conn.close_idle()  # the pool's idle timeout: GOAWAY, the worker closes it with no streams left
         assert conn.goaway_sent
         await asyncio.wait_for(asyncio.shield(conn.closed), 2)
+        await asyncio.wait_for(asyncio.shield(pair.server.closed), 2)  # the client's GOAWAY, then its close
         assert pair.server.goaway_received
         pair.close()
         close_all(ce, se)

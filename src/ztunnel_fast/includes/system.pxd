@@ -79,6 +79,15 @@ cdef extern from "<fcntl.h>" nogil:
         F_SETPIPE_SZ
         F_GETFL
         F_SETFL
+        O_RDONLY
+    int c_open "open"(const char *path, int flags)
+
+
+# setns(2): the inbound fast path creates a pod's upstream socket inside the pod's network namespace
+cdef extern from "<sched.h>" nogil:
+    int setns(int fd, int nstype)
+    enum:
+        CLONE_NEWNET
 
 
 # glibc's malloc_trim (limits.release_free_memory): freed heap pages back to the system.  Other C

@@ -11,8 +11,11 @@ The pod's workload comes from the state store: the workload on NODE_NAME with th
 service account and name istio-cni gave in WorkloadInfo.  It is looked up again whenever the
 state is replaced, so xDS or local-config updates apply to running pods.
 
-Invariants: every socket created for the pod (listeners and upstreams) is created inside its
-namespace and carries SO_MARK (PACKET_MARK, 1337); drain never touches another pod's tunnels.
+Invariants: every socket created for the pod (listeners and upstreams, also those the inbound
+fast path's workers create from the pod's namespace fd) is created inside its namespace and
+carries SO_MARK (PACKET_MARK, 1337); drain never touches another pod's tunnels; stop_accepting
+(before the removal's ack and before the namespace fd is closed) also forgets the pod's inbound
+fast-path verdicts, after which no worker uses the fd.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class PodScope:
 
     dedicated = False  # shared mode: identities per workload, never PROXY_WORKLOAD_INFO
     fast_path_node = None  # in-pod traffic always goes over HBONE, also on the same node
+    stopped = False  # set by PodProxy.stop_accepting: the inbound fast path installs nothing more
 
     def __init__(self, parent: ProxyContext, info: WorkloadInfo, netns: PodNetns, thread: NetnsThread):
         self._parent = parent
@@ -208,12 +212,17 @@ class PodProxy:
 
     def stop_accepting(self) -> None:
         """Synchronously (before the DelPod's ack): no connection is accepted any more, by the event
-        loop or the fast path's workers (whose entries for this pod are gone when it returns)."""
+        loop or the fast path's workers (whose entries for this pod are gone when it returns), and
+        no worker dials a CONNECT into the pod's namespace any more (inbound fast path)."""
         for task in self.accept_tasks:
             task.cancel()
         if self.fast_lid is not None:
             self.scope.fast_path.unlisten(self.fast_lid)
             self.fast_lid = None
+        self.scope.stopped = True
+        inbound_fast = getattr(self.scope, "inbound_fast", None)
+        if inbound_fast is not None:  # no worker dials into the pod (or uses its netns fd) after this
+            inbound_fast.forget_scope(self.scope)
         for lsock in self.listeners:
             lsock.close()
         self.listeners = []

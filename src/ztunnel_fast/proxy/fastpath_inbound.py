@@ -15,8 +15,19 @@ Invariants:
   event queue is drained, so every tunnel the workers opened on an old verdict is tracked here
   before the new policies re-check the live connections (ConnectionManager.reevaluate closes
   those now denied), and no dial looked up before the flush opens a tunnel after it.
-- Entries are forgotten with the flush or their connection (`forget`, after its EV_CLOSED, when no
-  EV_INBOUND_OPEN of it can still be queued); a tunnel keeps its own reference to its entry.
+- Entries are forgotten with the flush, their connection (`forget`, after its EV_CLOSED, when no
+  EV_INBOUND_OPEN of it can still be queued) or their pod (`forget_scope`); a tunnel keeps its
+  own reference to its entry.
+- In-pod mode: a pod's entries carry its network namespace fd (PodScope.netns), in which the
+  workers create the upstream socket (setns there and back, under the table's lock; a failure
+  hands the CONNECT back).  The pod's removal (PodProxy.stop_accepting, before the DelWorkload's
+  or snapshot's ack, and before the fd is closed) calls `forget_scope`: the engine drops the
+  pod's entries and moves the generation under that lock, so once it returns no worker uses the
+  fd and no dial looked up before opens a tunnel; the queue is drained like `flush`'s.  A stopped
+  pod (PodScope.stopped) or a closed fd is never installed again.  SO_MARK and the spoofed source
+  are the event loop's path's (packet_mark; the peer's IP when the pod's orig_src is on).
+- A tunnel is tracked for drain by the scope its verdict was learnt in (a pod's PodScope: the
+  pod's drain waits for it, as for Inbound._stream's task).
 - Every fast-path tunnel is tracked for drain (ctx.track) and for policy changes
   (ctx.connections) like Inbound._stream's task, once the poll that opened it is dispatched
   (NativeEngine.after_batch: no await and no state change can come in between); a tunnel whose
@@ -62,6 +73,9 @@ class InboundFastPath(TunnelSink):
         self.entries: dict[int, InboundEntry] = {}  # flow id -> entry (installed now)
         self.installed: dict[InboundClass, int] = {}
         self.by_conn: dict[int, list[InboundClass]] = {}  # connection id -> its installed classes
+        self.scopes: dict[int, object] = {}  # flow id -> the scope it was learnt in (ctx or a PodScope)
+        self._scope_ids: dict[object, int] = {}  # PodScope -> the engine's id of its entries
+        self._scope_seq = itertools.count(1)
         # flow id -> `forwarded` -> (the state it was made under, the class's first ConnectionRecord)
         self._records: dict[int, dict[str, tuple]] = {}
         self.active = True
@@ -81,12 +95,39 @@ class InboundFastPath(TunnelSink):
             self.engine._on_events()
         self.entries.clear()
         self._records.clear()
+        self.scopes.clear()
+        self._scope_ids.clear()
+
+    def forget_scope(self, scope) -> None:
+        """A pod is being removed (synchronously, before its ack and before its namespace fd is
+        closed): no worker dials for it once this returns; the tunnels they opened before are
+        taken here (queued events) and drain with the pod."""
+        scope_id = self._scope_ids.pop(scope, None)
+        if scope_id is None:
+            return
+        if not self.engine._closed:
+            self.core.inflow_flush_scope(scope_id)
+            self.engine._on_events()
+        for flow_id in [f for f, s in self.scopes.items() if s is scope]:
+            del self.scopes[flow_id]
+            entry = self.entries.pop(flow_id, None)
+            self._records.pop(flow_id, None)
+            if entry is None:
+                continue
+            flow = entry.flow
+            if self.installed.get(flow) == flow_id:
+                del self.installed[flow]
+            flows = self.by_conn.get(flow.conn_id)
+            if flows is not None and flow in flows:
+                flows.remove(flow)
+                if not flows:
+                    del self.by_conn[flow.conn_id]
 
     def drain(self) -> None:
         if self.active and not self.engine._closed:
             _, hits, handed, flushes = self.core.inflow_stats
-            log.info("inbound fast path: %d CONNECTs answered by the workers, %d handed back, %d flushes",
-                     hits, handed, flushes)
+            log.info("inbound fast path: %d CONNECTs answered by the workers, %d handed back, %d flushes, "
+                     "%d pod namespace errors", hits, handed, flushes, self.core.inflow_netns_errors)
         self.active = False
         self.flush()
 
@@ -94,7 +135,7 @@ class InboundFastPath(TunnelSink):
               scope=None) -> None:
         """Inbound._stream allowed this CONNECT (no await since the decision): cache its class
         when it may be.  `scope`: the Inbound's context (a pod's PodScope in in-pod mode, whose
-        upstream sockets belong in the pod's netns: not cached, the workers dial in their own)."""
+        upstream sockets the workers create in the pod's network namespace)."""
         conn = stream.conn
         conn_id = getattr(conn, "id", None)
         if not self.active or conn_id is None or conn.lost is not None or conn.goaway_sent:
@@ -108,21 +149,29 @@ class InboundFastPath(TunnelSink):
         flow = InboundClass(conn_id, authority)
         if flow in self.installed:
             return
+        scope = scope if scope is not None else self.ctx
+        netns = scope_netns(scope)
         entry = inbound_entry(flow, peer=peer, peer_id=peer_id, arrived_on=arrived_on, target=target,
-                              workload=workload, info=info, decision=decision, source=source,
-                              own_netns=(scope if scope is not None else self.ctx).socket_factory is None)
+                              workload=workload, info=info, decision=decision, source=source, netns=netns)
         if entry is None:
             return
+        scope_id = 0
+        if netns is not None:
+            scope_id = self._scope_ids.get(scope)
+            if scope_id is None:
+                scope_id = self._scope_ids[scope] = next(self._scope_seq)
         flow_id = next(self._ids)
         self.entries[flow_id] = entry
         self.installed[flow] = flow_id
+        self.scopes[flow_id] = scope
         self.by_conn.setdefault(conn_id, []).append(flow)
         config = self.ctx.config
         ip, port = target
         self.core.inflow_install(conn_id, authority.encode(), flow_id, ip.packed, port,
                                  source.packed if source is not None else b"", config.packet_mark or 0,
                                  config.connect_timeout,
-                                 (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL, sockets.KEEPALIVE_COUNT))
+                                 (sockets.KEEPALIVE_IDLE, sockets.KEEPALIVE_INTERVAL, sockets.KEEPALIVE_COUNT),
+                                 netns if netns is not None else -1, scope_id)
 
     def forget(self, conn) -> None:
         """An inbound connection is over (after its EV_CLOSED): its entries go."""
@@ -137,6 +186,7 @@ class InboundFastPath(TunnelSink):
             if flow_id is not None:
                 self.entries.pop(flow_id, None)
                 self._records.pop(flow_id, None)
+                self.scopes.pop(flow_id, None)
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------
     def on_open(self, conn_id: int, token: int, sid: int, fd: int, flow_id: int, start_ns: int, fields) -> None:
@@ -182,7 +232,7 @@ class InboundFastPath(TunnelSink):
             records[forwarded] = (ctx.state, record)
         else:
             record = proto[1].again(entry.peer, start)
-        self._opened(token, Tunnel(conn, sid, fd, span, record, start, ctx, entry=entry))
+        self._opened(token, Tunnel(conn, sid, fd, span, record, start, self.scopes.get(flow_id, ctx), entry=entry))
 
     def _track(self, tunnel: Tunnel, future) -> None:
         """Policy changes track it too (ConnectionManager.reevaluate cancels a now-denied one)."""
@@ -207,6 +257,19 @@ class InboundFastPath(TunnelSink):
             stream.reset_code = ErrorCodes.CANCEL
         if not self.engine._closed and tunnel.conn.lost is None:
             self.core.reset(tunnel.conn.worker, tunnel.conn.id, tunnel.sid, ErrorCodes.CANCEL)
+
+
+def scope_netns(scope) -> int | None:
+    """Where the upstream sockets of `scope` are created: None our own namespace (no socket
+    factory), a pod's open namespace fd, or -1 when that is not (any more) possible: a stopped
+    pod, a closed fd, a factory without a pod namespace."""
+    if scope.socket_factory is None:
+        return None
+    if getattr(scope, "stopped", True):
+        return -1
+    netns = getattr(scope, "netns", None)
+    fd = getattr(netns, "fd", -1)
+    return fd if isinstance(fd, int) else -1
 
 
 def request_telemetry(fields) -> tuple[str | None, str | None, str]:

@@ -30,9 +30,13 @@ the address it arrived on; the :authority the destination; so the authorization'
 (ConnectionInfo) and the destination workload are functions of the class and the state.
 - Only an allow verdict without dry-run policies (whose lines are per connection) is cached, for a
   CONNECT to the address the connection arrived on (no waypoint or application-tunnel delivery),
-  to a workload without an application tunnel (no PROXY header), upstream sockets in our own
-  network namespace, IPv4 or IPv6 with the peer, the upstream and the dial's spoofed source (if
-  any) of one family.  Denials, refusals and everything else take the event loop's path every time.
+  to a workload without an application tunnel (no PROXY header), IPv4 or IPv6 with the peer, the
+  upstream and the dial's spoofed source (if any) of one family, with upstream sockets in our own
+  network namespace or (in-pod mode) in the pod's, while the pod's namespace fd is open (`netns`:
+  None ours, the fd, or -1 once closed: not cached).  Denials, refusals and everything else take
+  the event loop's path every time.
+- A pod's entries name its namespace fd, which stays open until they are flushed (the pod's
+  removal flushes them before its ack and before closing it: proxy/fastpath_inbound.py).
 - What differs per CONNECT within a class (trace id, `forwarded`'s service host) is telemetry
   only; the event loop reads it from each request's own fields.
 """
@@ -137,11 +141,14 @@ class InboundEntry:
     workload: Workload  # the destination workload
     info: ConnectionInfo  # what the verdict was made on (re-checked on every policy change)
     source: IpAddress | None  # the dial's spoofed source (ORIG_SRC: the peer's IP), None: ours
+    netns: int | None = None  # in-pod: the pod's network namespace fd the upstream socket is made in
 
 
 def inbound_cacheable(flow: InboundClass, *, peer_ip: IpAddress, arrived_on: IpAddress | None,
                       target: tuple, workload: Workload, decision: Decision, source: IpAddress | None,
-                      own_netns: bool) -> bool:
+                      netns: int | None) -> bool:
+    """`netns`: where the upstream socket is created: None our own network namespace, else the
+    pod's namespace fd (negative once closed: its pod is gone)."""
     ip, _ = target
     return (
         decision.allowed
@@ -149,7 +156,7 @@ def inbound_cacheable(flow: InboundClass, *, peer_ip: IpAddress, arrived_on: IpA
         and arrived_on is not None
         and ip == arrived_on
         and workload.application_tunnel is None
-        and own_netns
+        and (netns is None or netns >= 0)
         and peer_ip.version == ip.version
         and (source is None or source.version == ip.version)
         and flow.authority.isascii()
@@ -159,9 +166,9 @@ def inbound_cacheable(flow: InboundClass, *, peer_ip: IpAddress, arrived_on: IpA
 
 def inbound_entry(flow: InboundClass, *, peer: tuple, peer_id: Identity, arrived_on: IpAddress | None,
                   target: tuple, workload: Workload, info: ConnectionInfo, decision: Decision,
-                  source: IpAddress | None, own_netns: bool) -> InboundEntry | None:
+                  source: IpAddress | None, netns: int | None) -> InboundEntry | None:
     """The entry for a class, or None when its CONNECTs must keep taking the event loop's path."""
     if not inbound_cacheable(flow, peer_ip=peer[0], arrived_on=arrived_on, target=target, workload=workload,
-                             decision=decision, source=source, own_netns=own_netns):
+                             decision=decision, source=source, netns=netns):
         return None
-    return InboundEntry(flow, peer, peer_id, arrived_on, target, workload, info, source)
+    return InboundEntry(flow, peer, peer_id, arrived_on, target, workload, info, source, netns)
