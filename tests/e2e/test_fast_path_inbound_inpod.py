@@ -32,7 +32,7 @@ def test_a_pods_inbound_connects_agree_with_the_switch_on_and_off(lab, mesh, eng
     line and metric per connection whichever path carries them; the app sees the peer's address
     (ORIG_SRC, spoofed from inside the pod), as the reference path gives it."""
     m = mesh
-    start_both(m, **(fp.FAST if fast else {}))
+    start_both(m, **(fp.FAST if fast else fp.SLOW))
     z1 = m.zt["node1"]
     lab.app(m.web, "serve", "81", "whoami", "--name", "web", port=81)
     n = 30
