@@ -17,15 +17,13 @@ import pytest
 from ztunnel_fast.engine.pure import PureEngine
 from ztunnel_fast.hbone import headers as hbone_headers
 from ztunnel_fast.hbone.pool import PoolKey
-from ztunnel_fast.identity.ca import LocalCA, init_ca
-from ztunnel_fast.identity.manager import WorkloadCertificate
 from ztunnel_fast.proxy.flowcache import FlowClass, InboundClass, addr16, flow_entry, inbound_entry, literal
 from ztunnel_fast.proxy.route import decide
 from ztunnel_fast.state.rbac import ConnectionInfo, Decision
 from ztunnel_fast.state.store import ProxyState, RoundRobin
 from ztunnel_fast.xds.local import parse_local_config
 
-from .test_native_engine import HTTPBIN, SLEEP, TD, NativeEngine, Pair, run
+from .test_native_engine import HTTPBIN, SLEEP, NativeEngine, Pair, certs, run  # noqa: F401 - certs: the fixture
 
 # dual stack: each pod has an IPv4 and an IPv6 address (the IPv6 ones with two runs of zeros, so
 # their text is RFC 5952's choice: "fd00::1:0:0:a", the first longest run compressed)
@@ -115,14 +113,6 @@ def test_inbound_ipv6_verdicts_are_cached_with_a_source_of_their_family():
 
 
 # -- the worker's CONNECT, as the peer decodes it ------------------------------------------------
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ca")
-    init_ca(d, TD)
-    ca = LocalCA.load(d)
-    return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
-
-
 class Sink:
     """Stands in for proxy/fastpath.FastPath: owns the sockets the workers hand over."""
 
@@ -152,7 +142,6 @@ def test_a_worker_sends_the_event_loops_connect_for_ipv4_and_ipv6_clients_of_one
     whose CONNECT carries exactly connect_request's fields (forwarded for="[::1]:port" for IPv6);
     before, an IPv6 class sharing an IPv4 client's last 4 address bytes is a miss for it."""
     async def main():
-        loop = asyncio.get_running_loop()
         client_engine = NativeEngine(workers=2)
         sink = client_engine.fast_sink = Sink()
         pair = Pair(certs, client_engine, PureEngine(), status=503)

@@ -16,15 +16,13 @@ import pytest
 
 from ztunnel_fast import _splice
 from ztunnel_fast.engine.pure import PureEngine
-from ztunnel_fast.identity.ca import LocalCA, init_ca
-from ztunnel_fast.identity.manager import WorkloadCertificate
 
-from .test_native_engine import (
+from .test_native_engine import (  # noqa: F401 - certs: the fixture
     HTTPBIN,
     SLEEP,
-    TD,
     NativeEngine,
     Pair,
+    certs,
     payload,
     read_to_eof,
     run,
@@ -39,14 +37,6 @@ def packed(ip: str) -> bytes:
 
 
 V4, V6 = packed("10.0.0.2"), packed("fd00::2")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ca")
-    init_ca(d, TD)
-    ca = LocalCA.load(d)
-    return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
 
 
 def test_install_replace_and_flush():
@@ -105,6 +95,20 @@ async def _echo_server(loop, lsock):
         conns.append(asyncio.ensure_future(one(sock)))
 
 
+def handed_back(pair, note=lambda stream: stream.id) -> list:
+    """The CONNECTs the worker handed back to the event loop's path (this test's: Pair.serve, 503),
+    noted with `note` in the list returned as they arrive."""
+    served = []
+    serve = pair.serve
+
+    async def counting(stream):
+        served.append(note(stream))
+        await serve(stream)
+
+    pair.server.on_request = counting
+    return served
+
+
 async def _tunnel(pair, loop, headers, data):
     """One CONNECT from the pure client: (status, echoed bytes)."""
     stream = pair.client.start_stream(headers)
@@ -146,14 +150,7 @@ def test_a_worker_answers_cached_connects_and_hands_the_rest_over(certs, loopbac
         authority, dead = f"{host}:{port}", f"{host}:{dead_port}"
         core.inflow_install(cid, authority.encode(), 11, packed(loopback), port, b"", 0, 5.0, KEEPALIVE)
         core.inflow_install(cid, dead.encode(), 12, packed(loopback), dead_port, b"", 0, 5.0, KEEPALIVE)
-        served = []
-        serve = pair.serve
-
-        async def counting(stream):
-            served.append(dict(stream.request_headers).get(":authority"))
-            await serve(stream)  # the event loop's path of this test: 503
-
-        pair.server.on_request = counting
+        served = handed_back(pair, lambda stream: dict(stream.request_headers).get(":authority"))
         data = payload(200_000, 3)
         base = [(":method", "CONNECT"), (":authority", authority)]
         # a hit: the worker dials, answers 200 and splices; the event loop only hears the events
@@ -206,14 +203,7 @@ def test_a_dial_past_its_timeout_is_handed_over(certs):
         authority = f"127.0.0.1:{port}"
         server_engine.core.inflow_install(pair.server.id, authority.encode(), 21, packed("127.0.0.1"), port, b"", 0, 0.3,
                                           KEEPALIVE)
-        served = []
-        serve = pair.serve
-
-        async def counting(stream):
-            served.append(stream.id)
-            await serve(stream)
-
-        pair.server.on_request = counting
+        served = handed_back(pair)
         status, _ = await _tunnel(pair, loop, [(":method", "CONNECT"), (":authority", authority)], b"x")
         assert status == 503 and len(served) == 1 and not sink.opened
         assert server_engine.core.inflow_stats[1:3] == (0, 1)  # the worker dialled, then handed it back
@@ -345,14 +335,7 @@ def test_a_dial_in_flight_when_its_pod_is_flushed_opens_no_tunnel(certs, pod_net
         full, port, queued = _in(pod_netns, full_listener)
         await asyncio.sleep(0.2)
         pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
-        served = []
-        serve = pair.serve
-
-        async def counting(stream):
-            served.append(stream.id)
-            await serve(stream)
-
-        pair.server.on_request = counting
+        served = handed_back(pair)
         core = server_engine.core
         authority = f"127.0.0.1:{port}"
         core.inflow_install(pair.server.id, authority.encode(), 51, packed("127.0.0.1"), port, b"", 0, 10.0, KEEPALIVE,
@@ -412,14 +395,7 @@ def test_a_pods_verdict_dials_inside_the_pods_namespace(certs, pod_netns):
 
         apps = [asyncio.ensure_future(app(home, b"home")), asyncio.ensure_future(app(pod, b"pod"))]
         pair = await Pair(certs, PureEngine(), server_engine, status=503).open()
-        served = []
-        serve = pair.serve
-
-        async def counting(stream):
-            served.append(stream.id)
-            await serve(stream)
-
-        pair.server.on_request = counting
+        served = handed_back(pair)
         core = server_engine.core
         authority = f"127.0.0.1:{port}"
         request = [(":method", "CONNECT"), (":authority", authority)]

@@ -12,12 +12,12 @@ import socket
 import pytest
 from OpenSSL import SSL
 
-from tests.unit.test_native_engine import (
+from tests.unit.test_native_engine import (  # noqa: F401 - certs: the fixture
     ENGINE_PAIRS,
     HTTPBIN,
     SLEEP,
-    TD,
     Pair,
+    certs,
     engines,
     payload,
     run,
@@ -26,21 +26,11 @@ from ztunnel_fast import _splice
 from ztunnel_fast.engine import ssl_bridge
 from ztunnel_fast.engine.native import NativeEngine
 from ztunnel_fast.engine.pure import PureEngine
-from ztunnel_fast.identity.ca import LocalCA, init_ca
-from ztunnel_fast.identity.manager import WorkloadCertificate
 from ztunnel_fast.tls import handshake
 from ztunnel_fast.tls.handshake import _ready
 
 REQUIRED = 7  # the addresses set_ssl_functions needs; the memory BIO ones follow
 
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ca")
-    init_ca(d, TD)
-    ca = LocalCA.load(d)
-    return {i: WorkloadCertificate.build(ca.issue(i, 3600)) for i in (SLEEP, HTTPBIN)}
 
 
 @pytest.fixture
