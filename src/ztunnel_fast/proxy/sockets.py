@@ -16,6 +16,7 @@ final close() sends nothing that could overtake it.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from ipaddress import ip_address
@@ -191,7 +192,9 @@ async def connect_numeric(loop: asyncio.AbstractEventLoop, sock: socket.socket, 
     for writability and read SO_ERROR, as loop.sock_connect does once the address is resolved.
     Not loop.sock_connect itself: uvloop's resolves every address, numeric ones too, with
     getaddrinfo on libuv's thread pool (a hand-off to a pool thread and back per connection).
-    Raises OSError (ConnectionRefusedError, ...) with the errno the kernel gave."""
+    Raises OSError (ConnectionRefusedError, ...) with the errno the kernel gave and its C text as
+    strerror, as a connect(2) that fails at once does (loop.sock_connect's is "Connect call failed
+    (address)", which ztunnel's `io error: Connection refused (os error 111)` does not say)."""
     try:
         sock.connect(address)
         return
@@ -206,7 +209,7 @@ async def connect_numeric(loop: asyncio.AbstractEventLoop, sock: socket.socket, 
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise OSError(err, f"Connect call failed {address}")
+        raise OSError(err, os.strerror(err))  # "Connection refused": ztunnel's `io error: ... (os error 111)`
 
 
 _draining: set[asyncio.Task] = set()  # close_gracefully tasks started by close_later (kept from GC)
