@@ -295,7 +295,7 @@ cdef struct FlowEntry:
     uint8_t src[16]      # IPv6, or IPv4 as IPv4-mapped (::ffff:a.b.c.d); network byte order
     uint8_t dst[16]      # the original destination, the same form
     uint32_t port
-    uint64_t conn_id     # the fast-path HBONE connection that carries the flow
+    uint64_t conn_id     # the pooled HBONE connection that carries the flow
     int worker           # the worker that owns it
     uint64_t flow_id     # the event loop's id of the decision (labels, log fields)
     char *prefix         # HPACK: :method, :authority (stateless encoding)

@@ -2,8 +2,9 @@
 #
 # The event loop decides once per flow class (listener, source IP, original destination IP:port;
 # IPv4 and IPv6 in one keyspace: 16-byte addresses, IPv4 as IPv4-mapped) and
-# installs the decision: the fast-path HBONE connection that carries it (and the worker that owns
-# it), the CONNECT header block around its per-connection fields, and the id of the decision's
+# installs the decision: the pooled HBONE connection that carries it (and the worker that owns
+# it; the event loop's own streams share that connection, their ids picked here too: CMD_OPEN
+# with sid 0), the CONNECT header block around its per-connection fields, and the id of the decision's
 # metric labels and log fields.  A worker that accepts a connection of a known class opens the
 # stream itself; the event loop hears EV_FAST_OPEN (tokens with bit 62 set: never one the event
 # loop issues), then the completion (EV_STREAM_END with the
@@ -15,8 +16,9 @@
 # socket belongs to the event loop from EV_FAST_OPEN on (the worker never closes it); anything
 # unusual (no entry, connection gone, full or going away) hands the socket to the event loop
 # (EV_ACCEPTED), whose path stays the reference; a hand-over because the connection is at its
-# stream limit names that connection (the event's id), so the event loop dials another for the key; the CONNECT's per-connection fields are literals
-# without indexing, so no HPACK encoder state exists to go out of step; `forwarded` is the text
+# stream limit names that connection (the event's id), so the pool skips it until a stream on it
+# ends and the event loop's path takes (or dials) another for the key; the CONNECT's
+# per-connection fields are literals without indexing, so no HPACK encoder state exists to go out of step; `forwarded` is the text
 # hbone.headers.forwarded writes for either family (format_addr_port: IPv6 "[addr]:port", RFC 5952).
 
 DEF FLOW_BUCKETS = 4096
@@ -326,7 +328,7 @@ cdef void flow_open(Worker *w, Cmd *cmd) noexcept nogil:
         flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid, 0)
         return
     if c.nstreams >= limit or c.highest_local_sid >= 0x7ffffffd:
-        # full (or out of stream ids): the event loop dials another connection for the key
+        # full (or out of stream ids): the event loop's path takes another pooled connection
         flow_hand_over(w, cmd.fd, cmd.settings[3], cmd.sid, c.o.id)
         return
     sid = c.highest_local_sid + 2 if c.highest_local_sid else 1

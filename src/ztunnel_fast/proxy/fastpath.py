@@ -257,8 +257,9 @@ class FastPath(TunnelSink):
     def on_accepted(self, fd: int, lid: int = 1, full: int = 0) -> None:
         """A miss: the reference path of its listener serves the connection (and may install an
         entry).  A listener removed since (its pod deleted) resets it, as a closed listener
-        resets the connections left in its queue.  `full`: the fast-path connection a worker
-        turned it away from at its stream limit (0: another reason); `learn` then dials another."""
+        resets the connections left in its queue.  `full`: the shared connection a worker
+        turned it away from at its stream limit (0: another reason): the pool skips it until a
+        stream on it ends, and the class's next `learn` moves it to the connection the pool gave."""
         if full:
             conn = self.engine._conns.get(full)
             if conn is not None:
