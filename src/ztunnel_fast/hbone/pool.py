@@ -10,7 +10,8 @@ Invariants (reference 3.3):
 - Only one connection per key is being dialled at a time (a per-key lock), so a burst of new
   tunnels shares the new connection instead of storming the peer with handshakes.
 - A connection that saw or sent GOAWAY, or failed, is never handed out again.
-- A connection with no streams for POOL_UNUSED_RELEASE_TIMEOUT is closed (GOAWAY, then close).
+- A connection with no streams for POOL_UNUSED_RELEASE_TIMEOUT is closed (one the fast path shares:
+  GOAWAY first, the worker closes it after any stream it opened meanwhile).
 - The outbound fast path (proxy/fastpath.py) rides these connections too: its workers open streams
   on a connection it shares, counted in `active_streams` and in the stream limit (a worker that
   finds one full says so: `fast_full`), so a destination has one set of connections, not two.
