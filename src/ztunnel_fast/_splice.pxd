@@ -288,16 +288,24 @@ cdef struct Listener:
 
 
 # The flow cache (_splice_flow.pxi): (listener, source IP, original destination IP:port) -> the decision the
-# event loop installed.  Entries are immutable; a lookup copies what it needs under the lock.
+# event loop installed.  A decision is immutable (its connections and hand-over counts change under
+# the lock); a lookup copies what it needs under the lock.
 cdef struct FlowEntry:
     FlowEntry *next
     uint32_t lid         # the listener the flow was accepted on (in-pod: the pod)
     uint8_t src[16]      # IPv6, or IPv4 as IPv4-mapped (::ffff:a.b.c.d); network byte order
     uint8_t dst[16]      # the original destination, the same form
     uint32_t port
-    uint64_t conn_id     # the pooled HBONE connection that carries the flow
+    uint64_t conn_id     # the pooled HBONE connection the class was installed with
     int worker           # the worker that owns it
     uint64_t flow_id     # the event loop's id of the decision (labels, log fields)
+    # worker connections: per worker (nworkers long), a pooled connection of the class's pool key
+    # that worker owns (0: none), conn_id's owner included; a worker with one opens the class's
+    # streams there itself instead of handing them to another worker
+    uint64_t *worker_conn
+    uint32_t *handovers  # per worker: handovers in the current one-second window
+    int64_t window_ns    # when the window began
+    uint64_t hot         # bit per worker: EV_FLOW_HOT sent for it (cleared when its connection goes)
     char *prefix         # HPACK: :method, :authority (stateless encoding)
     size_t prefix_len
     char *fwd_host       # ';host=<service>' appended to forwarded, or empty
@@ -313,6 +321,8 @@ cdef struct FlowTable:
     int64_t count
     int64_t hits         # connections the workers carried (a fast-path tunnel opened)
     int64_t misses       # connections handed to the event loop (EV_ACCEPTED)
+    int nworkers         # length of every entry's per-worker arrays
+    uint32_t handover_rate  # handovers per second of one class by one worker that make it hot (0: never)
 
 
 # The inbound flow cache (_splice_inflow.pxi): (inbound HBONE connection, :authority text) -> the

@@ -57,7 +57,7 @@ cdef class Core:
         if self.evq.efd < 0:
             raise OSError(errno, "eventfd failed")
         self.evq_ready = True
-        if flow_table_init(&self.flows) != 0:
+        if flow_table_init(&self.flows, nworkers) != 0:
             raise MemoryError()
         self.flows_ready = True
         if inflow_table_init(&self.inflows) != 0:
@@ -251,23 +251,38 @@ cdef class Core:
         worker_post(self._worker(worker), c)
 
     def flow_install(self, bytes src, bytes dst, uint32_t port, uint64_t conn_id, int worker,
-                     uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix, uint32_t lid=1):
+                     uint64_t flow_id, bytes prefix, bytes fwd_host, bytes suffix, uint32_t lid=1,
+                     tuple worker_conns=()):
         """Install (or replace) the decision for flows src -> dst:port accepted on listener `lid`;
-        src, dst: 16 bytes, IPv6 or IPv4-mapped IPv4 (proxy/flowcache.addr16)."""
+        src, dst: 16 bytes, IPv6 or IPv4-mapped IPv4 (proxy/flowcache.addr16).  conn_id (owned by
+        `worker`) carries the class; worker_conns: (worker, connection id) pairs of the other
+        connections of its pool key a worker owns, on which that worker opens the class's streams
+        itself."""
         cdef FlowEntry *e
         cdef FlowEntry **pp
         cdef size_t b
+        cdef int i
         if len(src) != 16 or len(dst) != 16:
             raise ValueError("flow addresses are 16 bytes (IPv6, or IPv4-mapped IPv4)")
         e = <FlowEntry *>calloc(1, sizeof(FlowEntry))
         if e == NULL:
             raise MemoryError()
+        e.worker_conn = <uint64_t *>calloc(self.nworkers, sizeof(uint64_t))
+        e.handovers = <uint32_t *>calloc(self.nworkers, sizeof(uint32_t))
+        if e.worker_conn == NULL or e.handovers == NULL:
+            flow_entry_free(e)
+            raise MemoryError()
+        for pair in worker_conns:
+            i = pair[0]
+            if 0 <= i < self.nworkers and pair[1]:
+                e.worker_conn[i] = pair[1]
         e.lid = lid
         memcpy(e.src, <const char *>src, 16)
         memcpy(e.dst, <const char *>dst, 16)
         e.port = port
         e.conn_id = conn_id
         e.worker = worker % self.nworkers
+        e.worker_conn[e.worker] = conn_id
         e.flow_id = flow_id
         e.prefix = _dup_bytes(prefix, &e.prefix_len)
         e.fwd_host = _dup_bytes(fwd_host, &e.fwd_host_len)
@@ -306,6 +321,17 @@ cdef class Core:
             pthread_mutex_lock(&self.flows.lock)
             flow_table_clear_listener(&self.flows, lid)
             pthread_mutex_unlock(&self.flows.lock)
+
+    @property
+    def flow_handover_rate(self):
+        """Handovers per second of one flow class by one worker (to the worker that owns the
+        class's connection) at which that worker asks for a connection of its own (EV_FLOW_HOT;
+        0: never)."""
+        return self.flows.handover_rate
+
+    @flow_handover_rate.setter
+    def flow_handover_rate(self, uint32_t rate):
+        self.flows.handover_rate = rate
 
     @property
     def flow_stats(self):

@@ -19,6 +19,8 @@ cdef enum:
                          # data=the request's decoded fields: the worker answered 200 and spliced
     EV_STREAM_ID = 12    # id=conn, token=the event loop's, sid (0: refused, flags=END_REFUSED, code):
                          # the id the worker gave a CMD_OPEN sent with sid 0
+    EV_FLOW_HOT = 13     # id=flow id, sid=worker: that worker hands the class's connections over at
+                         # the handover rate or more and wants a connection of its own (once per entry)
 
 # header block flags
 cdef enum:

@@ -10,9 +10,17 @@
 # loop issues), then the completion (EV_STREAM_END with the
 # token), batched with every other event of the drain.
 #
+# Worker connections: an entry may name, per worker, a connection of the class's pool key that the
+# worker owns; a worker with one opens the class's streams there itself, any other hands them to the
+# owner of the class's connection and, at `handover_rate` hand-overs or more in a second, says so
+# once (EV_FLOW_HOT): the event loop dials it one (proxy/fastpath.py).  A connection that goes is
+# taken out of every entry (the class's connection moves to one that is left; an entry with none
+# left goes).
+#
 # Invariants: a flush (every state or policy change, before the change's decisions apply) empties
 # the table under its lock, so a connection looked up after it never rides an old decision;
-# entries are immutable and a lookup copies what it needs under the lock; a fast-path tunnel's
+# an entry's decision is immutable (only its connections and hand-over counts change, under the
+# lock) and a lookup copies what it needs under the lock; a fast-path tunnel's
 # socket belongs to the event loop from EV_FAST_OPEN on (the worker never closes it); anything
 # unusual (no entry, connection gone, full or going away) hands the socket to the event loop
 # (EV_ACCEPTED), whose path stays the reference; a hand-over because the connection is at its
@@ -63,22 +71,48 @@ cdef uint32_t flow_addr16(const sockaddr_in6 *sa, uint8_t *out) noexcept nogil:
     return ntohs(sa.sin6_port)
 
 
-cdef int flow_table_init(FlowTable *t) noexcept nogil:
+cdef int flow_table_init(FlowTable *t, int nworkers) noexcept nogil:
     memset(t, 0, sizeof(FlowTable))
     pthread_mutex_init(&t.lock, NULL)
+    t.nworkers = nworkers
     t.buckets = <FlowEntry **>calloc(FLOW_BUCKETS, sizeof(FlowEntry *))
     return 0 if t.buckets != NULL else -1
 
 
 cdef void flow_entry_free(FlowEntry *e) noexcept nogil:
+    free(e.worker_conn)
+    free(e.handovers)
     free(e.prefix)
     free(e.fwd_host)
     free(e.suffix)
     free(e)
 
 
+cdef bint flow_entry_forget_conn(FlowTable *t, FlowEntry *e, uint64_t conn_id) noexcept nogil:
+    """Take connection `conn_id` out of the entry's worker connections (that worker may get hot
+    again); True when none is left (the entry goes)."""
+    cdef int i
+    cdef bint left = False
+    for i in range(t.nworkers):
+        if e.worker_conn[i] == conn_id:
+            e.worker_conn[i] = 0
+            e.handovers[i] = 0
+            e.hot &= ~(<uint64_t>1 << i)
+        elif e.worker_conn[i] != 0:
+            left = True
+    if e.conn_id == conn_id:
+        e.conn_id = 0
+        for i in range(t.nworkers):  # the class's streams go to another worker connection of it
+            if e.worker_conn[i] != 0:
+                e.conn_id = e.worker_conn[i]
+                e.worker = i
+                break
+    return not left
+
+
 cdef void flow_table_clear(FlowTable *t, uint64_t conn_id) noexcept nogil:
-    """Drop every entry (conn_id 0), or those of one connection.  Caller holds the lock."""
+    """Drop every entry (conn_id 0), or take one connection out of every entry (an entry whose
+    last connection it was goes).  Caller holds the lock."""
     cdef size_t b
     cdef FlowEntry **pp
     cdef FlowEntry *e
@@ -86,7 +120,7 @@ cdef void flow_table_clear(FlowTable *t, uint64_t conn_id) noexcept nogil:
         pp = &t.buckets[b]
         while pp[0] != NULL:
             e = pp[0]
-            if conn_id == 0 or e.conn_id == conn_id:
+            if conn_id == 0 or flow_entry_forget_conn(t, e, conn_id):
                 pp[0] = e.next
                 flow_entry_free(e)
                 t.count -= 1
@@ -226,6 +260,9 @@ cdef int flow_lookup(Worker *w, uint32_t lid, const uint8_t *src, uint32_t sport
     cdef char fwd[72]                    # 'for="' + "[<39>]:65535" + '"'
     cdef size_t n
     cdef int owner = -1
+    cdef uint64_t conn_id = 0
+    cdef uint64_t hot = 0
+    cdef int64_t now
     cdef Cmd *cmd
     cdef uint64_t r0 = rng_next(w)
     cdef uint64_t r1 = rng_next(w)
@@ -244,6 +281,21 @@ cdef int flow_lookup(Worker *w, uint32_t lid, const uint8_t *src, uint32_t sport
                              and memcmp(e.dst, dst, 16) == 0):
         e = e.next
     if e != NULL:
+        if e.worker_conn[w.index] != 0:  # this worker owns a connection of the class: no hand-over
+            conn_id = e.worker_conn[w.index]
+            owner = w.index
+        else:
+            conn_id = e.conn_id
+            owner = e.worker
+            if owner != w.index and t.handover_rate and not (e.hot >> w.index) & 1:
+                now = <int64_t>now_ns()
+                if now - e.window_ns >= 1000000000:
+                    e.window_ns = now
+                    memset(e.handovers, 0, t.nworkers * sizeof(uint32_t))
+                e.handovers[w.index] += 1
+                if e.handovers[w.index] >= t.handover_rate:
+                    e.hot |= <uint64_t>1 << w.index
+                    hot = e.flow_id
         # forwarded: for="<client ip:port>"[;host=<service>]   traceparent: 00-<trace>-<span>-00
         memcpy(fwd, b'for="', 5)
         n = 5 + format_addr_port(fwd + 5, src, sport)
@@ -265,7 +317,7 @@ cdef int flow_lookup(Worker *w, uint32_t lid, const uint8_t *src, uint32_t sport
             cmd = <Cmd *>calloc(1, sizeof(Cmd))
             if cmd != NULL:
                 cmd.kind = CMD_FAST_OPEN
-                cmd.id = e.conn_id
+                cmd.id = conn_id
                 cmd.fd = fd
                 cmd.fd2 = -1
                 cmd.sid = lid  # a hand-over at the owner still names the listener
@@ -277,11 +329,24 @@ cdef int flow_lookup(Worker *w, uint32_t lid, const uint8_t *src, uint32_t sport
                 cmd.settings[3] = now_ns()
                 w.fast_seq += 1
                 cmd.token = (<uint64_t>1 << 62) | (<uint64_t>w.index << 48) | (w.fast_seq & ((<uint64_t>1 << 48) - 1))
-                owner = e.worker
                 out[0] = cmd
     pthread_mutex_unlock(&t.lock)
     buf_free(&b)
+    if out[0] == NULL:
+        return -1
+    if hot:
+        flow_hot(w, hot)
     return owner
+
+
+cdef void flow_hot(Worker *w, uint64_t flow_id) noexcept nogil:
+    """EV_FLOW_HOT: this worker hands flow `flow_id`'s connections over to the worker that owns
+    its connection at the handover rate or more; the event loop dials it a connection of its own
+    (proxy/fastpath.py), once per entry and worker until that connection goes."""
+    cdef Event *e = event_new(EV_FLOW_HOT, flow_id)
+    if e != NULL:
+        e.sid = <uint32_t>w.index
+        evq_push(w.evq, e)
 
 
 cdef void flow_count(Worker *w, bint carried) noexcept nogil:

@@ -36,6 +36,8 @@ RUN_FLAGS = [
     ("--worker-threads", "ZTUNNEL_WORKER_THREADS", "native engine worker threads"),
     ("--engine", "ZTUNNEL_ENGINE", "auto, native or pure"),
     ("--fast-path", "ZTUNNEL_FAST_PATH", "true: native workers accept 15001 and serve cached outbound flows"),
+    ("--fast-path-handover-rate", "ZTUNNEL_FAST_PATH_HANDOVER_RATE",
+     "handovers/s of a flow class at which a worker gets its own HBONE connection (0: never)"),
     ("--node-local-fast-path", "NODE_LOCAL_FAST_PATH", "true: same-node traffic skips TLS (shared mode)"),
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),

@@ -266,6 +266,9 @@ class Config:
     worker_threads: int = 2  # ZTUNNEL_WORKER_THREADS: engine threads moving bytes
     engine: str = "auto"  # ZTUNNEL_ENGINE: auto|native|pure (ZTUNNEL_NO_EXTENSIONS forces pure)
     fast_path: bool = True  # ZTUNNEL_FAST_PATH: native workers accept 15001 and serve cached flows (ours)
+    # ZTUNNEL_FAST_PATH_HANDOVER_RATE (ours): handovers per second of one flow class by one worker at
+    # which that worker gets an HBONE connection of its own to the destination (0: never)
+    fast_path_handover_rate: int = 200
     packet_mark: int = 1337  # PACKET_MARK: SO_MARK on upstream sockets so redirection skips them
     enable_orig_src: bool | None = None  # ENABLE_ORIG_SRC: spoof source IP; None = by mode
     ipv6_enabled: bool = True  # IPV6_ENABLED: bind [::] rather than 0.0.0.0
@@ -367,6 +370,7 @@ class Config:
             worker_threads=worker_threads_from_env(env),
             engine=engine,
             fast_path=parsed("ZTUNNEL_FAST_PATH", parse_bool, True),
+            fast_path_handover_rate=parsed("ZTUNNEL_FAST_PATH_HANDOVER_RATE", bounded(0, 2**32 - 1), 200),
             packet_mark=parsed("PACKET_MARK", bounded(0, 2**32 - 1), 1337),  # SO_MARK is a u32
             enable_orig_src=parsed("ENABLE_ORIG_SRC", parse_bool, None),
             ipv6_enabled=parsed("IPV6_ENABLED", parse_bool, True),

@@ -36,6 +36,7 @@ def test_defaults():
     assert cfg.ipv6_enabled is True
     assert cfg.node_local_fast_path is False
     assert cfg.fast_path is True  # the flow caches are on unless ZTUNNEL_FAST_PATH=false
+    assert cfg.fast_path_handover_rate == 200  # hand-overs per second that give a worker its own connection
     assert cfg.connect_timeout == 10.0
     assert cfg.tls_handshake_timeout == 10.0
     assert cfg.max_pending_tls_handshakes == 1024
@@ -82,6 +83,7 @@ def test_all_set():
         "LOG_FORMAT": "json",
         "TERMINATION_GRACE_PERIOD_SECONDS": "0",
         "ZTUNNEL_FAST_PATH": "false",
+        "ZTUNNEL_FAST_PATH_HANDOVER_RATE": "0",
     }
     cfg = Config.from_env(env)
     assert cfg == Config(
@@ -114,6 +116,7 @@ def test_all_set():
         log_format="json",
         termination_grace_period=0.0,
         fast_path=False,
+        fast_path_handover_rate=0,
     )
     assert cfg.identity() == Identity("td.example", "default", "sleep")
 
@@ -244,6 +247,8 @@ def test_case_insensitive_choices():
     ({"RUST_LOG": "=debug"}, "RUST_LOG", "invalid log directive"),
     ({"RUST_LOG": "info,"}, "RUST_LOG", "invalid log directive"),
     ({"LOG_FORMAT": "yaml"}, "LOG_FORMAT", "accepted: text, json"),
+    ({"ZTUNNEL_FAST_PATH_HANDOVER_RATE": "-1"}, "ZTUNNEL_FAST_PATH_HANDOVER_RATE", "out of range; accepted: 0..4294967295"),
+    ({"ZTUNNEL_FAST_PATH_HANDOVER_RATE": "fast"}, "ZTUNNEL_FAST_PATH_HANDOVER_RATE", "invalid integer 'fast'"),
 ])
 def test_refusals(env, source, reason):
     with pytest.raises(ConfigError) as info:

@@ -33,6 +33,8 @@ class FakeCore:
 
     def __init__(self):
         self.table: dict[tuple, int] = {}  # (listener, src, dst, port) -> connection id
+        self.worker_table: dict[tuple, dict[int, int]] = {}  # (listener, ...) -> worker -> connection id
+        self.flow_handover_rate = 0
         self.enabled: dict[int, int] = {}
 
     def listen(self, fd, keepalive, lid):
@@ -41,24 +43,38 @@ class FakeCore:
     def unlisten(self, lid):
         pass
 
-    def flow_install(self, src, dst, port, conn_id, worker, flow_id, prefix, fwd_host, suffix, lid=1):
+    def flow_install(self, src, dst, port, conn_id, worker, flow_id, prefix, fwd_host, suffix, lid=1,
+                     worker_conns=()):
         self.table[(lid, src, dst, port)] = conn_id  # replaces the class's entry, as the native table does
+        self.worker_table[(lid, src, dst, port)] = {worker: conn_id, **dict(worker_conns)}
 
     def flow_flush(self, conn_id=0):
-        self.table = {k: c for k, c in self.table.items() if conn_id and c != conn_id}
+        """As the native table: a connection leaves every entry; one left with none goes."""
+        if not conn_id:
+            self.table, self.worker_table = {}, {}
+            return
+        for k, owned in list(self.worker_table.items()):
+            owned = {w: c for w, c in owned.items() if c != conn_id}
+            if owned:
+                self.worker_table[k] = owned
+                if self.table[k] == conn_id:
+                    self.table[k] = owned[min(owned)]
+            else:
+                del self.worker_table[k], self.table[k]
 
     def flow_flush_listener(self, lid):
         self.table = {k: c for k, c in self.table.items() if k[0] != lid}
+        self.worker_table = {k: c for k, c in self.worker_table.items() if k[0] != lid}
 
     def fast_enable(self, worker, conn_id, max_streams):
         self.enabled[conn_id] = max_streams
 
 
 class FakeConn:
-    def __init__(self, ident: int, engine):
+    def __init__(self, ident: int, engine, worker: int = 0):
         self.id = ident
         self.engine = engine
-        self.worker = 0
+        self.worker = worker
         self.name = f"hbone-{ident}"
         self.lost = None
         self.goaway_sent = False
@@ -80,6 +96,28 @@ class FakeOutbound:
         sock.close()
 
 
+class FakePool:
+    """The scope's pool as the fast path uses it: `add` dials one more connection for a key, owned
+    by the worker named (the next id), or fails with `error`."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.added: list[tuple[PoolKey, int]] = []
+        self.error: Exception | None = None
+        self.next_id = 21
+        self.gate: asyncio.Event | None = None  # set: the dial waits for it
+
+    async def add(self, key, worker=None):
+        self.added.append((key, worker))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        conn = FakeConn(self.next_id, self.engine, worker)
+        self.next_id += 1
+        return conn
+
+
 @pytest.fixture(autouse=True)
 def any_route_is_cached(monkeypatch):
     monkeypatch.setattr(fastpath, "flow_entry", lambda flow, route, source, key, dedicated:
@@ -90,8 +128,8 @@ def run(scenario):
     async def main():
         core = FakeCore()
         engine = SimpleNamespace(core=core, _closed=False, _conns={}, fast_sink=None)
-        ctx = SimpleNamespace(engine=engine, dedicated=True, track=lambda task: None,
-                              config=SimpleNamespace(pool_max_streams_per_connection=100,
+        ctx = SimpleNamespace(engine=engine, dedicated=True, track=lambda task: None, pool=FakePool(engine),
+                              config=SimpleNamespace(pool_max_streams_per_connection=100, fast_path_handover_rate=200,
                                                      pool_unused_release_timeout=300.0))
         fp = fastpath.FastPath(ctx, FakeOutbound())
         lsock = socket.socket()
@@ -198,5 +236,91 @@ def test_a_closed_connection_takes_its_entries_and_drain_takes_the_rest():
         assert core.table == {cls(OTHER): 12} and list(fp.installed) == [fastpath.FlowClass(CLIENT, OTHER, 80, 1)]
         fp.drain()
         assert core.table == {} and fp.installed == {}
+
+    run(scenario)
+
+
+# -- worker connections: a worker that hands a class over often gets a connection of its own --------
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def flow_id_of(fp, dst=SERVER) -> int:
+    return fp.installed[fastpath.FlowClass(CLIENT, dst, 80, 1)]
+
+
+def test_a_hot_worker_gets_a_connection_of_its_own_for_every_class_of_the_key():
+    async def scenario(fp, core, engine):
+        pool = fp.ctx.pool
+        c1 = FakeConn(11, engine, worker=0)
+        learn(fp, c1)
+        learn(fp, c1, OTHER)
+        assert core.flow_handover_rate == 200  # ZTUNNEL_FAST_PATH_HANDOVER_RATE reaches the table
+        assert core.worker_table == {cls(): {0: 11}, cls(OTHER): {0: 11}}
+        hot = flow_id_of(fp)
+        fp.on_hot(hot, 1)  # worker 1 hands the class over to worker 0 at the rate
+        fp.on_hot(hot, 1)  # said again while the dial runs: one dial
+        await settle()
+        assert pool.added == [(KEY, 1)]
+        # both classes of the key name worker 1's connection now (installed again: new flow ids)
+        assert core.worker_table == {cls(): {0: 11, 1: 21}, cls(OTHER): {0: 11, 1: 21}}
+        assert core.table == {cls(): 11, cls(OTHER): 11} and core.enabled == {11: 100, 21: 100}
+        assert flow_id_of(fp) != hot and set(fp.shared) == {11, 21}
+        fp.on_hot(hot, 1)  # an event of the replaced entry: nothing to do
+        fp.on_hot(flow_id_of(fp), 1)  # worker 1 has its connection: nothing to dial
+        await settle()
+        assert pool.added == [(KEY, 1)]
+        c3 = FakeConn(13, engine, worker=0)  # the event loop's path rode another connection of worker 0
+        learn(fp, c3)
+        assert core.worker_table[cls()] == {0: 13, 1: 21}  # worker 1's own connection stays
+        engine._conns[21].close()  # worker 1's connection went: its classes stay on the rest
+        await settle()
+        assert core.worker_table == {cls(): {0: 13}, cls(OTHER): {0: 11}}
+        assert len(fp.installed) == 2
+        fp.on_hot(flow_id_of(fp), 1)  # hot again later: dialled again
+        await settle()
+        assert pool.added == [(KEY, 1), (KEY, 1)] and core.worker_table[cls()] == {0: 13, 1: 22}
+
+    run(scenario)
+
+
+def test_when_the_primary_goes_a_class_stays_on_its_worker_connection():
+    async def scenario(fp, core, engine):
+        c1 = FakeConn(11, engine, worker=0)
+        learn(fp, c1)
+        fp.on_hot(flow_id_of(fp), 1)
+        await settle()
+        c1.close()
+        await settle()
+        assert core.table == {cls(): 21} and core.worker_table == {cls(): {1: 21}}
+        assert len(fp.installed) == 1 and [c.id for c in fp.flow_conns[flow_id_of(fp)]] == [21]
+        engine._conns[21].close()
+        await settle()
+        assert core.table == {} and fp.installed == {}
+
+    run(scenario)
+
+
+def test_a_failed_or_outdated_dial_changes_nothing():
+    async def scenario(fp, core, engine):
+        pool = fp.ctx.pool
+        c1 = FakeConn(11, engine, worker=0)
+        learn(fp, c1)
+        pool.error = ConnectionRefusedError(111, "Connection refused")
+        fp.on_hot(flow_id_of(fp), 1)
+        await settle()
+        assert core.worker_table == {cls(): {0: 11}} and not fp._dialing
+        pool.error = None
+        pool.gate = asyncio.Event()
+        fp.on_hot(flow_id_of(fp), 1)
+        await settle()
+        fp.flush()  # a state change while it was dialled: the classes are gone, the connection is pooled only
+        pool.gate.set()
+        await settle()
+        assert len(pool.added) == 2 and core.table == {} and fp.installed == {}
+        assert fp.worker_conns[(1, KEY)][1].id == 21  # the next class of the key learned gets it at once
+        learn(fp, c1)
+        assert core.worker_table == {cls(): {0: 11, 1: 21}}
 
     run(scenario)

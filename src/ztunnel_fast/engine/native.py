@@ -44,6 +44,7 @@ EV_SPLICE_DONE, EV_HEADERS, EV_STREAM_END, EV_SETTINGS, EV_GOAWAY, EV_ERROR, EV_
 EV_FAST_OPEN, EV_ACCEPTED, EV_FAST_STATUS = 8, 9, 10  # the outbound fast path (proxy/fastpath.py)
 EV_INBOUND_OPEN = 11  # the inbound fast path (proxy/fastpath_inbound.py)
 EV_STREAM_ID = 12  # the id a worker gave a stream opened on a connection the fast path shares
+EV_FLOW_HOT = 13  # a worker hands a flow class over often enough to want a connection of its own
 INBOUND_TOKEN = 1 << 61  # with FAST_TOKEN: tokens of inbound fast-path tunnels
 FAST_TOKEN = 1 << 62  # tokens of fast-path tunnels (issued by the workers)
 # how a stream ended
@@ -190,6 +191,9 @@ class NativeEngine:
         if kind == EV_FAST_OPEN:
             sink.on_open(ident, token, sid, code, flags, a, b, data)
             return True
+        if kind == EV_FLOW_HOT:
+            sink.on_hot(ident, sid)  # ident: the flow id; sid: the worker
+            return True
         if kind == EV_FAST_STATUS:
             sink.on_status(token, code)
             return True
@@ -218,9 +222,12 @@ class NativeEngine:
         return Completion(sent, received, time.monotonic() - start, error=error, reset=bool(err))
 
     # -- HBONE ------------------------------------------------------------------------------------
-    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None):
+    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None,
+                   worker: int | None = None):
+        """`worker`: the worker that is to own it (the fast path's worker connections); None: the next
+        in turn."""
         return NativeConnection(self, sock, tls, client=client, settings=settings, on_request=on_request,
-                                name=name, peer_identity=peer_identity)
+                                name=name, peer_identity=peer_identity, worker=worker)
 
     async def tunnel(self, plain: socket.socket, stream, tunnel_id: str) -> Completion:
         if not isinstance(stream, NativeStream):  # a pure connection's stream (not built by this engine)
@@ -391,12 +398,12 @@ class NativeConnection(ConnectionState):
     its last stream, ours or the fast path's, is done."""
 
     def __init__(self, engine: NativeEngine, sock: socket.socket, tls, *, client: bool, settings,
-                 on_request=None, name: str = "hbone", peer_identity=None):
+                 on_request=None, name: str = "hbone", peer_identity=None, worker: int | None = None):
         super().__init__(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
                          peer_identity=peer_identity)
         self.engine = engine
         self.id = engine.next_token()
-        self.worker = engine.next_worker()
+        self.worker = engine.next_worker() if worker is None else worker % engine.workers
         self._peer_max_streams = 2**31 - 1  # until the peer's SETTINGS arrive (EV_SETTINGS)
         self._next_sid = 1
         self._started = False

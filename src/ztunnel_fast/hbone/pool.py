@@ -14,7 +14,9 @@ Invariants (reference 3.3):
   GOAWAY first, the worker closes it after any stream it opened meanwhile).
 - The outbound fast path (proxy/fastpath.py) rides these connections too: its workers open streams
   on a connection it shares, counted in `active_streams` and in the stream limit (a worker that
-  finds one full says so: `fast_full`), so a destination has one set of connections, not two.
+  finds one full says so: `fast_full`), so a destination has one set of connections, not two.  A
+  key whose connections a worker hands over at ZTUNNEL_FAST_PATH_HANDOVER_RATE or more gets one
+  more connection, owned by that worker (`add`): a worker connection, pooled like any other.
 """
 
 from __future__ import annotations
@@ -82,13 +84,19 @@ class HbonePool:
             async with lock:
                 conn = self._usable(key)
                 if conn is None:
-                    conn = await self._connect(key)
-                    self.connections_created += 1
-                    self._conns.setdefault(key, []).append(conn)
-                    self._ensure_reaper()
+                    conn = await self.add(key)
         stream = conn.start_stream(headers)
         await conn.response(stream)
         return stream
+
+    async def add(self, key: PoolKey, **connect_args) -> HboneConnection:
+        """Dial one more connection for `key` and pool it (open_stream's dial; the fast path's
+        worker connections: connect_args name the native worker that is to own it)."""
+        conn = await self._connect(key, **connect_args)
+        self.connections_created += 1
+        self._conns.setdefault(key, []).append(conn)
+        self._ensure_reaper()
+        return conn
 
     def connections(self) -> list[HboneConnection]:
         return [c for conns in self._conns.values() for c in conns if c.lost is None]

@@ -34,6 +34,17 @@ Invariants:
   flushes its entries first), and the pool's idle close of a shared connection is a GOAWAY (the
   worker closes it when its last stream is done).  Python's `fast_streams` lags the worker (events
   come in batches), so "full" is the worker's word, never inferred from it.
+- Worker connections: a connection is owned by one worker, which runs every stream on it, so a
+  class whose connection worker A owns is handed over to A by every other worker that accepts it.
+  A worker that hands one class over ZTUNNEL_FAST_PATH_HANDOVER_RATE times or more in a second
+  says so (EV_FLOW_HOT, once per entry and worker); the class's pool then dials one more
+  connection for the key, owned by that worker (`HbonePool.add`, shared at once), and every
+  installed class of that (listener, pool key) is installed again naming it: from then on that
+  worker opens the class's streams on its own connection, as Envoy's per-worker pools do.  A quiet
+  destination keeps ztunnel's one connection per key (the rate is per second, per class); a key
+  has at most one connection per worker this way, and each is pooled like any other (the event
+  loop's path may ride it, the idle release closes it).  A worker connection that goes leaves its
+  classes on the others (the table moves a class's primary to one that is left).
 - `learn` installs nothing decided before the latest flush (`generation`): the decision was made
   before the CONNECT's await, the install comes after it.
 - Every fast-path tunnel is tracked like a handler task (ctx.track), so drain waits for it, once
@@ -57,9 +68,9 @@ import time
 from h2.errors import ErrorCodes
 
 from ..engine import abort
-from ..errors import HttpStatus, ProxyError, StreamReset, TlsError
+from ..errors import HttpStatus, StreamReset
 from ..hbone import headers as hbone_headers
-from ..hbone.base import ConnectionLost, _reason
+from ..hbone.base import _reason
 from ..hbone.pool import PoolKey
 from ..telemetry.logs import Span
 from . import sockets
@@ -105,13 +116,17 @@ class FastPath(TunnelSink):
         self.installed: dict[FlowClass, int] = {}  # what the engine's table holds now
         self.uses: dict[int, int] = {}  # flow id -> live tunnels
         self.shared: dict[int, object] = {}  # connection id -> the pooled NativeConnection entries ride
-        self.flow_conn: dict[int, int] = {}  # flow id -> the connection id it was installed with
+        self.flow_conns: dict[int, list] = {}  # flow id -> the connections it was installed with (primary first)
+        # (listener id, pool key) -> worker -> the shared connection of that key the worker owns
+        self.worker_conns: dict[tuple[int, PoolKey], dict[int, object]] = {}
+        self._dialing: set[tuple[int, PoolKey, int]] = set()  # worker connections being dialled
         self._noted: dict[int, dict] = {}  # token -> the pod's workloadState list it is noted in
         self._records: dict[int, object] = {}  # flow id -> its first tunnel's ConnectionRecord (copied per tunnel)
         self._retired: dict[int, float] = {}  # flow id -> when it stopped being installed
         self.listening = False  # some listener is registered
         self._stopped = False  # drain: no listener is registered any more
         self.engine.fast_sink = self
+        self.core.flow_handover_rate = ctx.config.fast_path_handover_rate
 
     # -- the listeners --------------------------------------------------------------------------
     def listen(self, lsock: socket.socket, *, handle=None, scope=None,
@@ -158,6 +173,8 @@ class FastPath(TunnelSink):
             self.core.unlisten(lid)  # each worker closes its dup (EPOLLHUP already told it)
         for flow in [f for f in self.installed if f.listener == lid]:
             del self.installed[flow]
+        for wkey in [k for k in self.worker_conns if k[0] == lid]:
+            del self.worker_conns[wkey]  # the pod's pool says GOAWAY on them
         self._drop_unused()
 
     def drain(self) -> None:
@@ -195,13 +212,14 @@ class FastPath(TunnelSink):
             return
         flow = FlowClass(client_ip, dst_ip, dst_port, lst.lid)
         flow_id = self.installed.get(flow)
-        if flow_id is not None and self.flow_conn.get(flow_id) == conn.id:
+        if flow_id is not None and any(c is conn for c in self.flow_conns.get(flow_id, ())):
             return
         entry = flow_entry(flow, route, source, key, dedicated=lst.scope.dedicated)
         if entry is None:
             return
         if not conn.fast_enabled:
             self._share(conn)
+        self.worker_conns.setdefault((lst.lid, key), {})[conn.worker] = conn  # its worker's, from now on
         self._install(entry, conn)
 
     def _usable(self, conn) -> bool:
@@ -218,16 +236,59 @@ class FastPath(TunnelSink):
         conn.closed.add_done_callback(lambda _f, conn=conn: self._conn_closed(conn))
 
     def _install(self, entry: FlowEntry, conn) -> None:
+        """Install `entry` on `conn`, with the worker connections of its (listener, pool key)."""
         flow_id = next(self._ids)
         self.entries[flow_id] = entry
         old = self.installed.get(entry.flow)
         self.installed[entry.flow] = flow_id
-        self.flow_conn[flow_id] = conn.id
         f = entry.flow
+        others = [c for w, c in self.worker_conns.get((f.listener, entry.key), {}).items()
+                  if w != conn.worker and self._usable(c)]
+        self.flow_conns[flow_id] = [conn, *others]
         self.core.flow_install(addr16(f.src_ip), addr16(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
-                               entry.prefix, entry.fwd_host, entry.suffix, f.listener)
+                               entry.prefix, entry.fwd_host, entry.suffix, f.listener,
+                               tuple((c.worker, c.id) for c in others))
         if old is not None:
             self._drop_unused()
+
+    def on_hot(self, flow_id: int, worker: int) -> None:
+        """EV_FLOW_HOT: `worker` hands class `flow_id` over at the handover rate: dial it a
+        connection of the class's pool key that it owns (once at a time per key and worker)."""
+        entry = self.entries.get(flow_id)
+        if entry is None or self.installed.get(entry.flow) != flow_id:  # flushed or replaced since
+            return
+        lst = self.listeners.get(entry.flow.listener)
+        if lst is None or self._stopped:
+            return
+        own = self.worker_conns.get((lst.lid, entry.key), {}).get(worker)
+        dial = (lst.lid, entry.key, worker)
+        if (own is not None and self._usable(own)) or dial in self._dialing:
+            return
+        self._dialing.add(dial)
+        task = self.loop.create_task(self._add_worker_conn(lst, entry.key, worker), name=f"worker-connection-{worker}")
+        task.add_done_callback(_report_crash)
+        lst.scope.track(task)
+
+    async def _add_worker_conn(self, lst: _Listener, key: PoolKey, worker: int) -> None:
+        """Dial the connection, pool it, share it, and install every class of its key again with it."""
+        try:
+            conn = await lst.scope.pool.add(key, worker=worker)
+        except Exception as exc:  # the class stays on the connections it has
+            log.warning("fast path: no connection of its own for worker %d to %s: %s", worker,
+                      hbone_headers.format_addr(*key.next_hop), exc)
+            return
+        finally:
+            self._dialing.discard((lst.lid, key, worker))
+        if self.listeners.get(lst.lid) is not lst or self._stopped or not self._usable(conn):
+            return  # its listener went meanwhile: the pool's idle release closes it
+        log.debug("fast path: worker %d opens the streams to %s on a connection of its own", worker,
+                  hbone_headers.format_addr(*key.next_hop))
+        self.worker_conns.setdefault((lst.lid, key), {})[worker] = conn
+        self._share(conn)
+        for flow, flow_id in list(self.installed.items()):
+            entry = self.entries[flow_id]
+            if flow.listener == lst.lid and entry.key == key:
+                self._install(entry, self.flow_conns[flow_id][0])
 
     def _drop_unused(self) -> None:
         """Forget entries no longer installed, unused, and retired long enough ago that no worker
@@ -241,16 +302,26 @@ class FastPath(TunnelSink):
                 del self.entries[flow_id]
                 del self._retired[flow_id]
                 self.uses.pop(flow_id, None)
-                self.flow_conn.pop(flow_id, None)
+                self.flow_conns.pop(flow_id, None)
                 self._records.pop(flow_id, None)
 
     def _conn_closed(self, conn) -> None:
+        """A shared connection went: its classes stay on their other worker connections, if any
+        (the table takes it out of every entry the same way)."""
         self.shared.pop(conn.id, None)
         if not self.engine._closed:
             self.core.flow_flush(conn.id)
+        for wkey, owned in list(self.worker_conns.items()):
+            if owned.get(conn.worker) is conn:
+                del owned[conn.worker]
+                if not owned:
+                    del self.worker_conns[wkey]
         for flow, flow_id in list(self.installed.items()):
-            if self.flow_conn.get(flow_id) == conn.id:
-                del self.installed[flow]
+            conns = self.flow_conns.get(flow_id)
+            if conns and any(c is conn for c in conns):
+                conns[:] = [c for c in conns if c is not conn]
+                if not conns:
+                    del self.installed[flow]
         self._drop_unused()
 
     # -- events from the workers (NativeEngine._dispatch) ---------------------------------------

@@ -66,8 +66,9 @@ class Outbound:
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
 
-    async def connect_hbone(self, key: PoolKey) -> HboneConnection:
-        """Dial, handshake and start a new pooled HBONE connection for `key`."""
+    async def connect_hbone(self, key: PoolKey, worker: int | None = None) -> HboneConnection:
+        """Dial, handshake and start a new pooled HBONE connection for `key` (`worker`: the native
+        worker that is to own it, for the fast path's worker connections)."""
         ctx = self.ctx
         ip, port = key.next_hop
         addr = hbone_headers.format_addr(ip, port)
@@ -85,9 +86,12 @@ class Outbound:
         except BaseException:
             sock.close()
             raise
-        conn = ctx.engine.connection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer)
+        owner = {} if worker is None else {"worker": worker}
+        conn = ctx.engine.connection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer,
+                                     **owner)
         conn.start()
-        log.debug("new HBONE connection to %s (server identity %s)", addr, peer)
+        log.debug("new HBONE connection to %s (server identity %s)%s", addr, peer,
+                  "" if worker is None else f", owned by worker {conn.worker}")
         return conn
 
     async def handle(self, sock: socket.socket) -> None:
