@@ -166,6 +166,28 @@ def test_tunnels_beyond_a_connections_stream_limit_ride_another_connection(lab, 
         assert carried + event_loop == holding + n and carried >= n // 2, stats
 
 
+def test_a_worker_that_hands_a_class_over_gets_a_connection_of_its_own(lab, engine):
+    """ZTUNNEL_FAST_PATH_HANDOVER_RATE=1: the first time a worker hands a class over to the worker
+    that owns its HBONE connection, the pool dials a connection that worker owns, and the class's
+    later tunnels accepted there ride it.  2,000 short connections, 50 at a time (so both workers
+    accept), every one intact; the destination answers every CONNECT; two connections at most with
+    two workers, the second one said to be a worker's; the pure twin (no workers) keeps one."""
+    n = 2000
+    a, b, za, zb = fp.two_pods(lab, client_env={**fp.FAST, "ZTUNNEL_FAST_PATH_HANDOVER_RATE": "1",
+                                                "RUST_LOG": "info,ztunnel_fast::proxy::outbound=debug"})
+    fp.many_short_hash_checked(lab, a, b.ip, n, concurrency=50, done_on=za, got_on=zb, pod=a, timeout=300)
+    dialled = za.lines(f"new HBONE connection to {b.ip}:15008")
+    own = [line for line in dialled if ", owned by worker " in line]
+    stats = fp.expect_counters(fp.outbound_stats(lab, za), engine)
+    if stats is None:
+        assert len(dialled) == 1 and not own, dialled
+        return
+    carried, event_loop, _ = stats
+    assert carried + event_loop == n and carried >= n * 9 // 10, stats
+    assert len(dialled) == 2 and len(own) == 1, dialled  # the pool's, then the other worker's own
+    assert int(own[0].rsplit(" ", 1)[1]) in (0, 1), own  # a worker of the two
+
+
 def test_a_lost_fast_path_connection_hands_over_and_is_replaced(lab, engine):
     """The destination's ztunnel restarts: the fast path's HBONE connection dies under it; later
     connections miss, take the event loop's path (which dials anew and installs the class on a new
