@@ -55,6 +55,28 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def machine_times(text: str) -> tuple[int, int]:
+    """(idle, total) clock ticks of all CPUs from a /proc/stat text: its first `cpu` line; idle is
+    idle + iowait, total every field but guest time (already counted in user and nice)."""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            ticks = [int(v) for v in line.split()[1:]]
+            ticks += [0] * (8 - len(ticks))
+            return ticks[3] + ticks[4], sum(ticks[:8])
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(idle, total) clock ticks of the whole machine since boot."""
+    return machine_times((PROC / "stat").read_text())
+
+
+def idle_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time that was idle between two machine_cpu() samples."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of the given processes (all their threads), in seconds."""
     return sum(cpu_split(pids))

@@ -65,6 +65,12 @@ METRICS = (
     Metric("rps_newconn_1t", "new conn per request, 1 worker thread", "req/s", True, ",.0f", proxy_only=True),
     Metric("rps_newconn_2t", "new conn per request, 2 worker threads", "req/s", True, ",.0f", proxy_only=True),
     Metric("newconn_scaling", "new conn rate, 2 threads ÷ 1 thread", "×", True, ".2f", proxy_only=True),
+    Metric("cpu_newconn_1t", "proxy CPU per new connection, 1 worker thread", "µs", False, ",.0f", proxy_only=True),
+    Metric("cpu_newconn_2t", "proxy CPU per new connection, 2 worker threads", "µs", False, ",.0f", proxy_only=True),
+    Metric("idle_newconn_1t", "machine CPU left idle, 1 worker thread", "%", True, ".1f", proxy_only=True,
+           ratio=False),
+    Metric("idle_newconn_2t", "machine CPU left idle, 2 worker threads", "%", True, ".1f", proxy_only=True,
+           ratio=False),
     Metric("idle_rss", "idle RSS per proxy", "MiB", False, ".1f", proxy_only=True),
     Metric("tunnels_rss", "RSS, N tunnels, both sides", "MiB", False, ".1f", proxy_only=True),
     Metric("rss_per_tunnel", "RSS per tunnel, both sides", "KiB", False, ".2f", proxy_only=True),
@@ -91,6 +97,8 @@ SOURCE = {
     "syscalls_per_gb": "syscalls", "syscalls_read_per_gb": "syscalls", "syscalls_write_per_gb": "syscalls",
     "syscalls_epoll_per_gb": "syscalls", "syscalls_other_per_gb": "syscalls",
     "rps_newconn_1t": "scaling", "rps_newconn_2t": "scaling", "newconn_scaling": "scaling",
+    "cpu_newconn_1t": "scaling", "cpu_newconn_2t": "scaling", "idle_newconn_1t": "scaling",
+    "idle_newconn_2t": "scaling",
     "idle_rss": "idle", "tunnels_rss": "tunnels", "rss_per_tunnel": "tunnels", "tunnels_open": "tunnels",
     "proxy_sockets": "tunnels", "hbone_connections": "tunnels",
 }
@@ -121,6 +129,10 @@ def metrics_from_raw(raw: dict, proxied: bool) -> dict[str, float | None]:
             m[f"syscalls_{kind}_per_gb"] = per_gb.get(kind)
         by_threads = _get(raw, "scaling", "by_threads") or {}
         m["rps_newconn_1t"], m["rps_newconn_2t"] = _get(by_threads, "1", "rps"), _get(by_threads, "2", "rps")
+        for t in ("1", "2"):
+            m[f"cpu_newconn_{t}t"] = _get(by_threads, t, "proxy_cpu_us_per_request")
+            idle = _get(by_threads, t, "machine_idle")
+            m[f"idle_newconn_{t}t"] = idle * 100 if idle is not None else None
         # median of the alternated rounds' ratios; its spread is shown next to it (not a METRICS key)
         m["newconn_scaling"], m["newconn_scaling_min"], m["newconn_scaling_max"] = scaling.ratio_of(raw.get("scaling"))
     for suffix, step in (("keepalive", "http_ka"), ("newconn", "http_nc")):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from . import parse, syscount
+from . import parse, procstat, syscount
 from . import scaling as scaling_figure
 from .lab import HOLD_PORT, HTTP_PORT, IPERF_PORT, TUNNELS_SCRIPT, BenchLab
 from .procstat import Proxies
@@ -201,12 +201,12 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{ctx.server_ip}:{HTTP_PORT}/")
     timeout = s.wrk_seconds + 30
-    cpu0 = ctx.proxies.cpu()
+    cpu0, machine0 = ctx.proxies.cpu(), procstat.machine_cpu()
     try:
         cp = ctx.bl.run(ctx.bl.client, argv, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"wrk did not finish in {timeout:.0f}s") from None
-    cpu = ctx.proxies.cpu() - cpu0
+    cpu, machine1 = ctx.proxies.cpu() - cpu0, procstat.machine_cpu()
     if cp.returncode != 0:
         raise BenchError(f"wrk exited {cp.returncode}: {(cp.stderr.strip() or cp.stdout.strip())[-500:]}")
     res = parse.parse_wrk(cp.stdout)
@@ -218,6 +218,9 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
     # `Connection: close` that is per new connection (one tunnel each, through both proxies)
     out["proxy_cpu_seconds"] = round(cpu, 3) if ctx.proxies else None
     out["proxy_cpu_us_per_request"] = round(cpu * 1e6 / res.requests, 2) if ctx.proxies else None
+    # the share of the machine's CPUs left idle meanwhile: near 0, the run was bound by the machine
+    # (wrk, nginx and both proxies together), not by one thread of a proxy
+    out["machine_idle"] = procstat.idle_fraction(machine0, machine1)
     return out
 
 

@@ -134,10 +134,13 @@ def test_tunnels_beyond_a_connections_stream_limit_ride_another_connection(lab, 
     (POOL_MAX_STREAMS_PER_CONNECTION, lowered to keep it cheap): the key gets another connection
     whenever its current one is full (the pool's rule, and the fast path's: a worker that finds the
     connection full hands the tunnel back and says so, the next decision dials another connection
-    and the key's entries move onto it), so new connections keep riding the workers.  Every held
-    tunnel and every short connection is intact; the lines and metrics count each once."""
+    and the key's entries move onto it), so new connections keep riding the workers.  Worker
+    connections (ZTUNNEL_FAST_PATH_HANDOVER_RATE=1: a worker's first hand-over gets it its own)
+    fill up too: a full one leaves the class until it has room.  Every held tunnel and every short
+    connection is intact; the lines and metrics count each once."""
     limit, holding, n, size = 8, 20, 300, 4096
-    a, b, za, zb = fp.two_pods(lab, client_env={**fp.FAST, "POOL_MAX_STREAMS_PER_CONNECTION": str(limit)})
+    a, b, za, zb = fp.two_pods(lab, client_env={**fp.FAST, "POOL_MAX_STREAMS_PER_CONNECTION": str(limit),
+                                                "ZTUNNEL_FAST_PATH_HANDOVER_RATE": "1"})
     with fp.held_tunnels(lab, a, b.ip, holding, size=size) as held:
         assert held.established == holding, held.output()
         out = lab.client(a, "echo", b.ip, "80", "--size", "1024", "--count", str(n), "--concurrency", "4")

@@ -14,9 +14,9 @@ from bench import cli, report, runners, scaling
 from bench.settings import DEFAULT, QUICK
 
 
-def _run(rps, cpu=500.0, errors=0):
+def _run(rps, cpu=500.0, errors=0, idle=None):
     return {"rps": rps, "requests": int(rps * 4), "errors": errors, "proxy_cpu_us_per_request": cpu,
-            "p50_ms": 1.0, "p99_ms": 2.0}
+            "p50_ms": 1.0, "p99_ms": 2.0, "machine_idle": idle}
 
 
 def test_order_flips_every_round():
@@ -182,3 +182,31 @@ def test_thread_cpu_parses_proc_texts_and_diffs_per_thread():
     assert main["us_per_request"] == 50.0 and (main["voluntary"], main["involuntary"]) == (10, 1)
     assert busy["cores"] == 0.4 and not busy["main"]
     assert new["cpu_s"] == 0.25 and new["comm"] == "wrk:worker_1"  # a thread born during the run counts from 0
+
+
+def test_machine_idle_is_read_from_proc_stat_and_reported_per_thread_count():
+    """The share of the machine left idle during each run: read from /proc/stat's cpu line (idle +
+    iowait over user..steal), its median per thread count, shown in % beside the CPU per request."""
+    from bench import procstat
+
+    before = procstat.machine_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    after = procstat.machine_times("cpu  400 0 150 850 50 0 0 0 7 0\n")
+    assert before == (850, 1000) and after == (900, 1450)  # guest time (7) is inside user already
+    assert procstat.idle_fraction(before, after) == pytest.approx(50 / 450)
+    assert procstat.idle_fraction(after, after) is None
+    with pytest.raises(ValueError):
+        procstat.machine_times("intr 1 2 3\n")
+    idle_now, total_now = procstat.machine_cpu()
+    assert 0 <= idle_now <= total_now
+    native = scaling.summarize([{"1": _run(1000, 400, idle=0.01), "2": _run(950, 450, idle=0.0)},
+                                {"2": _run(900, 460, idle=0.02), "1": _run(1000, 390, idle=0.03)},
+                                {"1": _run(1000, 410, idle=0.02), "2": _run(1000, 440, idle=None)}])
+    assert native["by_threads"]["1"]["machine_idle"] == pytest.approx(0.02)
+    assert native["by_threads"]["2"]["machine_idle"] == pytest.approx(0.01)  # the run without a reading is left out
+    envoy = scaling.summarize([{"1": _run(1000, 600, idle=0.2), "2": _run(1200, 700, idle=0.1)}])
+    doc = _doc_with(native, envoy)
+    header, rows = report.table(doc)
+    cells = {r[0].split(" (")[0]: r for r in rows}
+    assert cells["machine CPU left idle, 1 worker thread"][header.index("native")] == "2.0"
+    assert cells["machine CPU left idle, 1 worker thread"][header.index("Envoy")] == "20.0"
+    assert cells["proxy CPU per new connection, 2 worker threads"][header.index("native")] == "450"

@@ -324,3 +324,29 @@ def test_a_failed_or_outdated_dial_changes_nothing():
         assert core.worker_table == {cls(): {0: 11, 1: 21}}
 
     run(scenario)
+
+
+def test_a_full_worker_connection_leaves_the_class_until_it_has_room_again():
+    """Worker 1's own connection is full (held tunnels): its hand-over names it; the event loop's
+    path rides another connection and the class is installed again without the full one, so worker
+    1 hands over instead of being turned away; hot again once it has room, it is named again, with
+    no dial."""
+    async def scenario(fp, core, engine):
+        pool = fp.ctx.pool
+        c1 = FakeConn(11, engine, worker=0)
+        learn(fp, c1)
+        fp.on_hot(flow_id_of(fp), 1)
+        await settle()
+        assert core.worker_table == {cls(): {0: 11, 1: 21}}
+        own = engine._conns[21]
+        hand_over(fp, 21)  # worker 1 found its own connection full
+        assert own.fast_full
+        learn(fp, c1)  # the pool gave the event loop's path worker 0's connection
+        assert core.worker_table == {cls(): {0: 11}}
+        learn(fp, c1)  # nothing full in the entry now: nothing to do
+        own.fast_full = False  # a stream on it ended
+        fp.on_hot(flow_id_of(fp), 1)
+        await settle()
+        assert core.worker_table == {cls(): {0: 11, 1: 21}} and pool.added == [(KEY, 1)]
+
+    run(scenario)

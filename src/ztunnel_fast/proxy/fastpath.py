@@ -212,8 +212,9 @@ class FastPath(TunnelSink):
             return
         flow = FlowClass(client_ip, dst_ip, dst_port, lst.lid)
         flow_id = self.installed.get(flow)
-        if flow_id is not None and any(c is conn for c in self.flow_conns.get(flow_id, ())):
-            return
+        conns = self.flow_conns.get(flow_id, ()) if flow_id is not None else ()
+        if any(c is conn for c in conns) and not any(c.fast_full for c in conns):
+            return  # installed with it already, and no worker finds a connection of the class full
         entry = flow_entry(flow, route, source, key, dedicated=lst.scope.dedicated)
         if entry is None:
             return
@@ -226,6 +227,10 @@ class FastPath(TunnelSink):
         """New tunnels may ride `conn`: a native connection, not lost, no GOAWAY either way."""
         return (getattr(conn, "engine", None) is self.engine and conn.lost is None and not conn.goaway_sent
                 and not conn.goaway_received)
+
+    def _open(self, conn) -> bool:
+        """A worker connection a class may name now: usable and no worker found it full."""
+        return self._usable(conn) and not conn.fast_full
 
     def _share(self, conn) -> None:
         """The workers may open streams on `conn` from now on (its stream ids become theirs to pick:
@@ -243,7 +248,7 @@ class FastPath(TunnelSink):
         self.installed[entry.flow] = flow_id
         f = entry.flow
         others = [c for w, c in self.worker_conns.get((f.listener, entry.key), {}).items()
-                  if w != conn.worker and self._usable(c)]
+                  if w != conn.worker and self._open(c)]
         self.flow_conns[flow_id] = [conn, *others]
         self.core.flow_install(addr16(f.src_ip), addr16(f.dst_ip), f.dst_port, conn.id, conn.worker, flow_id,
                                entry.prefix, entry.fwd_host, entry.suffix, f.listener,
@@ -262,7 +267,10 @@ class FastPath(TunnelSink):
             return
         own = self.worker_conns.get((lst.lid, entry.key), {}).get(worker)
         dial = (lst.lid, entry.key, worker)
-        if (own is not None and self._usable(own)) or dial in self._dialing:
+        if dial in self._dialing:
+            return
+        if own is not None and self._open(own):  # it was full when the class was installed: name it again
+            self._install_key(lst.lid, entry.key)
             return
         self._dialing.add(dial)
         task = self.loop.create_task(self._add_worker_conn(lst, entry.key, worker), name=f"worker-connection-{worker}")
@@ -285,9 +293,14 @@ class FastPath(TunnelSink):
                   hbone_headers.format_addr(*key.next_hop))
         self.worker_conns.setdefault((lst.lid, key), {})[worker] = conn
         self._share(conn)
+        self._install_key(lst.lid, key)
+
+    def _install_key(self, lid: int, key: PoolKey) -> None:
+        """Install every class of (listener, pool key) again, on its connection, with the worker
+        connections of the key as they are now."""
         for flow, flow_id in list(self.installed.items()):
             entry = self.entries[flow_id]
-            if flow.listener == lst.lid and entry.key == key:
+            if flow.listener == lid and entry.key == key:
                 self._install(entry, self.flow_conns[flow_id][0])
 
     def _drop_unused(self) -> None:
