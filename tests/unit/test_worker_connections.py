@@ -18,6 +18,7 @@ from ztunnel_fast.engine.pure import PureEngine
 from ztunnel_fast.hbone import headers as hbone_headers
 from ztunnel_fast.proxy.flowcache import addr16, literal
 
+from .test_fastpath_ipv6 import Sink as BaseSink
 from .test_native_engine import NativeEngine, Pair, certs, run  # noqa: F401 - certs: the fixture
 
 LID = 3
@@ -28,30 +29,17 @@ def accepting_worker(token: int) -> int:
     return (token >> 48) & 0x3FFF
 
 
-class Sink:
-    """Stands in for proxy/fastpath.FastPath: records the workers' events, owns the sockets."""
+class Sink(BaseSink):
+    """test_fastpath_ipv6's stand-in for FastPath (owns the sockets the workers hand over), which
+    records each open as (connection id, accepting worker, flow id) and the EV_FLOW_HOT events."""
 
     def __init__(self):
-        self.opened: list[tuple[int, int, int]] = []  # (connection id, accepting worker, flow id)
+        super().__init__()
         self.hot: list[tuple[int, int]] = []  # (flow id, worker)
-        self.accepted, self.ended, self.socks = [], [], {}
 
     def on_open(self, conn_id, token, sid, fd, client_port, flow_id, accepted_ns, data):
         self.socks[token] = socket.socket(fileno=fd)
         self.opened.append((conn_id, accepting_worker(token), flow_id))
-
-    def on_status(self, token, status):
-        pass
-
-    def on_end(self, token, kind, code, err, sent, received):
-        self.ended.append(token)
-        sock = self.socks.pop(token, None)
-        if sock is not None:
-            sock.close()
-
-    def on_accepted(self, fd, lid=1, full=0):
-        self.accepted.append(lid)
-        socket.socket(fileno=fd).close()
 
     def on_hot(self, flow_id, worker):
         self.hot.append((flow_id, worker))

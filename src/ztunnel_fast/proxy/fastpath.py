@@ -283,7 +283,7 @@ class FastPath(TunnelSink):
             conn = await lst.scope.pool.add(key, worker=worker)
         except Exception as exc:  # the class stays on the connections it has
             log.warning("fast path: no connection of its own for worker %d to %s: %s", worker,
-                      hbone_headers.format_addr(*key.next_hop), exc)
+                        hbone_headers.format_addr(*key.next_hop), exc)
             return
         finally:
             self._dialing.discard((lst.lid, key, worker))
