@@ -42,7 +42,9 @@ class Engine(Protocol):
     name: str
 
     def connection(self, sock: socket.socket, tls, *, client: bool, settings, on_request=None,
-                   name: str = "hbone", peer_identity=None):
+                   name: str = "hbone", peer_identity=None, worker: int | None = None):
+        """`worker`: the native worker that is to own it (None: the engine's choice; the pure twin
+        has one event loop and ignores it)."""
         ...
 
     async def splice(self, plain: socket.socket, upstream: socket.socket, tunnel_id: str) -> Completion:

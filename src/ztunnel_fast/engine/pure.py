@@ -96,7 +96,8 @@ class PureEngine:
         except OSError as exc:
             d.error, d.reset = _describe(exc), True
 
-    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None):
+    def connection(self, sock, tls, *, client, settings, on_request=None, name="hbone", peer_identity=None,
+                   worker=None):  # one event loop: `worker` names nothing here
         return HboneConnection(sock, tls, client=client, settings=settings, on_request=on_request, name=name,
                                peer_identity=peer_identity)
 

@@ -86,9 +86,8 @@ class Outbound:
         except BaseException:
             sock.close()
             raise
-        owner = {} if worker is None else {"worker": worker}
         conn = ctx.engine.connection(sock, tls, client=True, settings=ctx.h2, name=f"hbone-to-{addr}", peer_identity=peer,
-                                     **owner)
+                                     worker=worker)
         conn.start()
         log.debug("new HBONE connection to %s (server identity %s)%s", addr, peer,
                   "" if worker is None else f", owned by worker {conn.worker}")
