@@ -77,6 +77,8 @@ cdef struct EventQ:
     int efd              # eventfd the event loop watches; -1: nobody to wake (sans-IO tests)
     bint signalled       # events queued since the event loop last drained (efd written, or owed)
     bint owed            # signalled, efd not written yet: the end of a worker iteration writes it (evq_wake)
+    bint held            # the event loop batches completions: a deferrable event queues without a wake-up
+    uint32_t deferrable  # deferrable events queued since the last drain (evq_take_all hands the count over)
     uint64_t emitted     # events ever queued (tests assert no per-chunk events)
 
 

@@ -38,6 +38,7 @@ cdef class Core:
     cdef bint flows_ready
     cdef InFlowTable inflows
     cdef bint inflows_ready
+    cdef uint32_t polled_deferrable  # deferrable events in the last poll()
 
     def __cinit__(self):
         self.flows_ready = False
@@ -104,13 +105,31 @@ cdef class Core:
         cdef list out = []
         if not self.evq_ready:
             return out
-        e = evq_take_all(&self.evq)
+        e = evq_take_all(&self.evq, &self.polled_deferrable)
         while e != NULL:
             nxt = e.next
             out.append(event_tuple(e))
             event_free(e)
             e = nxt
         return out
+
+    @property
+    def polled_deferrable(self):
+        """How many events of the last poll() were deferrable (a fast-path tunnel's opening,
+        status or end, a hot class): the event loop batches completions while they come."""
+        return self.polled_deferrable
+
+    @property
+    def events_held(self):
+        """True: a deferrable event queues without waking the event loop (completion batching;
+        its timer polls).  Every other event still wakes it, and its poll takes all."""
+        return self.evq.held
+
+    @events_held.setter
+    def events_held(self, bint held):
+        pthread_mutex_lock(&self.evq.lock)
+        self.evq.held = held
+        pthread_mutex_unlock(&self.evq.lock)
 
     cdef Worker *_worker(self, int index) except NULL:
         if self.stopped:
@@ -462,7 +481,7 @@ cdef class Core:
             inflow_table_destroy(&self.inflows)
             self.inflows_ready = False
         if self.evq_ready:
-            e = evq_take_all(&self.evq)
+            e = evq_take_all(&self.evq, &self.polled_deferrable)
             while e != NULL:
                 nxt = e.next
                 event_free(e)
@@ -540,7 +559,8 @@ cdef class FrameParser:
         return out
 
     def events(self):
-        cdef Event *e = evq_take_all(&self.evq)
+        cdef uint32_t deferrable
+        cdef Event *e = evq_take_all(&self.evq, &deferrable)
         cdef Event *nxt
         cdef list out = []
         while e != NULL:
@@ -607,10 +627,11 @@ cdef class FrameParser:
     def __dealloc__(self):
         cdef Event *e
         cdef Event *nxt
+        cdef uint32_t deferrable
         if self.c != NULL:
             conn_free(self.c)
             self.c = NULL
-        e = evq_take_all(&self.evq)
+        e = evq_take_all(&self.evq, &deferrable)
         while e != NULL:
             nxt = e.next
             event_free(e)

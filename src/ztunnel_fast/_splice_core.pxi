@@ -218,12 +218,24 @@ cdef void event_free(Event *e) noexcept nogil:
     free(e)
 
 
+cdef inline bint evq_deferrable(Event *e) noexcept nogil:
+    """Bookkeeping the event loop may take a few milliseconds late (completion batching): a
+    fast-path tunnel's opening, status, end and a hot class.  Nothing waits on them; every other
+    event (the event loop's own streams, splices, hand-overs, connections) is answered at once."""
+    return (e.kind == EV_FAST_OPEN or e.kind == EV_INBOUND_OPEN or e.kind == EV_FAST_STATUS
+            or e.kind == EV_FLOW_HOT or (e.kind == EV_STREAM_END and (e.token >> 62) & 1))
+
+
 cdef void evq_push(EventQ *q, Event *e) noexcept nogil:
     """Queue an event; the event loop is woken at the end of the pushing worker's iteration
     (evq_wake): one eventfd write per drain, not per event, and every event an iteration emits
-    in the same wake-up (the worker loop calls evq_wake before it waits again)."""
+    in the same wake-up (the worker loop calls evq_wake before it waits again).  While the event
+    loop holds the queue (`held`, completion batching), a deferrable event wakes nobody: the event
+    loop's timer drains it, or the next other event's wake-up does."""
+    cdef bint deferrable
     if e == NULL:
         return
+    deferrable = evq_deferrable(e)
     pthread_mutex_lock(&q.lock)
     if q.tail == NULL:
         q.head = e
@@ -231,7 +243,9 @@ cdef void evq_push(EventQ *q, Event *e) noexcept nogil:
         q.tail.next = e
     q.tail = e
     q.emitted += 1
-    if not q.signalled:
+    if deferrable:
+        q.deferrable += 1
+    if not q.signalled and not (deferrable and q.held):
         q.signalled = True
         q.owed = True
     pthread_mutex_unlock(&q.lock)
@@ -253,7 +267,8 @@ cdef void evq_wake(EventQ *q) noexcept nogil:
         write(q.efd, &one, 8)
 
 
-cdef Event *evq_take_all(EventQ *q) noexcept nogil:
+cdef Event *evq_take_all(EventQ *q, uint32_t *deferrable) noexcept nogil:
+    """Every queued event (oldest first); `*deferrable` is how many of them are deferrable."""
     cdef Event *head
     cdef uint64_t junk
     # Clear the eventfd before taking the list: a push after our unlock finds signalled False and
@@ -266,6 +281,8 @@ cdef Event *evq_take_all(EventQ *q) noexcept nogil:
     q.tail = NULL
     q.signalled = False
     q.owed = False  # taken before its write: nothing to wake the event loop for
+    deferrable[0] = q.deferrable
+    q.deferrable = 0
     pthread_mutex_unlock(&q.lock)
     return head
 

@@ -38,6 +38,8 @@ RUN_FLAGS = [
     ("--fast-path", "ZTUNNEL_FAST_PATH", "true: native workers accept 15001 and serve cached outbound flows"),
     ("--fast-path-handover-rate", "ZTUNNEL_FAST_PATH_HANDOVER_RATE",
      "handovers/s of a flow class at which a worker gets its own HBONE connection (0: never)"),
+    ("--fast-path-batch-window", "ZTUNNEL_FAST_PATH_BATCH_WINDOW",
+     "fast-path completions taken in batches this far apart, e.g. 5ms (0: at once)"),
     ("--node-local-fast-path", "NODE_LOCAL_FAST_PATH", "true: same-node traffic skips TLS (shared mode)"),
     ("--enable-orig-src", "ENABLE_ORIG_SRC", "true: dial apps with the client's source IP"),
     ("--log-level", "RUST_LOG", "e.g. info or ztunnel_fast::proxy=debug,info"),

@@ -269,6 +269,9 @@ class Config:
     # ZTUNNEL_FAST_PATH_HANDOVER_RATE (ours): handovers per second of one flow class by one worker at
     # which that worker gets an HBONE connection of its own to the destination (0: never)
     fast_path_handover_rate: int = 200
+    # ZTUNNEL_FAST_PATH_BATCH_WINDOW (ours), seconds: after a poll that took fast-path completions
+    # the event loop takes the next ones in one batch this much later (0: a wake-up per poll)
+    fast_path_batch_window: float = 0.005
     packet_mark: int = 1337  # PACKET_MARK: SO_MARK on upstream sockets so redirection skips them
     enable_orig_src: bool | None = None  # ENABLE_ORIG_SRC: spoof source IP; None = by mode
     ipv6_enabled: bool = True  # IPV6_ENABLED: bind [::] rather than 0.0.0.0
@@ -344,6 +347,12 @@ class Config:
                 return seconds
             return parse
 
+        def batch_window(source: str, text: str) -> float:
+            seconds = parse_duration(source, text)
+            if seconds > 1:  # completions (metrics, access logs, drain) must not lag for long
+                raise ConfigError(source, "", f"{text!r} is longer than the 1s the batch window allows")
+            return seconds
+
         def bounded(low: int, high: int | None = None):
             return lambda s, v: parse_int(s, v, low, high)
 
@@ -371,6 +380,7 @@ class Config:
             engine=engine,
             fast_path=parsed("ZTUNNEL_FAST_PATH", parse_bool, True),
             fast_path_handover_rate=parsed("ZTUNNEL_FAST_PATH_HANDOVER_RATE", bounded(0, 2**32 - 1), 200),
+            fast_path_batch_window=parsed("ZTUNNEL_FAST_PATH_BATCH_WINDOW", batch_window, 0.005),
             packet_mark=parsed("PACKET_MARK", bounded(0, 2**32 - 1), 1337),  # SO_MARK is a u32
             enable_orig_src=parsed("ENABLE_ORIG_SRC", parse_bool, None),
             ipv6_enabled=parsed("IPV6_ENABLED", parse_bool, True),

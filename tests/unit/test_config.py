@@ -37,6 +37,7 @@ def test_defaults():
     assert cfg.node_local_fast_path is False
     assert cfg.fast_path is True  # the flow caches are on unless ZTUNNEL_FAST_PATH=false
     assert cfg.fast_path_handover_rate == 200  # hand-overs per second that give a worker its own connection
+    assert cfg.fast_path_batch_window == 0.005  # fast-path completions come to the event loop in 5 ms batches
     assert cfg.connect_timeout == 10.0
     assert cfg.tls_handshake_timeout == 10.0
     assert cfg.max_pending_tls_handshakes == 1024
@@ -84,6 +85,7 @@ def test_all_set():
         "TERMINATION_GRACE_PERIOD_SECONDS": "0",
         "ZTUNNEL_FAST_PATH": "false",
         "ZTUNNEL_FAST_PATH_HANDOVER_RATE": "0",
+        "ZTUNNEL_FAST_PATH_BATCH_WINDOW": "0",
     }
     cfg = Config.from_env(env)
     assert cfg == Config(
@@ -117,6 +119,7 @@ def test_all_set():
         termination_grace_period=0.0,
         fast_path=False,
         fast_path_handover_rate=0,
+        fast_path_batch_window=0.0,
     )
     assert cfg.identity() == Identity("td.example", "default", "sleep")
 
@@ -249,6 +252,8 @@ def test_case_insensitive_choices():
     ({"LOG_FORMAT": "yaml"}, "LOG_FORMAT", "accepted: text, json"),
     ({"ZTUNNEL_FAST_PATH_HANDOVER_RATE": "-1"}, "ZTUNNEL_FAST_PATH_HANDOVER_RATE", "out of range; accepted: 0..4294967295"),
     ({"ZTUNNEL_FAST_PATH_HANDOVER_RATE": "fast"}, "ZTUNNEL_FAST_PATH_HANDOVER_RATE", "invalid integer 'fast'"),
+    ({"ZTUNNEL_FAST_PATH_BATCH_WINDOW": "2s"}, "ZTUNNEL_FAST_PATH_BATCH_WINDOW", "longer than the 1s the batch window allows"),
+    ({"ZTUNNEL_FAST_PATH_BATCH_WINDOW": "-5ms"}, "ZTUNNEL_FAST_PATH_BATCH_WINDOW", "invalid duration"),
 ])
 def test_refusals(env, source, reason):
     with pytest.raises(ConfigError) as info:

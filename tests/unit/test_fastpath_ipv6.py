@@ -254,7 +254,7 @@ def test_a_scopes_ipv4_and_ipv6_listeners_share_its_listener_id():
         core = ListenCore()
         engine = SimpleNamespace(core=core, _closed=False, _conns={}, fast_sink=None)
         config = SimpleNamespace(pool_max_streams_per_connection=100, pool_unused_release_timeout=300.0,
-                                 fast_path_handover_rate=200)
+                                 fast_path_handover_rate=200, fast_path_batch_window=0.005)
         ctx = SimpleNamespace(engine=engine, dedicated=True, track=lambda task: None, config=config)
         fp = fastpath.FastPath(ctx, SimpleNamespace(handle=None))
         pod = SimpleNamespace(dedicated=True, track=lambda task: None)

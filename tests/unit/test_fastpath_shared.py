@@ -129,7 +129,7 @@ def run(scenario):
         core = FakeCore()
         engine = SimpleNamespace(core=core, _closed=False, _conns={}, fast_sink=None)
         ctx = SimpleNamespace(engine=engine, dedicated=True, track=lambda task: None, pool=FakePool(engine),
-                              config=SimpleNamespace(pool_max_streams_per_connection=100, fast_path_handover_rate=200,
+                              config=SimpleNamespace(pool_max_streams_per_connection=100, fast_path_handover_rate=200, fast_path_batch_window=0.005,
                                                      pool_unused_release_timeout=300.0))
         fp = fastpath.FastPath(ctx, FakeOutbound())
         lsock = socket.socket()

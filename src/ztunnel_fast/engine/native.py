@@ -96,6 +96,9 @@ class NativeEngine:
         self.fast_sink = None  # proxy/fastpath.FastPath when ZTUNNEL_FAST_PATH is on
         self.inbound_sink = None  # proxy/fastpath_inbound.InboundFastPath, same switch
         self._after_batch: list = []  # callables run once the events of a poll are dispatched
+        # completion batching (ZTUNNEL_FAST_PATH_BATCH_WINDOW, set by the fast paths), seconds; 0: off
+        self.batch_window = 0.0
+        self._batch_timer: asyncio.TimerHandle | None = None  # ends the hold (_end_hold)
         self.loop.add_reader(self.core.event_fd, self._on_events)
 
     @property
@@ -115,6 +118,14 @@ class NativeEngine:
         self._after_batch.append(fn)
 
     def _on_events(self) -> None:
+        """Dispatch every queued event (the eventfd's reader; a flush's or close's drain).
+
+        Completion batching: a poll that took deferrable events (a fast-path tunnel's opening,
+        status or end: `Core.polled_deferrable`) holds the queue for `batch_window`, so the ones
+        that follow wait for the timer and come in one batch instead of one wake-up each, as a NIC
+        coalesces interrupts.  Any other event still wakes the event loop at once, and its poll
+        takes the held ones too.  A timer whose poll finds no deferrable event lets go: a quiet
+        tunnel's completion is seen at once."""
         for ev in self.core.poll():
             try:
                 self._dispatch(ev)
@@ -127,6 +138,14 @@ class NativeEngine:
                 fn()
             except Exception:
                 log.exception("native engine: failed to finish a batch of events")
+        if self.batch_window and self._batch_timer is None and self.core.polled_deferrable and not self._closed:
+            self.core.events_held = True
+            self._batch_timer = self.loop.call_later(self.batch_window, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._batch_timer = None
+        self.core.events_held = False
+        self._on_events()
 
     def _dispatch(self, ev) -> None:
         kind, ident, token, sid, code, flags, err, a, b, data = ev
@@ -263,6 +282,9 @@ class NativeEngine:
         if self._closed:
             return
         self._closed = True
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         try:
             self.loop.remove_reader(self.core.event_fd)
         except (ValueError, OSError, RuntimeError):

@@ -86,6 +86,7 @@ class TunnelSink:
         self.ctx = ctx
         self.engine = ctx.engine
         self.core = ctx.engine.core
+        ctx.engine.batch_window = ctx.config.fast_path_batch_window  # completion batching
         self.tunnels: dict[int, Tunnel] = {}  # token -> live fast-path tunnel
         self._orphans: dict[int, socket.socket] = {}  # token -> socket of a tunnel of no entry
         self._fresh: list[Tunnel] = []  # opened in the poll being dispatched (_track_fresh)
