@@ -131,6 +131,20 @@ cdef class Core:
         self.evq.held = held
         pthread_mutex_unlock(&self.evq.lock)
 
+    def inject_event(self, int kind, uint64_t id=0, uint64_t token=0, uint32_t sid=0):
+        """Queue an event as a worker does, wake-up rules included (tests and bench tools only:
+        what the queue does with each kind, without a worker producing it)."""
+        cdef Event *e
+        if not self.evq_ready:
+            raise RuntimeError("native engine stopped")
+        e = event_new(kind, id)
+        if e == NULL:
+            raise MemoryError()
+        e.token = token
+        e.sid = sid
+        evq_push(&self.evq, e)
+        evq_wake(&self.evq)
+
     cdef Worker *_worker(self, int index) except NULL:
         if self.stopped:
             raise RuntimeError("native engine stopped")
