@@ -82,6 +82,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_split(pids))
 
 
+def main_thread_seconds(pid: int) -> float:
+    """CPU time of a process's main thread (its first: the event loop of ztunnel-fast, Envoy's main
+    thread), in seconds, from /proc/<pid>/task/<pid>/schedstat (ns); 0 for a process that is gone."""
+    try:
+        return int((PROC / str(pid) / "task" / str(pid) / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Sum of VmRSS of the given processes, in bytes."""
     total = 0
@@ -138,6 +147,11 @@ class Proxies:
     def cpu_split(self) -> tuple[float, float]:
         """(user, system) CPU seconds of both sides."""
         return cpu_split(self.tree())
+
+    def main_thread_cpu(self) -> dict[str, float]:
+        """Per side, the CPU seconds of the proxy process's main thread (the serial part: for
+        ztunnel-fast its event loop, every worker thread excluded)."""
+        return {side: main_thread_seconds(pid) for side, pid in self.pids.items()}
 
     def rss(self, side: str | None = None) -> int:
         return rss_bytes(self.tree(side))

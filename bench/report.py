@@ -71,6 +71,10 @@ METRICS = (
            ratio=False),
     Metric("idle_newconn_2t", "machine CPU left idle, 2 worker threads", "%", True, ".1f", proxy_only=True,
            ratio=False),
+    Metric("main_newconn_2t", "main thread CPU per new connection (busier side), 2 worker threads", "µs", False,
+           ",.1f", proxy_only=True, ratio=False),
+    Metric("main_bound_2t", "new conn rate at which that main thread fills its core", "req/s", True, ",.0f",
+           proxy_only=True, ratio=False),
     Metric("idle_rss", "idle RSS per proxy", "MiB", False, ".1f", proxy_only=True),
     Metric("tunnels_rss", "RSS, N tunnels, both sides", "MiB", False, ".1f", proxy_only=True),
     Metric("rss_per_tunnel", "RSS per tunnel, both sides", "KiB", False, ".2f", proxy_only=True),
@@ -98,7 +102,7 @@ SOURCE = {
     "syscalls_epoll_per_gb": "syscalls", "syscalls_other_per_gb": "syscalls",
     "rps_newconn_1t": "scaling", "rps_newconn_2t": "scaling", "newconn_scaling": "scaling",
     "cpu_newconn_1t": "scaling", "cpu_newconn_2t": "scaling", "idle_newconn_1t": "scaling",
-    "idle_newconn_2t": "scaling",
+    "idle_newconn_2t": "scaling", "main_newconn_2t": "scaling", "main_bound_2t": "scaling",
     "idle_rss": "idle", "tunnels_rss": "tunnels", "rss_per_tunnel": "tunnels", "tunnels_open": "tunnels",
     "proxy_sockets": "tunnels", "hbone_connections": "tunnels",
 }
@@ -133,6 +137,8 @@ def metrics_from_raw(raw: dict, proxied: bool) -> dict[str, float | None]:
             m[f"cpu_newconn_{t}t"] = _get(by_threads, t, "proxy_cpu_us_per_request")
             idle = _get(by_threads, t, "machine_idle")
             m[f"idle_newconn_{t}t"] = idle * 100 if idle is not None else None
+        main = m["main_newconn_2t"] = _get(by_threads, "2", "main_thread_us_per_request")
+        m["main_bound_2t"] = 1e6 / main if main else None
         # median of the alternated rounds' ratios; its spread is shown next to it (not a METRICS key)
         m["newconn_scaling"], m["newconn_scaling_min"], m["newconn_scaling_max"] = scaling.ratio_of(raw.get("scaling"))
     for suffix, step in (("keepalive", "http_ka"), ("newconn", "http_nc")):

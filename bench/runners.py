@@ -201,12 +201,12 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{ctx.server_ip}:{HTTP_PORT}/")
     timeout = s.wrk_seconds + 30
-    cpu0, machine0 = ctx.proxies.cpu(), procstat.machine_cpu()
+    cpu0, machine0, main0 = ctx.proxies.cpu(), procstat.machine_cpu(), ctx.proxies.main_thread_cpu()
     try:
         cp = ctx.bl.run(ctx.bl.client, argv, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"wrk did not finish in {timeout:.0f}s") from None
-    cpu, machine1 = ctx.proxies.cpu() - cpu0, procstat.machine_cpu()
+    cpu, machine1, main1 = ctx.proxies.cpu() - cpu0, procstat.machine_cpu(), ctx.proxies.main_thread_cpu()
     if cp.returncode != 0:
         raise BenchError(f"wrk exited {cp.returncode}: {(cp.stderr.strip() or cp.stdout.strip())[-500:]}")
     res = parse.parse_wrk(cp.stdout)
@@ -221,6 +221,10 @@ def http(ctx: Ctx, new_connection: bool) -> dict:
     # the share of the machine's CPUs left idle meanwhile: near 0, the run was bound by the machine
     # (wrk, nginx and both proxies together), not by one thread of a proxy
     out["machine_idle"] = procstat.idle_fraction(machine0, machine1)
+    # the busier side's main thread (ztunnel-fast: the event loop) per request: the serial part of
+    # a new connection, which more worker threads do not spread (its one core caps the rate at 1e6 / it)
+    mains = [(main1[side] - main0.get(side, 0.0)) * 1e6 / res.requests for side in main1]
+    out["main_thread_us_per_request"] = round(max(mains), 2) if mains else None
     return out
 
 

@@ -9,8 +9,9 @@ drift of the machine during a round does not favour one thread count).  Each rou
 (its 2-thread rate ÷ its 1-thread rate, two runs taken seconds apart); the figure is the median of
 those ratios, and their min and max are its spread.
 
-Beside it, per thread count, the proxies' CPU per request and the share of the machine's CPU left
-idle: a second thread can only raise the rate of a proxy whose one thread was the bound (idle CPU
+Beside it, per thread count, the proxies' CPU per request, the CPU per request of the busier
+side's main thread (ztunnel-fast's event loop: the serial part, which caps the rate at one core's
+worth however many workers run) and the share of the machine's CPU left idle: a second thread can only raise the rate of a proxy whose one thread was the bound (idle CPU
 left at 1 thread); a run that leaves the machine no idle CPU at 1 thread is bound by the machine
 (wrk, nginx and both proxies share its 2 cores), and there a second thread only adds its cost.
 
@@ -39,7 +40,8 @@ def _spread(values: list[float]) -> dict:
 def summarize(rounds: list[dict[str, dict]], low: str = "1", high: str = "2") -> dict:
     """Rounds of wrk results ({"1": run, "2": run} each, a run as runners.http returns it) ->
     per thread count the median request rate (and its min/max, the run count, the median proxy CPU
-    per request and the median share of the machine left idle), and the per-round `high ÷ low` ratios with their median, min and max.
+    per request, the median share of the machine left idle and the median CPU per request of the
+    busier side's main thread), and the per-round `high ÷ low` ratios with their median, min and max.
 
     `by_threads[t]["rps"]` is the median rate, so readers of the one-run form keep working."""
     threads = sorted({t for rnd in rounds for t in rnd}, key=lambda t: (len(t), t))
@@ -49,9 +51,11 @@ def summarize(rounds: list[dict[str, dict]], low: str = "1", high: str = "2") ->
         rps = _spread([r["rps"] for r in runs])
         cpu = [r["proxy_cpu_us_per_request"] for r in runs if r.get("proxy_cpu_us_per_request") is not None]
         idle = [r["machine_idle"] for r in runs if r.get("machine_idle") is not None]
+        main = [r["main_thread_us_per_request"] for r in runs if r.get("main_thread_us_per_request") is not None]
         by_threads[t] = {"rps": rps["median"], "rps_min": rps["min"], "rps_max": rps["max"], "runs": len(runs),
                          "proxy_cpu_us_per_request": statistics.median(cpu) if cpu else None,
                          "machine_idle": statistics.median(idle) if idle else None,
+                         "main_thread_us_per_request": statistics.median(main) if main else None,
                          "errors": sum(r.get("errors") or 0 for r in runs)}
     ratios = []
     for rnd in rounds:

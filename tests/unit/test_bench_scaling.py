@@ -4,6 +4,7 @@ are torn down.  No namespaces: the labs and wrk are stand-ins; no timing thresho
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import replace
 from types import SimpleNamespace
@@ -14,9 +15,9 @@ from bench import cli, report, runners, scaling
 from bench.settings import DEFAULT, QUICK
 
 
-def _run(rps, cpu=500.0, errors=0, idle=None):
+def _run(rps, cpu=500.0, errors=0, idle=None, main=None):
     return {"rps": rps, "requests": int(rps * 4), "errors": errors, "proxy_cpu_us_per_request": cpu,
-            "p50_ms": 1.0, "p99_ms": 2.0, "machine_idle": idle}
+            "p50_ms": 1.0, "p99_ms": 2.0, "machine_idle": idle, "main_thread_us_per_request": main}
 
 
 def test_order_flips_every_round():
@@ -210,3 +211,28 @@ def test_machine_idle_is_read_from_proc_stat_and_reported_per_thread_count():
     assert cells["machine CPU left idle, 1 worker thread"][header.index("native")] == "2.0"
     assert cells["machine CPU left idle, 1 worker thread"][header.index("Envoy")] == "20.0"
     assert cells["proxy CPU per new connection, 2 worker threads"][header.index("native")] == "450"
+
+
+def test_the_main_threads_cpu_per_request_and_the_rate_it_caps_are_reported_at_two_threads():
+    """The busier side's main thread (ztunnel-fast's event loop) per request, read from
+    /proc/<pid>/task/<pid>/schedstat: its median at 2 worker threads and 1e6 / it, the rate at which
+    that one thread would fill its core."""
+    from bench import procstat
+
+    spent = procstat.main_thread_seconds(os.getpid())
+    sum(range(200_000))  # this (main) thread runs: its figure grows
+    assert procstat.main_thread_seconds(os.getpid()) > spent > 0
+    assert procstat.main_thread_seconds(2**22 + 7) == 0.0  # no such process
+    assert procstat.Proxies({"client": os.getpid()}).main_thread_cpu()["client"] > 0
+    native = scaling.summarize([{"1": _run(1000, main=30.0), "2": _run(950, main=40.0)},
+                                {"2": _run(900, main=60.0), "1": _run(1000, main=35.0)},
+                                {"1": _run(1000), "2": _run(1000, main=50.0)}])
+    assert native["by_threads"]["1"]["main_thread_us_per_request"] == pytest.approx(32.5)
+    assert native["by_threads"]["2"]["main_thread_us_per_request"] == pytest.approx(50.0)
+    envoy = scaling.summarize([{"1": _run(1000, main=2.0), "2": _run(1200, main=4.0)}])
+    header, rows = report.table(_doc_with(native, envoy))
+    cells = {r[0].split(" (")[0]: r for r in rows}
+    main_row = cells["main thread CPU per new connection"]
+    assert main_row[header.index("native")] == "50.0" and main_row[header.index("Envoy")] == "4.0"
+    bound = cells["new conn rate at which that main thread fills its core"]
+    assert bound[header.index("native")] == "20,000" and bound[header.index("Envoy")] == "250,000"
