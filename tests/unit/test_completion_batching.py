@@ -15,18 +15,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from ipaddress import ip_address
 
 import pytest
 
 from ztunnel_fast import _splice
 from ztunnel_fast.engine import native as nat
 from ztunnel_fast.engine.pure import PureEngine
-from ztunnel_fast.hbone import headers as hbone_headers
-from ztunnel_fast.proxy.flowcache import addr16, literal
 
 from .test_native_engine import NativeEngine, Pair, certs, run  # noqa: F401 - certs: the fixture
-from .test_worker_connections import Sink
+from .test_worker_connections import Sink, fast_listener
 
 FAST = nat.FAST_TOKEN | 7
 INBOUND = nat.FAST_TOKEN | nat.INBOUND_TOKEN | 7
@@ -157,13 +154,7 @@ def test_real_fast_path_tunnels_wait_for_the_window_and_come_in_one_poll(certs):
         try:
             a.client.fast_enabled = True
             core.fast_enable(a.client.worker, a.client.id, 100)
-            lsock.setblocking(False)
-            core.listen(lsock.fileno(), (180, 180, 9), lid)
-            ip, port = lsock.getsockname()
-            here = addr16(ip_address(ip))
-            fields = hbone_headers.connect_request(f"{ip}:{port}", client_ip=ip_address(ip), client_port=0,
-                                                   trace_id="0" * 32, source=None)
-            prefix = b"".join(literal(n, v) for n, v in fields[:2])
+            ip, port, here, prefix = fast_listener(core, lsock, lid)
             core.flow_install(here, here, port, a.client.id, a.client.worker, 1, prefix, b"", b"", lid)
             await asyncio.sleep(0.05)
             engine._on_events()  # nothing else pending

@@ -45,6 +45,17 @@ class Sink(BaseSink):
         self.hot.append((flow_id, worker))
 
 
+def fast_listener(core, lsock: socket.socket, lid: int) -> tuple[str, int, bytes, bytes]:
+    """The workers accept on `lsock` as listener `lid`: (its ip, port, 16-byte address, and the
+    cached prefix of a CONNECT to it) for flow_install."""
+    lsock.setblocking(False)
+    core.listen(lsock.fileno(), (180, 180, 9), lid)
+    ip, port = lsock.getsockname()
+    fields = hbone_headers.connect_request(f"{ip}:{port}", client_ip=ip_address(ip), client_port=0,
+                                           trace_id="0" * 32, source=None)
+    return ip, port, addr16(ip_address(ip)), b"".join(literal(n, v) for n, v in fields[:2])
+
+
 async def connect(sink: Sink, address, count: int) -> list[tuple[int, int, int]]:
     """`count` connections one after another to the fast-path listener; the opens they caused."""
     first = len(sink.opened)
@@ -72,13 +83,7 @@ def test_each_worker_opens_a_class_on_its_own_connection_and_a_handing_worker_sa
             for conn in conns.values():
                 conn.fast_enabled = True
                 core.fast_enable(conn.worker, conn.id, 100)
-            lsock.setblocking(False)
-            core.listen(lsock.fileno(), (180, 180, 9), LID)
-            ip, port = lsock.getsockname()
-            here = addr16(ip_address(ip))
-            fields = hbone_headers.connect_request(f"{ip}:{port}", client_ip=ip_address(ip), client_port=0,
-                                                   trace_id="0" * 32, source=None)
-            prefix = b"".join(literal(n, v) for n, v in fields[:2])
+            ip, port, here, prefix = fast_listener(core, lsock, LID)
             core.flow_handover_rate = 1  # the first hand-over of a worker makes the class hot for it
 
             # both workers own a connection of the class: no hand-over, so nothing is hot
