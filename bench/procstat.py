@@ -82,11 +82,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_split(pids))
 
 
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """(cpu ns, wait ns) from a /proc/.../schedstat text."""
+    parts = text.split()
+    return int(parts[0]), int(parts[1])
+
+
 def main_thread_seconds(pid: int) -> float:
     """CPU time of a process's main thread (its first: the event loop of ztunnel-fast, Envoy's main
     thread), in seconds, from /proc/<pid>/task/<pid>/schedstat (ns); 0 for a process that is gone."""
     try:
-        return int((PROC / str(pid) / "task" / str(pid) / "schedstat").read_text().split()[0]) / 1e9
+        return parse_schedstat((PROC / str(pid) / "task" / str(pid) / "schedstat").read_text())[0] / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
 

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .procstat import parse_schedstat
+
 PROC = Path("/proc")
 
 
@@ -53,12 +55,6 @@ def parse_status_switches(text: str) -> tuple[int, int]:
         elif line.startswith("nonvoluntary_ctxt_switches:"):
             invol = int(line.split()[1])
     return vol, invol
-
-
-def parse_schedstat(text: str) -> tuple[int, int]:
-    """(cpu ns, wait ns) from a /proc/.../schedstat text."""
-    parts = text.split()
-    return int(parts[0]), int(parts[1])
 
 
 def sample(pids: list[int]) -> dict[int, ThreadSample]:
